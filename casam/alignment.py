@@ -1,0 +1,116 @@
+"""The Alignment Layer of CA-SAM: a small residual module between the frozen encoder and decoder.
+
+``A(Z) = LN(B3(LN(B2(LN(B1(Z))))))`` with three :class:`CAResBlock` blocks and one LayerNorm2d shared by
+the blocks (METHOD.md). With 256 channels it has 3,541,007 parameters and costs ≈14.5 GMAC at 64×64.
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+
+from .config import ALIGN_BLOCKS
+
+
+class LayerNorm2d(nn.Module):
+    """LayerNorm over the channels of a B×C×H×W tensor (as in SAM)."""
+
+    def __init__(self, channels: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        u = x.mean(1, keepdim=True)
+        s = (x - u).pow(2).mean(1, keepdim=True)
+        x = (x - u) / torch.sqrt(s + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
+class ChannelAttention(nn.Module):
+    """ECA-style channel attention: ``sigmoid(Conv1d_k(GAP(h)))`` over the channel axis.
+
+    Args:
+        kernel_size: width of the 1D convolution across channels (5 in CA-SAM).
+    """
+
+    def __init__(self, kernel_size: int = 5):
+        super().__init__()
+        self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=False)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        """Returns the B×C×1×1 channel weights of ``h`` (B×C×H×W)."""
+        w = self.conv(h.mean(dim=(2, 3))[:, None, :])  # B×1×C
+        return torch.sigmoid(w)[:, 0, :, None, None]
+
+
+class CAResBlock(nn.Module):
+    """Channel-attention residual block: ``h = conv(relu(conv(relu(x)))); return h·ECA(h) + x``.
+
+    The second convolution starts at zero, so a fresh block is the identity and a new layer starts from
+    the backbone's zero-shot behaviour (up to the shared LayerNorm).
+
+    Args:
+        channels: embedding channels (256 for SAM).
+        kernel_size: ECA kernel width.
+    """
+
+    def __init__(self, channels: int = 256, kernel_size: int = 5):
+        super().__init__()
+        self.conv1 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1)
+        self.attn = ChannelAttention(kernel_size)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(torch.relu(x))
+        h = self.conv2(torch.relu(h))
+        return h * self.attn(h) + x
+
+
+class AlignmentLayer(nn.Module):
+    """N CAResBlocks, each followed by one shared LayerNorm2d.
+
+    Args:
+        channels: embedding channels (256).
+        blocks: number of blocks N (3 in CA-SAM).
+
+    Shapes:
+        B×C×H×W → B×C×H×W.
+    """
+
+    def __init__(self, channels: int = 256, blocks: int = ALIGN_BLOCKS):
+        super().__init__()
+        self.channels = channels
+        self.blocks = nn.ModuleList(CAResBlock(channels) for _ in range(blocks))
+        self.norm = LayerNorm2d(channels)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            z = self.norm(block(z))
+        return z
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Returns the number of parameters of a module."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def alignment_macs(channels: int = 256, size: int = 64, blocks: int = ALIGN_BLOCKS) -> int:
+    """Multiply-accumulates of one Alignment Layer forward pass on one C×size×size embedding.
+
+    Counts the 3×3 convolutions, the ECA convolution and the elementwise attention product (LayerNorm and
+    ReLU are not multiply-accumulates and are left out, as MAC counters do).
+    """
+    conv = channels * channels * 9 * size * size
+    per_block = 2 * conv + channels * 5 + channels * size * size
+    return blocks * per_block
+
+
+def describe(channels: int = 256, size: int = 64, blocks: int = ALIGN_BLOCKS) -> Tuple[int, float]:
+    """Returns (parameter count, GMAC per image) of an Alignment Layer."""
+    return count_parameters(AlignmentLayer(channels, blocks)), alignment_macs(channels, size, blocks) / 1e9

@@ -1,0 +1,47 @@
+"""One place for casam's paths and defaults (in the spirit of nnU-Net's paths module).
+
+Environment variables:
+    CASAM_HOME: root for casam's own files (default ``~/.casam``).
+    CASAM_REGISTRY: default layer registry folder (default ``$CASAM_HOME/registry``).
+    CASAM_CACHE: embedding cache folder (default ``$CASAM_HOME/cache``).
+    CASAM_DATA: folder of task datasets with a MANIFEST.tsv (default ``../shared/data`` next to the checkout).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_BACKBONE = "litemedsam"
+EMBED_DIM = 256
+EMBED_SIZE = 64
+# Values of METHOD.md (the CA-SAM paper / its code).
+ALIGN_BLOCKS = 3
+VAE_BETA = 16.5
+VAE_HIDDEN = 128
+VAE_LATENT = 64
+TAU_PERCENTILE = 97.0
+TAU_FOLDS = 5
+
+
+def casam_home() -> Path:
+    """Returns the root folder for casam's own files (``$CASAM_HOME`` or ``~/.casam``)."""
+    return Path(os.environ.get("CASAM_HOME", Path.home() / ".casam")).expanduser()
+
+
+def default_registry() -> Path:
+    """Returns the default layer registry folder."""
+    return Path(os.environ.get("CASAM_REGISTRY", casam_home() / "registry")).expanduser()
+
+
+def default_cache() -> Path:
+    """Returns the default embedding cache folder."""
+    return Path(os.environ.get("CASAM_CACHE", casam_home() / "cache")).expanduser()
+
+
+def default_data() -> Path:
+    """Returns the folder of datasets (``$CASAM_DATA`` or ``../shared/data`` beside the checkout)."""
+    env = os.environ.get("CASAM_DATA")
+    if env:
+        return Path(env).expanduser()
+    return Path(__file__).resolve().parents[1].parent / "shared" / "data"

@@ -1,0 +1,294 @@
+"""Interactive CA-SAM inference: embed once, route, decode many prompts.
+
+:class:`CASAMPredictor` serves a backbone with the active layers of a registry. For each image it computes
+the frozen embedding once (bounded LRU keyed by a caller-given key), routes it with the VAE router (or uses
+a layer the caller names), and decodes points and/or a box into a mask at the image's original size.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import torch
+
+from .alignment import AlignmentLayer
+from .backbone import Backbone
+from .errors import PromptError, UnknownLayerError
+from .preprocess import Geometry, Window, box_to_model, logits_to_image, points_to_model
+from .registry import LayerInfo, LayerRegistry
+from .router import Router, pool_embedding
+
+AUTO, NONE = "auto", "none"
+
+
+@dataclass
+class Embedding:
+    """A frozen-encoder embedding with what is needed to decode on it.
+
+    Attributes:
+        z: 1×C×e×e embedding.
+        geom: geometry of the image in the model input.
+        feature: pooled router feature (C).
+        key: the cache key it was stored under (or None).
+    """
+
+    z: torch.Tensor
+    geom: Geometry
+    feature: torch.Tensor
+    key: Optional[str] = None
+
+
+@dataclass
+class Prediction:
+    """Result of one prompt.
+
+    Attributes:
+        mask: H×W uint8 mask (0/1) at the original image size.
+        iou: the decoder's predicted IoU.
+        route: which layer was used: ``layer`` (name or None), ``institution``, ``score``, ``tau``,
+            ``fallback`` (True when the router fell back to plain SAM), ``forced`` (named by the caller),
+            ``scores`` (every active layer's router score).
+    """
+
+    mask: np.ndarray
+    iou: float
+    route: Dict[str, Any] = field(default_factory=dict)
+
+
+def check_prompts(hw: Sequence[int], points=None, point_labels=None, box=None):
+    """Validates and normalises prompts for an image of size ``hw``.
+
+    Args:
+        hw: (height, width).
+        points: N×2 (x, y) pixel coordinates, or None.
+        point_labels: N labels (1 foreground, 0 background); default all 1.
+        box: (x0, y0, x1, y1) inclusive pixel corners (a reversed pair is swapped), or None.
+
+    Returns:
+        (points N×2 float32 or None, labels N int64 or None, box (4,) float32 or None), the box clipped to the image.
+
+    Raises:
+        PromptError: no prompt, malformed prompt, point outside the image, box entirely outside it.
+    """
+    h, w = int(hw[0]), int(hw[1])
+    pts = lab = bx = None
+    if points is not None and len(points) > 0:
+        try:
+            pts = np.asarray(points, dtype=np.float32).reshape(-1, 2)
+        except ValueError as e:
+            raise PromptError(f"points must be a list of (x, y) pairs, got {points!r}") from e
+        lab = np.ones(len(pts), np.int64) if point_labels is None else np.asarray(point_labels, np.int64).reshape(-1)
+        if len(lab) != len(pts):
+            raise PromptError(f"{len(pts)} points but {len(lab)} point labels")
+        if not set(np.unique(lab)) <= {0, 1}:
+            raise PromptError("point labels must be 1 (foreground) or 0 (background)")
+        bad = [(float(x), float(y)) for x, y in pts if not (0 <= x <= w - 1 and 0 <= y <= h - 1) or not np.isfinite([x, y]).all()]
+        if bad:
+            raise PromptError(f"point(s) {bad} outside the image (x in 0..{w - 1}, y in 0..{h - 1})")
+    if box is not None and len(box) > 0:
+        try:
+            x0, y0, x1, y1 = [float(v) for v in np.asarray(box, dtype=np.float64).reshape(-1)]
+        except ValueError as e:
+            raise PromptError(f"box must be (x0, y0, x1, y1), got {box!r}") from e
+        x0, x1 = sorted((x0, x1))
+        y0, y1 = sorted((y0, y1))
+        if x1 < 0 or y1 < 0 or x0 > w - 1 or y0 > h - 1 or not np.isfinite([x0, y0, x1, y1]).all():
+            raise PromptError(f"box {(x0, y0, x1, y1)} lies outside the image ({w}×{h})")
+        bx = np.array([max(x0, 0), max(y0, 0), min(x1, w - 1), min(y1, h - 1)], np.float32)
+    if bx is None and (lab is None or not (lab == 1).any()):
+        raise PromptError("give a box or at least one foreground point")
+    return pts, lab, bx
+
+
+class CASAMPredictor:
+    """Serves a frozen backbone with a registry's Alignment Layers and router.
+
+    Args:
+        backbone: frozen backbone.
+        registry: a LayerRegistry, a registry folder, or None (plain SAM only).
+        cache_size: embeddings kept in the LRU cache.
+        window: intensity window for images (see casam.preprocess.apply_window).
+    """
+
+    def __init__(self, backbone: Backbone, registry: Union[LayerRegistry, str, Path, None] = None, cache_size: int = 32,
+                 window: Window = "auto"):
+        self.backbone = backbone
+        self.registry = LayerRegistry(registry) if isinstance(registry, (str, Path)) else registry
+        self.cache_size = int(cache_size)
+        self.window = window
+        self._cache: "OrderedDict[str, Embedding]" = OrderedDict()
+        self._lock = threading.RLock()
+        self._layers: Dict[str, AlignmentLayer] = {}
+        self._infos: List[LayerInfo] = []
+        self.router = Router()
+        self.reload()
+
+    # ------------------------------------------------------------------ layers
+    def reload(self) -> List[LayerInfo]:
+        """Re-reads the registry: new layers are served from now on, removed ones no longer.
+
+        Returns:
+            The active layers.
+
+        Raises:
+            RegistryError: a layer fails its checksum or was trained on another backbone.
+        """
+        with self._lock:
+            if self.registry is None:
+                self._infos, self.router = [], Router()
+                return []
+            infos = self.registry.active()
+            vaes, layers = [], {}
+            for info in infos:
+                layer, vae, _ = self.registry.load(info.name, self.backbone)
+                layers[info.name] = layer.to(self.backbone.device)
+                vaes.append(vae)
+            self._infos, self._layers = infos, layers
+            self.router = Router(vaes, [i.tau for i in infos])
+            return list(infos)
+
+    @property
+    def layers(self) -> List[LayerInfo]:
+        """The active layers, in the order they were added."""
+        return list(self._infos)
+
+    def _layer(self, name: str) -> AlignmentLayer:
+        with self._lock:
+            if name not in self._layers:
+                if self.registry is None:
+                    raise UnknownLayerError(f"unknown layer {name!r}: no registry")
+                layer, _, _ = self.registry.load(name, self.backbone)
+                self._layers[name] = layer.to(self.backbone.device)
+            return self._layers[name]
+
+    # --------------------------------------------------------------- embedding
+    def embed(self, image: Union[np.ndarray, Embedding], key: Optional[str] = None) -> Embedding:
+        """Embeds an image (or returns the cached embedding stored under ``key``).
+
+        Args:
+            image: H×W or H×W×C image, or an Embedding (returned as is).
+            key: cache key (e.g. image id + slice + backbone); None = no caching.
+
+        Returns:
+            The embedding.
+
+        Raises:
+            ImageError: not an image.
+        """
+        if isinstance(image, Embedding):
+            return image
+        if key is not None:
+            with self._lock:
+                hit = self._cache.get(key)
+                if hit is not None:
+                    self._cache.move_to_end(key)
+                    return hit
+        x, geom = self.backbone.prepare(image, self.window)
+        z = self.backbone.encode(x)
+        emb = Embedding(z, geom, pool_embedding(z)[0].cpu(), key)
+        if key is not None:
+            with self._lock:
+                self._cache[key] = emb
+                self._cache.move_to_end(key)
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
+        return emb
+
+    def cached(self, key: str) -> bool:
+        """True when an embedding is cached under ``key``."""
+        with self._lock:
+            return key in self._cache
+
+    # ----------------------------------------------------------------- routing
+    def route(self, emb: Embedding, layer: str = AUTO) -> Dict[str, Any]:
+        """Chooses the layer for an embedding.
+
+        Args:
+            emb: the embedding.
+            layer: "auto" (router), "none" (plain SAM) or a layer name (forced; inactive versions too).
+
+        Returns:
+            The route dict (see :class:`Prediction`).
+
+        Raises:
+            UnknownLayerError: an unknown layer name.
+        """
+        with self._lock:
+            infos, router = list(self._infos), self.router
+        r = router.route(emb.feature)
+        scores = {i.name: round(float(s), 6) for i, s in zip(infos, r.scores)}
+        if layer in (None, "", AUTO):
+            if r.index is None:
+                best = infos[r.best] if r.best is not None else None
+                return {"layer": None, "institution": None, "fallback": True, "forced": False, "scores": scores,
+                        "score": r.scores[r.best] if best else None, "tau": best.tau if best else None,
+                        "nearest": best.name if best else None}
+            info = infos[r.index]
+            return {"layer": info.name, "institution": info.institution, "fallback": False, "forced": False,
+                    "score": r.scores[r.index], "tau": info.tau, "scores": scores}
+        if layer == NONE:
+            return {"layer": None, "institution": None, "fallback": False, "forced": True, "score": None, "tau": None,
+                    "scores": scores}
+        info = self.registry.get(layer) if self.registry is not None else None
+        if info is None:
+            raise UnknownLayerError(f"unknown layer {layer!r}: no registry")
+        return {"layer": info.name, "institution": info.institution, "fallback": False, "forced": True,
+                "score": scores.get(info.name), "tau": info.tau, "scores": scores}
+
+    # --------------------------------------------------------------- predicting
+    @torch.no_grad()
+    def predict(self, image: Union[np.ndarray, Embedding], points=None, point_labels=None, box=None, layer: str = AUTO,
+                key: Optional[str] = None, route: Optional[Dict[str, Any]] = None) -> Prediction:
+        """Segments one object from points and/or a box.
+
+        Args:
+            image: H×W or H×W×C image, or its Embedding.
+            points: N×2 (x = column, y = row) pixel coordinates.
+            point_labels: N labels (1 foreground, 0 background).
+            box: (x0, y0, x1, y1) inclusive pixel corners.
+            layer: "auto", "none" or a layer name.
+            key: embedding cache key.
+            route: a route dict to reuse (skips routing; e.g. for every slice of a volume).
+
+        Returns:
+            The Prediction.
+
+        Raises:
+            PromptError: bad prompts. UnknownLayerError: unknown layer. ImageError: bad image.
+        """
+        emb = self.embed(image, key)
+        pts, lab, bx = check_prompts(emb.geom.orig_hw, points, point_labels, box)
+        r = route if route is not None else self.route(emb, layer)
+        z = emb.z
+        if r["layer"] is not None:
+            z = self._layer(r["layer"])(z)
+        tp = tl = tb = None
+        if pts is not None:
+            tp = torch.from_numpy(points_to_model(pts, emb.geom))[None]
+            tl = torch.from_numpy(lab)[None]
+        if bx is not None:
+            tb = torch.from_numpy(box_to_model(bx, emb.geom))[None]
+        logits, iou = self.backbone.decode(z, tp, tl, tb)
+        full = logits_to_image(logits[0, 0].cpu(), emb.geom)
+        return Prediction((full > 0).numpy().astype(np.uint8), float(iou[0, 0]), r)
+
+    def novelty(self, image: Union[np.ndarray, Embedding], key: Optional[str] = None) -> Dict[str, Any]:
+        """How unlike every known institution an image is (for active learning).
+
+        Returns:
+            dict with ``layer`` (nearest layer or None), ``score``, ``tau`` and ``ratio`` = score / τ of the
+            nearest layer (> 1: no layer fits; None when the registry is empty).
+        """
+        emb = self.embed(image, key)
+        with self._lock:
+            infos, router = list(self._infos), self.router
+        if not infos:
+            return {"layer": None, "score": None, "tau": None, "ratio": None}
+        r = router.route(emb.feature)
+        info, s = infos[r.best], r.scores[r.best]
+        return {"layer": info.name, "score": float(s), "tau": info.tau, "ratio": float(s / info.tau) if info.tau > 0 else float("inf")}

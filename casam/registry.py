@@ -1,0 +1,260 @@
+"""The layer registry: Alignment Layers and their router entries, one folder per layer, on disk.
+
+Layout::
+
+    <root>/layers/<institution-slug>-v<version>/
+        layer.safetensors    Alignment Layer weights
+        router.safetensors   router VAE weights
+        meta.json            LayerInfo (provenance, τ, checksums)
+
+A layer is written into a temporary folder and renamed into place, so a reader never sees half a layer and
+an interrupted write leaves nothing behind. Layers are immutable once written; a new version for the
+same institution is a new folder, and the newest version of each institution is the active one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .alignment import AlignmentLayer
+from .backbone import Backbone, file_sha256
+from .errors import RegistryError, UnknownLayerError
+from .router import FeatureVAE
+
+LAYER_FILE = "layer.safetensors"
+ROUTER_FILE = "router.safetensors"
+META_FILE = "meta.json"
+
+
+@dataclass
+class LayerInfo:
+    """Provenance and settings of one Alignment Layer.
+
+    Attributes:
+        name: unique folder name (``<institution-slug>-v<version>``).
+        institution: institution (data stream) the layer serves.
+        version: 1, 2, … per institution; the newest is active.
+        modality: free text (e.g. "MR", "dermoscopy").
+        backbone_id, backbone_hash: the backbone the layer was trained on; loading checks them.
+        n_images, n_patients: size of the training set (train + validation).
+        tau: router threshold.
+        val_iou: mean IoU on the validation split with the layer; zero_shot_val_iou the same without it.
+        created: ISO time of creation.
+        seq: order in which layers were added.
+        channels, blocks: Alignment Layer shape.
+        train_config: the training settings.
+        sha256: checksums of the weight files.
+        extra: anything else (timings, source folder, …).
+    """
+
+    name: str
+    institution: str
+    version: int
+    modality: str = ""
+    backbone_id: str = ""
+    backbone_hash: str = ""
+    n_images: int = 0
+    n_patients: int = 0
+    tau: float = float("inf")
+    val_iou: Optional[float] = None
+    zero_shot_val_iou: Optional[float] = None
+    created: str = ""
+    seq: int = 0
+    channels: int = 256
+    blocks: int = 3
+    train_config: Dict[str, Any] = field(default_factory=dict)
+    sha256: Dict[str, str] = field(default_factory=dict)
+    extra: Dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> Dict[str, Any]:
+        """Returns a JSON-serialisable dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "LayerInfo":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def slug(text: str) -> str:
+    """Makes a folder-safe lowercase name from an institution name (``"Hospital Pedro Hispano"`` → ``hospital-pedro-hispano``)."""
+    s = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
+    return s or "default"
+
+
+class LayerRegistry:
+    """The on-disk set of Alignment Layers.
+
+    Args:
+        root: registry folder (created if missing).
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.layers_dir = self.root / "layers"
+        self.layers_dir.mkdir(parents=True, exist_ok=True)
+
+    # ---------------------------------------------------------------- reading
+    def list(self, include_inactive: bool = True) -> List[LayerInfo]:
+        """Lists layers in the order they were added.
+
+        Args:
+            include_inactive: also list superseded versions (default True); False = :meth:`active`.
+
+        Returns:
+            LayerInfo per layer folder (folders with unreadable metadata are skipped).
+        """
+        infos = []
+        for d in self.layers_dir.iterdir() if self.layers_dir.exists() else []:
+            if not d.is_dir() or d.name.startswith("."):
+                continue
+            try:
+                infos.append(LayerInfo.from_dict(json.loads((d / META_FILE).read_text())))
+            except (OSError, ValueError, TypeError):
+                continue
+        infos.sort(key=lambda i: (i.seq, i.created, i.name))
+        if include_inactive:
+            return infos
+        latest: Dict[str, LayerInfo] = {}
+        for info in infos:
+            cur = latest.get(info.institution)
+            if cur is None or info.version > cur.version:
+                latest[info.institution] = info
+        return [i for i in infos if latest[i.institution] is i]
+
+    def active(self) -> List[LayerInfo]:
+        """Returns the newest version of each institution's layer, in the order they were added."""
+        return self.list(include_inactive=False)
+
+    def get(self, name: str) -> LayerInfo:
+        """Returns the LayerInfo of ``name``.
+
+        Raises:
+            UnknownLayerError: no such layer.
+        """
+        for info in self.list():
+            if info.name == name:
+                return info
+        known = ", ".join(i.name for i in self.list()) or "none"
+        raise UnknownLayerError(f"unknown layer {name!r} (registry {self.root} has: {known})")
+
+    def load(self, name: str, backbone: Optional[Backbone] = None) -> Tuple[AlignmentLayer, FeatureVAE, LayerInfo]:
+        """Loads a layer and its router VAE, verifying checksums and the backbone.
+
+        Args:
+            name: layer name.
+            backbone: when given, the layer must have been trained on this backbone.
+
+        Returns:
+            (alignment layer in eval mode, VAE in eval mode, info).
+
+        Raises:
+            UnknownLayerError: no such layer.
+            RegistryError: checksum mismatch, wrong backbone or corrupt weights.
+        """
+        info = self.get(name)
+        folder = self.layers_dir / name
+        if backbone is not None and info.backbone_hash != backbone.hash:
+            raise RegistryError(
+                f"layer {name} was trained on backbone {info.backbone_id}, not on {backbone.id}; use the same backbone"
+            )
+        for fname in (LAYER_FILE, ROUTER_FILE):
+            digest = file_sha256(folder / fname)
+            if digest != info.sha256.get(fname):
+                raise RegistryError(f"checksum mismatch for {folder / fname}: the file was changed or is corrupt")
+        try:
+            layer = AlignmentLayer(info.channels, info.blocks)
+            layer.load_state_dict(load_file(str(folder / LAYER_FILE)))
+            router_state = load_file(str(folder / ROUTER_FILE))
+            vae = FeatureVAE(in_dim=info.channels, beta=float(info.train_config.get("vae_beta", 16.5)))
+            vae.load_state_dict(router_state)
+        except Exception as e:
+            raise RegistryError(f"cannot load layer {name}: {e}") from e
+        return layer.eval(), vae.eval(), info
+
+    # ---------------------------------------------------------------- writing
+    def next_version(self, institution: str) -> int:
+        """Returns the version number a new layer of ``institution`` would get."""
+        versions = [i.version for i in self.list() if i.institution == institution]
+        return max(versions, default=0) + 1
+
+    def add(self, layer: AlignmentLayer, vae: FeatureVAE, info: LayerInfo) -> LayerInfo:
+        """Writes a new layer atomically; earlier layers are not touched.
+
+        ``info.name``, ``version``, ``seq``, ``created`` and ``sha256`` are filled in here.
+
+        Args:
+            layer: the trained Alignment Layer.
+            vae: its router VAE.
+            info: provenance (institution, τ, backbone, …).
+
+        Returns:
+            The stored LayerInfo.
+
+        Raises:
+            RegistryError: the layer could not be written.
+        """
+        for attempt in range(20):
+            info.version = self.next_version(info.institution)
+            info.name = f"{slug(info.institution)}-v{info.version}"
+            info.seq = max((i.seq for i in self.list()), default=0) + 1
+            info.created = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+            info.channels, info.blocks = layer.channels, len(layer.blocks)
+            tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+            tmp.mkdir(parents=True)
+            try:
+                save_file({k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}, str(tmp / LAYER_FILE))
+                save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, str(tmp / ROUTER_FILE))
+                info.sha256 = {f: file_sha256(tmp / f) for f in (LAYER_FILE, ROUTER_FILE)}
+                with open(tmp / META_FILE, "w") as f:
+                    json.dump(info.to_dict(), f, indent=2, default=str)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.rename(tmp, self.layers_dir / info.name)  # atomic; fails if another writer took the name
+                return info
+            except OSError as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                if (self.layers_dir / info.name).exists():
+                    continue  # lost a race for this version: try the next one
+                raise RegistryError(f"cannot write layer to {self.root}: {e}") from e
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        raise RegistryError("could not find a free layer name after 20 attempts")
+
+    def remove(self, name: str) -> LayerInfo:
+        """Removes a layer (atomically: renamed away, then deleted).
+
+        Raises:
+            UnknownLayerError: no such layer.
+        """
+        info = self.get(name)
+        trash = self.root / f".trash-{uuid.uuid4().hex}"
+        os.rename(self.layers_dir / name, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+        return info
+
+    def rollback(self, institution: str) -> LayerInfo:
+        """Removes the newest version of an institution's layer, so the previous version becomes active.
+
+        Returns:
+            The removed layer's info.
+
+        Raises:
+            UnknownLayerError: the institution has no layer.
+        """
+        versions = [i for i in self.list() if i.institution == institution]
+        if not versions:
+            raise UnknownLayerError(f"institution {institution!r} has no layer to roll back")
+        return self.remove(max(versions, key=lambda i: i.version).name)

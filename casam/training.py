@@ -1,0 +1,403 @@
+"""Training one Alignment Layer (and its router entry) for one institution, as in CA-SAM.
+
+The backbone is frozen, so each image is encoded once and its embedding cached (on disk when a cache
+folder is given, keyed by backbone hash + image content + intensity window). Per epoch every mask gets a
+fresh prompt: a coin flip between a point among the central half of its pixels and its tight box with ±5
+px jitter. Loss = Focal(γ=2, α=0.25) + Dice + MSE(predicted IoU, actual IoU) on the decoder's low-res logits.
+Only the new layer's parameters are optimised (Adam); earlier layers are never loaded for writing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .alignment import AlignmentLayer
+from .backbone import Backbone
+from .config import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA
+from .errors import ImageError
+from .metrics import iou as iou_metric
+from .preprocess import Geometry, Window, box_to_model, geometry_for, logits_to_image, mask_to_model, points_to_model
+from .prompts import binary_masks, central_pixels, centroid_point, jittered_box, tight_box
+from .registry import LayerInfo, LayerRegistry
+from .router import FeatureVAE, calibrate_tau, pool_embedding, train_vae
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one layer's training. Defaults are CA-SAM's recipe (METHOD.md).
+
+    Attributes:
+        epochs: passes over the training images (24).
+        batch_size: images per optimiser step (6).
+        lr: Adam learning rate (1e-4).
+        seed: seed of every random choice (split, prompts, init, order).
+        val_fraction: share of patients held out for validation (split by patient).
+        max_images: cap on training images (a reduced CPU recipe); None = all.
+        box_prob: probability of a box prompt (else a point).
+        jitter: box jitter in model-input pixels (±5).
+        focal_gamma, focal_alpha: focal loss settings (2, 0.25).
+        vae_epochs, vae_lr, vae_batch_size, vae_beta: router VAE training (10, 5e-4, 6, 16.5).
+        tau_folds, tau_percentile: threshold calibration (5-fold CV, 97th percentile).
+        window: intensity window for the images (see casam.preprocess.apply_window).
+    """
+
+    epochs: int = 24
+    batch_size: int = 6
+    lr: float = 1e-4
+    seed: int = 0
+    val_fraction: float = 0.2
+    max_images: Optional[int] = None
+    box_prob: float = 0.5
+    jitter: float = 5.0
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    vae_epochs: int = 10
+    vae_lr: float = 5e-4
+    vae_batch_size: int = 6
+    vae_beta: float = VAE_BETA
+    tau_folds: int = TAU_FOLDS
+    tau_percentile: float = TAU_PERCENTILE
+    window: Window = "auto"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class EmbeddingCache:
+    """Frozen-encoder embeddings, computed once per image.
+
+    Args:
+        backbone: the backbone (its hash is part of every key).
+        folder: where to keep embeddings on disk (float16 ``.npy``); None keeps them only in memory.
+    """
+
+    def __init__(self, backbone: Backbone, folder: Optional[str | Path] = None):
+        self.backbone = backbone
+        self.folder = Path(folder) if folder else None
+        if self.folder:
+            self.folder.mkdir(parents=True, exist_ok=True)
+        self._mem: Dict[str, torch.Tensor] = {}
+
+    def key(self, image: np.ndarray, window: Window) -> str:
+        """Content key of an image under this backbone and window."""
+        arr = np.ascontiguousarray(image)
+        h = hashlib.sha256()
+        h.update(f"{self.backbone.hash}|{window}|{arr.shape}|{arr.dtype}".encode())
+        h.update(arr.tobytes())
+        return h.hexdigest()
+
+    def get(self, image: np.ndarray, window: Window = "auto") -> Tuple[torch.Tensor, Geometry]:
+        """Returns (embedding C×e×e float32 on CPU, geometry) of an image, encoding it on a miss."""
+        geom = geometry_for(np.asarray(image).shape[:2], self.backbone.img_size)
+        k = self.key(image, window)
+        if k in self._mem:
+            return self._mem[k].float(), geom
+        path = self.folder / k[:2] / f"{k}.npy" if self.folder else None
+        if path is not None and path.exists():
+            try:
+                z = torch.from_numpy(np.load(path))
+                self._mem[k] = z
+                return z.float(), geom
+            except (OSError, ValueError):
+                pass  # corrupt cache entry: recompute
+        x, geom = self.backbone.prepare(image, window)
+        z = self.backbone.encode(x)[0].cpu().half()
+        self._mem[k] = z
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+            np.save(tmp, z.numpy())
+            os.replace(tmp, path)
+        return z.float(), geom
+
+
+@dataclass
+class Target:
+    """One mask of one image, ready for training and evaluation."""
+
+    cls: int
+    lowres: torch.Tensor  # L×L float 0/1 in the padded model frame
+    box: np.ndarray  # tight box, model frame
+    central: np.ndarray  # central half of the pixels, model frame, nearest the centroid first
+    mask: np.ndarray  # H×W bool at the original size
+
+
+@dataclass
+class Sample:
+    """One image: embedding, geometry, pooled router feature, targets, patient."""
+
+    embedding: torch.Tensor
+    geom: Geometry
+    feature: torch.Tensor
+    targets: List[Target]
+    patient: str
+    key: str = ""
+
+
+def make_samples(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequence[Optional[np.ndarray]],
+                 patients: Optional[Sequence[str]] = None, cache: Optional[EmbeddingCache] = None,
+                 window: Window = "auto", progress: bool = False, desc: str = "encode") -> List[Sample]:
+    """Encodes images (through the cache) and prepares their masks.
+
+    Args:
+        backbone: frozen backbone.
+        images: images (H×W or H×W×C).
+        masks: label maps of the same H×W (class ids, 0 = background), or None for unlabelled images.
+        patients: patient id per image (default: one patient per image).
+        cache: embedding cache (default: a memory-only one).
+        window: intensity window.
+        progress: show a progress bar.
+
+    Returns:
+        One Sample per image.
+
+    Raises:
+        ImageError: an image and its mask differ in size.
+    """
+    cache = cache or EmbeddingCache(backbone)
+    patients = list(patients) if patients is not None else [str(i) for i in range(len(images))]
+    L = backbone.lowres_size
+    out = []
+    it: Iterable = range(len(images))
+    if progress:
+        from tqdm import tqdm
+
+        it = tqdm(it, desc=desc, unit="img")
+    for i in it:
+        img, lab = images[i], masks[i]
+        z, geom = cache.get(img, window)
+        targets = []
+        if lab is not None:
+            if np.asarray(lab).shape[:2] != np.asarray(img).shape[:2]:
+                raise ImageError(f"image {i}: mask {np.asarray(lab).shape[:2]} and image {np.asarray(img).shape[:2]} differ in size")
+            for c, m in binary_masks(lab):
+                targets.append(Target(c, mask_to_model(m, geom, L), box_to_model(tight_box(m), geom),
+                                      points_to_model(central_pixels(m), geom), m))
+        out.append(Sample(z, geom, pool_embedding(z[None])[0], targets, patients[i], cache.key(img, window)))
+    return out
+
+
+def focal_loss(logits: torch.Tensor, target: torch.Tensor, gamma: float = 2.0, alpha: float = 0.25) -> torch.Tensor:
+    """Sigmoid focal loss (mean over pixels)."""
+    p = torch.sigmoid(logits)
+    ce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    pt = p * target + (1 - p) * (1 - target)
+    a = alpha * target + (1 - alpha) * (1 - target)
+    return (a * (1 - pt).pow(gamma) * ce).mean()
+
+
+def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> torch.Tensor:
+    """Soft Dice loss per mask, averaged."""
+    p = torch.sigmoid(logits).flatten(1)
+    t = target.flatten(1)
+    return (1 - (2 * (p * t).sum(1) + eps) / (p.sum(1) + t.sum(1) + eps)).mean()
+
+
+def casam_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
+               alpha: float = 0.25) -> torch.Tensor:
+    """Focal + Dice + MSE(predicted IoU, actual IoU of the thresholded prediction).
+
+    Args:
+        logits: K×1×L×L; iou_pred: K×1; target: K×1×L×L (0/1).
+    """
+    with torch.no_grad():
+        pred = logits > 0
+        inter = (pred & (target > 0)).flatten(1).sum(1).float()
+        union = (pred | (target > 0)).flatten(1).sum(1).float()
+        actual = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+    return focal_loss(logits, target, gamma, alpha) + dice_loss(logits, target) + F.mse_loss(iou_pred[:, 0], actual)
+
+
+def _prompt_tensors(kind: str, prompts: List[np.ndarray]):
+    if kind == "box":
+        return None, None, torch.from_numpy(np.stack(prompts))
+    pts = torch.from_numpy(np.stack(prompts))  # K×1×2
+    return pts, torch.ones(pts.shape[:2], dtype=torch.int64), None
+
+
+def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, layer: Optional[nn.Module] = None,
+        params: Optional[Iterable[nn.Parameter]] = None, progress: bool = True, desc: str = "train") -> List[float]:
+    """Optimises ``layer`` (or other ``params``, e.g. the mask decoder) on samples with CA-SAM's loss.
+
+    Args:
+        backbone: frozen backbone (its decoder is used).
+        samples: training samples (those without targets are skipped).
+        config: training settings.
+        layer: module applied to embeddings before the decoder (None = identity).
+        params: parameters to optimise (default: ``layer``'s).
+        progress: show a progress bar.
+
+    Returns:
+        Mean loss per epoch.
+    """
+    samples = [s for s in samples if s.targets]
+    if not samples:
+        raise ValueError("no training image has a non-empty mask")
+    params = list(params if params is not None else layer.parameters())
+    opt = torch.optim.Adam(params, lr=config.lr)
+    rng = np.random.default_rng(config.seed)
+    dev = backbone.device
+    if layer is not None:
+        layer.to(dev).train()
+    history = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.epochs * ((len(samples) + config.batch_size - 1) // config.batch_size), desc=desc, unit="step")
+    L = backbone.lowres_size
+    for _ in range(config.epochs):
+        order = rng.permutation(len(samples))
+        losses = []
+        for b in range(0, len(order), config.batch_size):
+            batch = [samples[i] for i in order[b : b + config.batch_size]]
+            z = torch.stack([s.embedding for s in batch]).to(dev)
+            h = layer(z) if layer is not None else z
+            total, count = 0.0, 0
+            for i, s in enumerate(batch):
+                groups: Dict[str, List] = {"box": [], "point": []}
+                for t in s.targets:
+                    if rng.random() < config.box_prob:
+                        groups["box"].append((jittered_box(t.box, rng, s.geom.resized_hw, config.jitter), t.lowres))
+                    else:
+                        groups["point"].append((t.central[rng.integers(len(t.central))][None], t.lowres))
+                for kind, items in groups.items():
+                    if not items:
+                        continue
+                    pts, lab, boxes = _prompt_tensors(kind, [p for p, _ in items])
+                    logits, iou_pred = backbone.decode(h[i : i + 1], pts, lab, boxes)
+                    target = torch.stack([t for _, t in items])[:, None].to(dev)
+                    total = total + casam_loss(logits, iou_pred, target, config.focal_gamma, config.focal_alpha) * len(items)
+                    count += len(items)
+            loss = total / max(count, 1)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+        history.append(float(np.mean(losses)))
+    if bar is not None:
+        bar.close()
+    if layer is not None:
+        layer.eval()
+    return history
+
+
+@torch.no_grad()
+def predict_sample(backbone: Backbone, layer: Optional[nn.Module], sample: Sample, prompt: str = "box") -> List[np.ndarray]:
+    """Predicts every target of a sample from its tight box ("box") or its centroid pixel ("point").
+
+    Returns:
+        One H×W bool mask per target, at the original image size.
+    """
+    if not sample.targets:
+        return []
+    z = sample.embedding[None].to(backbone.device)
+    h = layer(z) if layer is not None else z
+    if prompt == "box":
+        pts, lab, boxes = _prompt_tensors("box", [t.box for t in sample.targets])
+    elif prompt == "point":
+        pts, lab, boxes = _prompt_tensors("point", [points_to_model(centroid_point(t.mask), sample.geom) for t in sample.targets])
+    else:
+        raise ValueError(f"unknown prompt kind {prompt!r}")
+    logits, _ = backbone.decode(h, pts, lab, boxes)
+    full = logits_to_image(logits[:, 0].cpu(), sample.geom)
+    return [m.numpy() > 0 for m in full]
+
+
+def evaluate(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample], prompt: str = "box") -> float:
+    """Mean IoU over every target of the samples (per mask, then averaged). NaN when there is none."""
+    scores = []
+    for s in samples:
+        for t, m in zip(s.targets, predict_sample(backbone, layer, s, prompt)):
+            scores.append(iou_metric(m, t.mask))
+    return float(np.mean(scores)) if scores else float("nan")
+
+
+def split_by_patient(patients: Sequence[str], val_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
+    """Splits indices into (train, validation) so that no patient is in both.
+
+    At least one patient stays in training; validation is empty with a single patient or fraction 0.
+    """
+    uniq = sorted(set(patients))
+    rng = np.random.default_rng(seed)
+    rng.shuffle(uniq)
+    n_val = int(round(len(uniq) * val_fraction))
+    n_val = min(max(n_val, 1 if val_fraction > 0 and len(uniq) > 1 else 0), len(uniq) - 1)
+    val_p = set(uniq[:n_val])
+    train = [i for i, p in enumerate(patients) if p not in val_p]
+    val = [i for i, p in enumerate(patients) if p in val_p]
+    return train, val
+
+
+def fit_router(samples: Sequence[Sample], config: TrainConfig) -> Tuple[FeatureVAE, float]:
+    """Trains a layer's router VAE and calibrates τ (5-fold CV by patient, 97th percentile)."""
+    feats = torch.stack([s.feature for s in samples])
+    kw = dict(epochs=config.vae_epochs, lr=config.vae_lr, batch_size=config.vae_batch_size, beta=config.vae_beta)
+    tau, _ = calibrate_tau(feats, [s.patient for s in samples], config.tau_folds, config.tau_percentile, config.seed, **kw)
+    return train_vae(feats, seed=config.seed, **kw), tau
+
+
+def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], patients: Sequence[str],
+                registry: LayerRegistry, institution: str, modality: str = "", config: Optional[TrainConfig] = None,
+                cache_dir: Optional[str | Path] = None, progress: bool = True, extra: Optional[dict] = None,
+                samples: Optional[List[Sample]] = None) -> LayerInfo:
+    """Trains a fresh Alignment Layer + router entry for one institution and appends it to the registry.
+
+    Args:
+        backbone: frozen backbone.
+        images, masks, patients: the institution's annotated images (label maps) and patient ids.
+        registry: where the layer is added (a new version if the institution already has one).
+        institution: institution name.
+        modality: free text stored with the layer.
+        config: training settings (default: CA-SAM's recipe).
+        cache_dir: embedding cache folder (None: memory only).
+        progress: show progress bars.
+        extra: more provenance to store.
+        samples: already prepared samples (skips encoding; images/masks/patients are then ignored).
+
+    Returns:
+        The stored LayerInfo.
+
+    Raises:
+        ValueError: no non-empty mask, or fewer than 2 images.
+    """
+    config = config or TrainConfig()
+    t0 = time.time()
+    torch.manual_seed(config.seed)
+    if samples is None:
+        samples = make_samples(backbone, images, masks, patients, EmbeddingCache(backbone, cache_dir), config.window,
+                               progress=progress, desc=f"encode {institution}")
+    labelled = [s for s in samples if s.targets]
+    if len(labelled) < 2:
+        raise ValueError(f"institution {institution!r}: need at least 2 images with a non-empty label, got {len(labelled)}")
+    tr, va = split_by_patient([s.patient for s in labelled], config.val_fraction, config.seed)
+    train_s, val_s = [labelled[i] for i in tr], [labelled[i] for i in va]
+    if config.max_images is not None and len(train_s) > config.max_images:
+        pick = np.random.default_rng(config.seed).choice(len(train_s), config.max_images, replace=False)
+        train_s = [train_s[i] for i in sorted(pick)]
+    layer = AlignmentLayer(backbone.embed_dim)
+    history = fit(backbone, train_s, config, layer, progress=progress, desc=f"train {institution}")
+    vae, tau = fit_router(train_s, config)
+    info = LayerInfo(
+        name="", institution=institution, version=0, modality=modality, backbone_id=backbone.id,
+        backbone_hash=backbone.hash, n_images=len(labelled), n_patients=len(set(s.patient for s in labelled)), tau=tau,
+        val_iou=evaluate(backbone, layer, val_s) if val_s else None,
+        zero_shot_val_iou=evaluate(backbone, None, val_s) if val_s else None,
+        train_config=config.to_dict(),
+        extra={"n_train": len(train_s), "n_val": len(val_s), "loss_history": history, "seconds": round(time.time() - t0, 1),
+               **(extra or {})},
+    )
+    return registry.add(layer.cpu(), vae, info)

@@ -1,0 +1,77 @@
+"""3D segmentation from prompts on one slice: the slice's mask propagated slice by slice.
+
+Each next slice is prompted with the tight box of the previous slice's mask (SAM's most reliable prompt);
+propagation stops in a direction when the object ends: the mask vanishes or shrinks below ``min_area``, the
+decoder's predicted IoU drops below ``min_iou``, or it no longer overlaps the previous slice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Optional, Tuple
+
+import numpy as np
+
+from .errors import ImageError, PromptError
+from .predictor import AUTO, CASAMPredictor
+from .prompts import tight_box
+
+
+def _overlap(a: np.ndarray, b: np.ndarray) -> float:
+    inter = np.logical_and(a, b).sum()
+    return float(inter / max(1, min(a.sum(), b.sum())))
+
+
+def segment_volume(predictor: CASAMPredictor, volume: np.ndarray, slice_index: int, points=None, point_labels=None,
+                   box=None, layer: str = AUTO, key: Optional[str] = None, min_area: int = 10, min_iou: float = 0.5,
+                   min_overlap: float = 0.3, max_slices: Optional[int] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
+    """Segments an object in a volume from prompts on one slice.
+
+    Args:
+        predictor: the CA-SAM predictor.
+        volume: D×H×W array, slices along axis 0.
+        slice_index: the prompted slice.
+        points, point_labels, box: prompts on that slice, (x = column, y = row) in the slice's pixels.
+        layer: "auto" (routed once on the prompted slice and kept for the volume), "none" or a layer name.
+        key: cache key prefix for the slice embeddings (slice index appended).
+        min_area: smallest mask (pixels) that continues propagation.
+        min_iou: smallest predicted IoU that continues propagation.
+        min_overlap: smallest overlap with the previous slice's mask that continues propagation.
+        max_slices: propagate at most this many slices each way (None: to the volume's end).
+
+    Returns:
+        (D×H×W uint8 mask, info dict with ``route``, ``slices`` [first, last] and ``iou`` of the prompted slice).
+
+    Raises:
+        ImageError: not a 3D volume. PromptError: bad prompts or slice index.
+    """
+    vol = np.asarray(volume)
+    if vol.ndim != 3:
+        raise ImageError(f"a volume must be 3D (D×H×W), got shape {vol.shape}")
+    d = vol.shape[0]
+    if not 0 <= int(slice_index) < d:
+        raise PromptError(f"slice {slice_index} outside the volume (0..{d - 1})")
+    s0 = int(slice_index)
+
+    def k(i: int) -> Optional[str]:
+        return f"{key}:{i}" if key is not None else None
+
+    out = np.zeros(vol.shape, np.uint8)
+    first = predictor.predict(vol[s0], points, point_labels, box, layer=layer, key=k(s0))
+    out[s0] = first.mask
+    route = first.route
+    lo = hi = s0
+    if first.mask.sum() >= min_area:
+        limit = d if max_slices is None else max_slices
+        for step in (-1, 1):
+            prev = first.mask
+            i = s0 + step
+            while 0 <= i < d and abs(i - s0) <= limit:
+                p = predictor.predict(vol[i], box=tight_box(prev), key=k(i), route=route)
+                m = p.mask
+                if m.sum() < min_area or p.iou < min_iou or _overlap(m, prev) < min_overlap:
+                    break
+                out[i] = m
+                lo, hi = min(lo, i), max(hi, i)
+                prev = m
+                i += step
+    return out, {"route": route, "slices": [lo, hi], "iou": first.iou}
