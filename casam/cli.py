@@ -105,7 +105,8 @@ def cmd_layers(args) -> int:
 def cmd_benchmark(args) -> int:
     from .benchmark import main as bench_main
 
-    return bench_main(args.rest)
+    rest = list(args.rest)
+    return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
 
 
 def cmd_export_bundle(args) -> int:
@@ -183,7 +184,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``casam`` console script."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["benchmark"]:
+        # argparse.REMAINDER does not take options ("casam benchmark --help" would be refused): pass them on as they are
+        args = argparse.Namespace(command="benchmark", rest=argv[1:], func=cmd_benchmark)
+    else:
+        args = build_parser().parse_args(argv)
     if args.command == "layers" and args.action in ("remove", "rollback") and not args.target:
         build_parser().error(f"layers {args.action} needs a target")
     try:

@@ -51,14 +51,18 @@ def continual_summary(R: Sequence[Sequence[float]]) -> Dict[str, float]:
     """Summarises a lower-triangular continual matrix.
 
     Args:
-        R: T×T (rows = after task k, columns = task j; entries j > k are ignored).
+        R: T rows (row k = scores after learning task k on tasks 0..k; longer rows and None entries beyond
+            the diagonal are ignored), e.g. a ragged lower-triangular list.
 
     Returns:
         dict with ``avg`` (mean of the last row), ``bwt`` (mean over j < T of R[T, j] − R[j, j]) and
         ``forgetting`` (mean over j < T of max_{k<T} R[k, j] − R[T, j]). BWT and forgetting are 0 for T = 1.
     """
-    A = np.asarray(R, dtype=np.float64)
-    T = A.shape[0]
+    T = len(R)
+    A = np.full((T, T), np.nan)
+    for k, row in enumerate(R):
+        for j in range(k + 1):
+            A[k, j] = np.nan if row[j] is None else float(row[j])
     last = A[T - 1, :T]
     if T == 1:
         return {"avg": float(last.mean()), "bwt": 0.0, "forgetting": 0.0}

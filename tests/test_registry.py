@@ -1,0 +1,82 @@
+import json
+
+import pytest
+import torch
+
+import casam.registry as regmod
+from casam.alignment import AlignmentLayer
+from casam.errors import RegistryError, UnknownLayerError
+from casam.registry import LayerInfo, LayerRegistry, slug
+from casam.router import FeatureVAE
+
+
+def _add(reg, inst, backbone, seed=0):
+    torch.manual_seed(seed)
+    return reg.add(AlignmentLayer(256), FeatureVAE(), LayerInfo("", inst, 0, backbone_id=backbone.id,
+                                                                 backbone_hash=backbone.hash, tau=1.5))
+
+
+def test_add_list_load_versions(tmp_path, tiny):
+    reg = LayerRegistry(tmp_path)
+    a1 = _add(reg, "Hospital A", tiny)
+    b1 = _add(reg, "B", tiny, 1)
+    a2 = _add(reg, "Hospital A", tiny, 2)
+    assert (a1.name, b1.name, a2.name) == ("hospital-a-v1", "b-v1", "hospital-a-v2")
+    assert [i.name for i in reg.list()] == ["hospital-a-v1", "b-v1", "hospital-a-v2"]
+    assert [i.name for i in reg.active()] == ["b-v1", "hospital-a-v2"]
+    layer, vae, info = reg.load("hospital-a-v1", tiny)
+    assert info.tau == 1.5 and set(info.sha256) == {"layer.safetensors", "router.safetensors"}
+    meta = json.loads((tmp_path / "layers" / "b-v1" / "meta.json").read_text())
+    assert meta["backbone_hash"] == tiny.hash and meta["created"]
+    with pytest.raises(UnknownLayerError):
+        reg.load("nope")
+    assert slug("Hospital Pedro Hispano") == "hospital-pedro-hispano"
+
+
+def test_checksum_and_backbone_are_verified(tmp_path, tiny):
+    reg = LayerRegistry(tmp_path)
+    info = _add(reg, "A", tiny)
+    other = type("B", (), {"hash": "other", "id": "other@x"})()
+    with pytest.raises(RegistryError, match="backbone"):
+        reg.load(info.name, other)
+    f = tmp_path / "layers" / info.name / "layer.safetensors"
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF
+    f.write_bytes(bytes(data))
+    with pytest.raises(RegistryError, match="checksum"):
+        reg.load(info.name, tiny)
+
+
+def test_remove_and_rollback(tmp_path, tiny):
+    reg = LayerRegistry(tmp_path)
+    _add(reg, "A", tiny)
+    _add(reg, "A", tiny)
+    _add(reg, "B", tiny)
+    assert reg.rollback("A").name == "a-v2"
+    assert [i.name for i in reg.active()] == ["a-v1", "b-v1"]
+    reg.remove("b-v1")
+    assert [i.name for i in reg.list()] == ["a-v1"]
+    with pytest.raises(UnknownLayerError):
+        reg.rollback("B")
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_interrupted_write_leaves_nothing(tmp_path, tiny, monkeypatch):
+    reg = LayerRegistry(tmp_path)
+    first = _add(reg, "A", tiny)
+    before = (tmp_path / "layers" / first.name / "layer.safetensors").read_bytes()
+    calls = {"n": 0}
+    real = regmod.save_file
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError("disk full")
+        return real(*a, **k)
+
+    monkeypatch.setattr(regmod, "save_file", failing)
+    with pytest.raises(RegistryError):
+        _add(reg, "B", tiny)
+    assert [i.name for i in reg.list()] == ["a-v1"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+    assert (tmp_path / "layers" / first.name / "layer.safetensors").read_bytes() == before
