@@ -327,7 +327,7 @@ class BundleNetwork(nn.Module):
         super().__init__()
         self.predictor = [predictor]  # a list keeps it out of the module tree (it is not a Module)
         self.backbone = predictor.backbone
-        self.layers = nn.ModuleDict({i.name: predictor._layer(i.name) for i in predictor.layers})
+        self.layers = nn.ModuleDict({i.name: predictor.layer(i.name) for i in predictor.layers})
         self.names = [i.name for i in predictor.layers]
 
     @property

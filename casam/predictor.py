@@ -150,14 +150,34 @@ class CASAMPredictor:
                 vaes.append(vae)
             self._infos, self._layers = infos, layers
             self.router = Router(vaes, [i.tau for i in infos])
+            self._signature = self.registry.signature()
             return list(infos)
+
+    def refresh(self) -> bool:
+        """Reloads the registry if a layer was added or removed since the last load (e.g. by a trainer process).
+
+        Returns:
+            True when the layers were reloaded.
+        """
+        if self.registry is None:
+            return False
+        with self._lock:
+            if self.registry.signature() == getattr(self, "_signature", None):
+                return False
+            self.reload()
+            return True
 
     @property
     def layers(self) -> List[LayerInfo]:
         """The active layers, in the order they were added."""
         return list(self._infos)
 
-    def _layer(self, name: str) -> AlignmentLayer:
+    def layer(self, name: str) -> AlignmentLayer:
+        """Returns a layer by name (active or an older version), loading it if needed.
+
+        Raises:
+            UnknownLayerError: no such layer.
+        """
         with self._lock:
             if name not in self._layers:
                 if self.registry is None:
@@ -266,7 +286,7 @@ class CASAMPredictor:
         r = route if route is not None else self.route(emb, layer)
         z = emb.z
         if r["layer"] is not None:
-            z = self._layer(r["layer"])(z)
+            z = self.layer(r["layer"])(z)
         tp = tl = tb = None
         if pts is not None:
             tp = torch.from_numpy(points_to_model(pts, emb.geom))[None]

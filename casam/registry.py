@@ -14,6 +14,7 @@ same institution is a new folder, and the newest version of each institution is 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -132,6 +133,12 @@ class LayerRegistry:
             if cur is None or info.version > cur.version:
                 latest[info.institution] = info
         return [i for i in infos if latest[i.institution] is i]
+
+    def signature(self) -> str:
+        """A short string that changes whenever a layer is added or removed (cheap: names only)."""
+        names = sorted(d.name for d in self.layers_dir.iterdir() if d.is_dir() and not d.name.startswith(".")) \
+            if self.layers_dir.exists() else []
+        return hashlib.sha1("|".join(names).encode()).hexdigest()[:12]
 
     def active(self) -> List[LayerInfo]:
         """Returns the newest version of each institution's layer, in the order they were added."""

@@ -51,7 +51,12 @@ class FeatureVAE(nn.Module):
     def set_normalization(self, features: torch.Tensor, eps: float = 1e-6) -> None:
         """Sets the input standardisation from training features (N×C): per-channel mean and std."""
         self.feat_mean.copy_(features.mean(0))
-        self.feat_std.copy_(features.std(0, unbiased=False).clamp_min(eps) if features.shape[0] > 1 else torch.ones_like(self.feat_std))
+        if features.shape[0] < 2:
+            self.feat_std.fill_(1.0)
+            return
+        std = features.std(0, unbiased=False)
+        # floor: with few images some channels barely vary, and dividing by ~0 would make scores explode
+        self.feat_std.copy_(std.clamp_min(max(eps, 0.1 * float(std.median()))))
 
     def terms(self, f: torch.Tensor, sample: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-sample reconstruction MSE and KL (each averaged over its dimensions), on standardised features."""
@@ -128,13 +133,15 @@ def calibrate_tau(features: torch.Tensor, groups: Optional[Sequence[str]] = None
     """
     n = features.shape[0]
     ids = np.asarray(groups if groups is not None else [str(i) for i in range(n)])
+    if len(np.unique(ids)) < 2:  # one patient: folds by image (there is no other patient to hold out)
+        ids = np.asarray([str(i) for i in range(n)])
     uniq = np.unique(ids)
     rng = np.random.default_rng(seed)
     rng.shuffle(uniq)
     k = max(2, min(folds, len(uniq)))
     fold_of = {g: i % k for i, g in enumerate(uniq)}
     fold = np.array([fold_of[g] for g in ids])
-    held = np.zeros(n, dtype=np.float64)
+    held = np.full(n, np.nan, dtype=np.float64)
     for j in range(k):
         test = np.flatnonzero(fold == j)
         train = np.flatnonzero(fold != j)
@@ -142,7 +149,9 @@ def calibrate_tau(features: torch.Tensor, groups: Optional[Sequence[str]] = None
             continue
         vae = train_vae(features[train], seed=seed + j, **train_kw)
         held[test] = vae.score(features[test]).numpy()
-    return float(np.percentile(held, percentile)), held
+    if np.isnan(held).all():
+        raise ValueError(f"cannot calibrate tau from {n} feature(s): at least 3 are needed")
+    return float(np.nanpercentile(held, percentile)), held
 
 
 @dataclass

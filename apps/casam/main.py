@@ -1,0 +1,121 @@
+"""MONAI Label app of CA-SAM: interactive segmentation with per-institution Alignment Layers.
+
+Start (fully offline)::
+
+    python -m monailabel.main start_server --app apps/casam --studies <folder or DICOMweb URL> \\
+        --conf backbone litemedsam --conf min_images 5
+
+See ``lib/configs/casam.py`` for every ``--conf`` option and ``README.md`` for 3D Slicer and OHIF.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+
+from fastapi import HTTPException
+from monailabel.interfaces.app import MONAILabelApp
+from monailabel.interfaces.datastore import DefaultLabelTag
+from monailabel.tasks.activelearning.random import Random
+
+import casam
+from casam.errors import CasamError, UnknownLayerError
+from lib.configs.casam import CASAMConfig
+
+log = logging.getLogger(__name__)
+MODEL = "casam"
+
+
+class CASAMApp(MONAILabelApp):
+    """One interactive model (``casam``), its online trainer, novelty active learning and scoring."""
+
+    def __init__(self, app_dir, studies, conf):
+        self.cfg = CASAMConfig()
+        self.cfg.init(MODEL, os.path.join(app_dir, "model"), conf or {}, None)
+        self._labels_since_train = 0
+        self._count_lock = threading.Lock()
+        super().__init__(
+            app_dir=app_dir,
+            studies=studies,
+            conf=conf,
+            name="CA-SAM",
+            description="Continual Alignment for SAM: frozen SAM + one Alignment Layer per institution, chosen by a "
+                        "VAE router (plain SAM for unfamiliar images); an online trainer appends layers as you label.",
+            version=casam.__version__,
+            labels=list(self.cfg.labels),
+        )
+
+    def init_infers(self):
+        return self.cfg.infer()
+
+    def init_trainers(self):
+        return {MODEL: self.cfg.trainer()}
+
+    def init_strategies(self):
+        return {**self.cfg.strategy(), "random": Random()}
+
+    def init_scoring_methods(self):
+        return self.cfg.scoring_method()
+
+    def _download_dcmqi_tools(self):
+        # Never download at run time: DICOM SEG needs dcmqi's itkimage2segimage on PATH (install.sh installs it).
+        if not shutil.which("itkimage2segimage"):
+            log.warning("itkimage2segimage not found: saving labels as DICOM SEG will fail (pip install dcmqi)")
+
+    def info(self):
+        meta = super().info()
+        bb = self.cfg
+        meta["backbone"] = {"name": bb.backbone_name, "checkpoint": bb.checkpoint, "device": bb.device}
+        meta["layers"] = self.cfg.layers_info()
+        meta["registry"] = str(self.cfg.registry_dir)
+        return meta
+
+    # --- clear 4xx errors instead of MONAI Label's 500 for a bad request ---------------------------------
+    def infer(self, request, datastore=None):
+        model = request.get("model")
+        if model not in self._infers:
+            raise HTTPException(404, f"unknown model {model!r}; available: {', '.join(self._infers)}")
+        image = request.get("image")
+        if isinstance(image, str) and not os.path.exists(image):
+            if not (datastore or self.datastore()).get_image_uri(image):
+                raise HTTPException(404, f"unknown image {image!r}: not in the datastore")
+        try:
+            return super().infer(request, datastore)
+        except UnknownLayerError as e:
+            raise HTTPException(404, str(e)) from e
+        except CasamError as e:
+            raise HTTPException(400, str(e)) from e
+
+    def train(self, request):
+        model = request.get("model")
+        if model not in self._trainers:
+            raise HTTPException(404, f"unknown trainer {model!r}; available: {', '.join(self._trainers)}")
+        return super().train(request)
+
+    def next_sample(self, request):
+        strategy = request.get("strategy") or "casam_novelty"
+        if strategy not in self._strategies:
+            raise HTTPException(404, f"unknown strategy {strategy!r}; available: {', '.join(self._strategies)}")
+        return super().next_sample({**request, "strategy": strategy})
+
+    def scoring(self, request, datastore=None):
+        method = request.get("method")
+        if method not in self._scoring_methods:
+            raise HTTPException(404, f"unknown scoring method {method!r}; available: {', '.join(self._scoring_methods)}")
+        return super().scoring(request, datastore)
+
+    def on_save_label(self, image_id, label_id):
+        super().on_save_label(image_id, label_id)
+        n = self.cfg.train_after_labels
+        if n <= 0:
+            return
+        with self._count_lock:
+            self._labels_since_train += 1
+            start = self._labels_since_train >= n
+            if start:
+                self._labels_since_train = 0
+        if start:
+            log.info("%d new labels since the last automatic training: starting %s training", n, MODEL)
+            self.async_training(MODEL, enqueue=True)

@@ -1,0 +1,235 @@
+"""Online continual training: from saved labels, grouped by institution, to new Alignment Layers.
+
+A clinician's saved labels arrive one by one. :func:`plan` decides, per institution, whether a layer should
+be trained now: an institution with at least ``min_images`` labelled images and no layer yet gets its first
+layer; an institution whose newest layer was trained before ``retrain_after`` further images were labelled
+gets a new version (the old one stays in the registry for rollback). :func:`train_institution` reads the
+labelled images (2D pictures, or the labelled slices of volumes), and appends the layer with
+:func:`casam.training.train_layer`; earlier layers are never touched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+
+from .backbone import Backbone
+from .errors import CasamError
+from .imageio import read_clinical, read_label
+from .registry import LayerInfo, LayerRegistry
+from .training import TrainConfig, train_layer
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LabelledItem:
+    """One saved label.
+
+    Attributes:
+        image_id: the image's id in its datastore.
+        image_path: image file or DICOM folder.
+        label_path: label file.
+        institution: who acquired the image.
+        patient: patient id (validation is split by patient); the image id when unknown.
+    """
+
+    image_id: str
+    image_path: str
+    label_path: str
+    institution: str
+    patient: str
+
+
+@dataclass
+class Plan:
+    """What :func:`plan` decided for one institution.
+
+    Attributes:
+        institution: the institution.
+        items: its labelled images.
+        train: whether a layer is trained now.
+        reason: why (or why not), in words.
+        new_items: labelled images that no layer of this institution has seen.
+    """
+
+    institution: str
+    items: List[LabelledItem]
+    train: bool
+    reason: str
+    new_items: List[LabelledItem] = field(default_factory=list)
+
+
+def plan(items: Sequence[LabelledItem], registry: LayerRegistry, min_images: int = 5,
+         retrain_after: Optional[int] = None, only: Optional[Sequence[str]] = None) -> List[Plan]:
+    """Decides which institutions get a new layer.
+
+    Args:
+        items: every saved label.
+        registry: the layer registry (read only).
+        min_images: labelled images an institution needs for its first layer.
+        retrain_after: labelled images, unseen by an institution's newest layer, that trigger a new version
+            (None or 0: never retrain).
+        only: restrict to these institutions.
+
+    Returns:
+        One Plan per institution, in order of first appearance.
+    """
+    groups: "OrderedDict[str, List[LabelledItem]]" = OrderedDict()
+    for it in items:
+        groups.setdefault(it.institution, []).append(it)
+    latest: Dict[str, LayerInfo] = {i.institution: i for i in registry.active()}
+    plans = []
+    for inst, its in groups.items():
+        if only and inst not in only:
+            continue
+        cur = latest.get(inst)
+        seen = set(cur.extra.get("image_ids", [])) if cur is not None else set()
+        new = [it for it in its if it.image_id not in seen]
+        if cur is None:
+            ok = len(its) >= min_images
+            why = (f"{len(its)} labelled images, no layer yet" if ok
+                   else f"{len(its)} labelled images, {min_images} needed for a first layer")
+        elif retrain_after and len(new) >= retrain_after:
+            ok, why = True, f"{len(new)} images labelled since {cur.name} (retrain after {retrain_after})"
+        else:
+            ok = False
+            why = f"has {cur.name}; {len(new)} new labelled images" + (f" (retrain after {retrain_after})" if retrain_after else "")
+        plans.append(Plan(inst, its, ok, why, new))
+    return plans
+
+
+def label_slices(label: np.ndarray, max_slices: int) -> List[int]:
+    """Slices of a D×H×W label that hold a label, at most ``max_slices`` of them, evenly spread."""
+    idx = [int(k) for k in np.nonzero(label.reshape(label.shape[0], -1).any(1))[0]]
+    if len(idx) <= max_slices:
+        return idx
+    pick = np.linspace(0, len(idx) - 1, max_slices).round().astype(int)
+    return [idx[i] for i in sorted(set(pick.tolist()))]
+
+
+def load_items(items: Sequence[LabelledItem], max_slices_per_volume: int = 8):
+    """Reads labelled images as 2D training pictures.
+
+    Volumes contribute their labelled slices (at most ``max_slices_per_volume``, the patient kept). Unreadable
+    or empty labels are skipped and reported.
+
+    Returns:
+        (images, masks, patients, image_ids used, skipped: list of {"image", "reason"}).
+    """
+    images, masks, patients, used, skipped = [], [], [], [], []
+    for it in items:
+        try:
+            img = read_clinical(it.image_path)
+            lab = read_label(it.label_path, img)
+        except CasamError as e:
+            skipped.append({"image": it.image_id, "reason": str(e)})
+            continue
+        if not lab.any():
+            skipped.append({"image": it.image_id, "reason": "empty label"})
+            continue
+        if img.is_volume:
+            for k in label_slices(lab, max_slices_per_volume):
+                images.append(img.array[k])
+                masks.append(lab[k])
+                patients.append(it.patient)
+        else:
+            images.append(img.array)
+            masks.append(lab)
+            patients.append(it.patient)
+        used.append(it.image_id)
+    return images, masks, patients, used, skipped
+
+
+def train_institution(backbone: Backbone, registry: LayerRegistry, p: Plan, config: Optional[TrainConfig] = None,
+                      modality: str = "", cache_dir: Optional[str | Path] = None, max_slices_per_volume: int = 8,
+                      progress: bool = False) -> Dict:
+    """Trains and appends a layer for one planned institution.
+
+    Args:
+        backbone: frozen backbone.
+        registry: where the layer goes.
+        p: the plan (``p.items`` are used).
+        config: training recipe.
+        modality: free text stored with the layer.
+        cache_dir: embedding cache folder.
+        max_slices_per_volume: labelled slices taken from each volume.
+        progress: show progress bars.
+
+    Returns:
+        A report: institution, layer (name or None), images, skipped, val_iou, zero_shot_val_iou, seconds,
+        warning (when the layer does not beat plain SAM on validation), error.
+    """
+    images, masks, patients, used, skipped = load_items(p.items, max_slices_per_volume)
+    report = {"institution": p.institution, "reason": p.reason, "images": len(used), "slices": len(images),
+              "patients": len(set(patients)), "skipped": skipped, "layer": None}
+    if len(images) < 2:
+        report["error"] = f"{len(images)} usable labelled images (2 needed)"
+        return report
+    try:
+        info = train_layer(backbone, images, masks, patients, registry, p.institution, modality, config, cache_dir,
+                           progress=progress, extra={"image_ids": used, "source": "online"})
+    except ValueError as e:
+        report["error"] = str(e)
+        return report
+    report.update(layer=info.name, version=info.version, val_iou=info.val_iou, zero_shot_val_iou=info.zero_shot_val_iou,
+                  tau=info.tau, seconds=info.extra.get("seconds"))
+    if info.val_iou is not None and info.zero_shot_val_iou is not None and info.val_iou < info.zero_shot_val_iou:
+        report["warning"] = (f"{info.name} is below plain SAM on its validation patients ({info.val_iou:.3f} < "
+                             f"{info.zero_shot_val_iou:.3f}); consider more labels or `casam layers rollback`")
+    log.info("trained %s", report)
+    return report
+
+
+INSTITUTION_KEYS = ("institution", "InstitutionName", "institution_name")
+PATIENT_KEYS = ("patient", "PatientID", "patient_id")
+
+
+def _first(infos: Sequence[Optional[dict]], keys: Sequence[str]) -> Optional[str]:
+    for info in infos:
+        for k in keys:
+            v = (info or {}).get(k)
+            if v not in (None, "", "UNK"):
+                return str(v).strip()
+    return None
+
+
+def institution_of(image_path: str | Path, infos: Sequence[Optional[dict]] = (), default: str = "default") -> str:
+    """The institution an image belongs to.
+
+    Order: DICOM InstitutionName (0008,0080) of the image's series folder (the path itself, or a folder beside
+    a converted ``<id>.nii.gz`` with the same stem); then an ``institution`` field in the given info dicts
+    (e.g. the datastore's image info, then the label's info); then ``default``.
+    """
+    from .imageio import dicom_institution
+
+    path = Path(image_path)
+    name = path.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
+    for folder in (path, path.with_name(stem)):
+        if folder.is_dir():
+            inst = dicom_institution(folder)
+            if inst:
+                return inst
+    return _first(infos, INSTITUTION_KEYS) or default
+
+
+def patient_of(image_id: str, image_path: str | Path, infos: Sequence[Optional[dict]] = ()) -> str:
+    """The patient an image belongs to: DICOM PatientID, else a ``patient`` info field, else the image id."""
+    from .imageio import read_dicom_header
+
+    path = Path(image_path)
+    name = path.name
+    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
+    for folder in (path, path.with_name(stem)):
+        if folder.is_dir():
+            ds = read_dicom_header(folder)
+            pid = str(getattr(ds, "PatientID", "") or "").strip() if ds is not None else ""
+            if pid:
+                return pid
+    return _first(infos, PATIENT_KEYS) or image_id
