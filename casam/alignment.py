@@ -94,6 +94,30 @@ class AlignmentLayer(nn.Module):
             z = self.norm(block(z))
         return z
 
+    @torch.no_grad()
+    def init_norm(self, weight: torch.Tensor, bias: torch.Tensor) -> "AlignmentLayer":
+        """Starts the shared LayerNorm's affine at the backbone's last LayerNorm (its encoder neck).
+
+        A fresh layer's blocks are the identity (zero second convolution), but the shared LayerNorm still
+        re-normalises the embedding; with a unit affine that wipes out the neck's learned per-channel scale and
+        shift and the decoder sees a foreign embedding (measured with LiteMedSAM: box IoU 0.000 on dermoscopy,
+        brain MRI and ultrasound before training). Starting from the neck's affine keeps a fresh layer close
+        to the frozen backbone (0.740 / 0.694 / 0.811 against zero-shot 0.935 / 0.696 / 0.906), so a short
+        training starts from zero-shot quality instead of from nothing.
+        """
+        self.norm.weight.copy_(weight.detach().to(self.norm.weight))
+        self.norm.bias.copy_(bias.detach().to(self.norm.bias))
+        return self
+
+
+def fresh_layer(backbone, blocks: int = ALIGN_BLOCKS) -> AlignmentLayer:
+    """A new Alignment Layer for ``backbone``: random blocks (identity at start), LayerNorm from its neck."""
+    layer = AlignmentLayer(backbone.embed_dim, blocks)
+    norm = backbone.output_norm()
+    if norm is not None:
+        layer.init_norm(*norm)
+    return layer.to(backbone.device)
+
 
 def count_parameters(module: nn.Module) -> int:
     """Returns the number of parameters of a module."""

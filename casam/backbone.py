@@ -94,6 +94,14 @@ class Backbone(nn.Module):
         self.sam.eval()
         return self
 
+    def output_norm(self) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """(weight, bias) of the image encoder's last LayerNorm (SAM's neck ends with one), or None."""
+        last = None
+        for m in self.sam.image_encoder.modules():
+            if type(m).__name__ == "LayerNorm2d" and hasattr(m, "weight") and hasattr(m, "bias"):
+                last = m
+        return (last.weight.detach().clone(), last.bias.detach().clone()) if last is not None else None
+
     def prepare(self, image: np.ndarray, window: Window = "auto") -> Tuple[torch.Tensor, Geometry]:
         """Turns an image into the model input (3×S×S) and its geometry. See :func:`casam.preprocess.to_model_input`."""
         return to_model_input(image, self.img_size, self.normalization, window)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from . import config as casam_config
-from .alignment import AlignmentLayer, describe
+from .alignment import describe, fresh_layer
 from .backbone import Backbone, load_backbone
 from .data import Case, Task, discover_tasks, load_cases
 from .metrics import boundary_iou, continual_summary, dice, iou
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show progress bars")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="tiny smoke run: tiny random backbone, first 2 tasks, 8 train / 4 test cases, 1 epoch (< 1 min on CPU)")
+                      help="tiny smoke run: tiny random backbone, first 2 tasks, 6 train / 3 test cases, 1 epoch (< 1 min on CPU)")
     mode.add_argument("--full", action="store_true", help="METHOD.md recipe: 24 epochs on all training images (use a GPU)")
     return p
 
@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fills the defaults that depend on --quick / --full."""
     if args.quick:
-        defaults = dict(epochs=1, max_images=6, max_train_cases=8, max_test_cases=4, backbone="tiny", tasks="0,1", cache="none",
+        defaults = dict(epochs=1, max_images=4, max_train_cases=6, max_test_cases=3, backbone="tiny", tasks="0,1", cache="none",
                         vae_epochs=3)
     elif args.full:
         defaults = dict(epochs=24, max_images=0)
@@ -279,7 +279,7 @@ def _clean(x: Any) -> Any:
 
 
 # --------------------------------------------------------------------------------------------- run
-def run(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
+def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchmark") -> Dict[str, Any]:
     t_start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -378,7 +378,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
         state["dec_bb"], state["dec_params"] = dec_bb, dec_params
     if "seq_layer" in methods:
         torch.manual_seed(args.seed)
-        state["shared"] = AlignmentLayer(bb.embed_dim).to(bb.device)
+        state["shared"] = fresh_layer(bb)
     need_casam = "casam" in methods or "casam_oracle" in methods
 
     results: Dict[str, Any] = {}
@@ -440,13 +440,13 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
             row = grids[m].matrix("box", "iou")[k]
             log(f"  {m:13s} R[{k}] = {' '.join('-' if v is None else f'{v:.3f}' for v in row)}")
         results = assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_steps, final_routes, zs_res,
-                           casam_infos, encode_s, t_start, cfg, bb, partial=True)
+                           casam_infos, encode_s, t_start, cfg, bb, partial=True, prog=prog)
         write_outputs(out_dir, args.name, results, figure=False)
 
     if "joint" in methods:
         log(f"=== joint: one layer on {sum(len(s) for s in train_s)} training images of {T} tasks")
         torch.manual_seed(args.seed)
-        joint = AlignmentLayer(bb.embed_dim).to(bb.device)
+        joint = fresh_layer(bb)
         pooled = [s for sub in train_s for s in sub]
         timed_fit("joint", lambda: fit(bb, pooled, cfg, joint, progress=args.progress, desc="joint"))
         eval_all("joint", T - 1, joint)
@@ -456,7 +456,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
         log(f"  joint         R[{T - 1}] = {' '.join(f'{v:.3f}' for v in grids['joint'].matrix('box', 'iou')[T - 1])}")
 
     results = assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_steps, final_routes, zs_res, casam_infos,
-                       encode_s, t_start, cfg, bb, partial=False)
+                       encode_s, t_start, cfg, bb, partial=False, prog=prog)
     write_outputs(out_dir, args.name, results, figure=not args.no_plot)
     reg_dir.cleanup()
     log(f"done in {results['seconds']:.0f}s → {out_dir / (args.name + '.json')}")
@@ -465,7 +465,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> Dict[str, Any]:
 
 # ------------------------------------------------------------------------------------------ results
 def assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_steps, final_routes, zs_res, casam_infos,
-             encode_s, t_start, cfg, bb, partial: bool) -> Dict[str, Any]:
+             encode_s, t_start, cfg, bb, partial: bool, prog: str = "casam benchmark") -> Dict[str, Any]:
     names = [t.name for t in tasks]
     T = len(tasks)
     zs_box = [r["box"]["iou"] for r in zs_res]
@@ -546,7 +546,7 @@ def assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_s
         "router": router,
         "layer": {"params": params, "gmac": round(gmac, 3), "note": f"one Alignment Layer at {bb.embed_size}x{bb.embed_size} (casam.alignment.describe)"},
         "machine": machine_info(args.device),
-        "command": "casam benchmark " + " ".join(shlex.quote(a) for a in argv),
+        "command": " ".join([prog] + [shlex.quote(a) for a in argv]),
         "seconds": round(time.time() - t_start, 1),
         "encode_seconds": round(encode_s, 1),
         "recipe": recipe(args, cfg),
@@ -700,9 +700,18 @@ def write_outputs(out_dir: Path, name: str, res: Dict[str, Any], figure: bool = 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``casam benchmark`` (and ``benchmarks/continual.py``)."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    prog = "casam benchmark"
+    if argv is None:  # run as a script
+        argv = sys.argv[1:]
+        script = Path(sys.argv[0])
+        try:
+            script = script.resolve().relative_to(Path.cwd())
+        except ValueError:
+            pass
+        prog = f"python {script}"
+    argv = list(argv)
     args = resolve(build_parser().parse_args(argv))
-    run(args, argv)
+    run(args, argv, prog)
     return 0
 
 

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .alignment import AlignmentLayer
+from .alignment import fresh_layer
 from .backbone import Backbone
 from .config import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA
 from .errors import ImageError
@@ -388,7 +388,7 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     if config.max_images is not None and len(train_s) > config.max_images:
         pick = np.random.default_rng(config.seed).choice(len(train_s), config.max_images, replace=False)
         train_s = [train_s[i] for i in sorted(pick)]
-    layer = AlignmentLayer(backbone.embed_dim)
+    layer = fresh_layer(backbone).cpu()
     history = fit(backbone, train_s, config, layer, progress=progress, desc=f"train {institution}")
     vae, tau = fit_router(train_s, config)
     info = LayerInfo(
