@@ -60,13 +60,6 @@ def read_dicom_header(folder: str | Path) -> Any:
     return None
 
 
-def dicom_institution(folder: str | Path) -> Optional[str]:
-    """InstitutionName (0008,0080) of a DICOM series folder, or None when absent or not DICOM."""
-    ds = read_dicom_header(folder)
-    name = str(getattr(ds, "InstitutionName", "") or "").strip() if ds is not None else ""
-    return name or None
-
-
 def read_clinical(path: str | Path) -> ClinicalImage:
     """Reads a 2D picture, a volume file or a DICOM series folder.
 

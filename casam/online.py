@@ -199,28 +199,9 @@ def _first(infos: Sequence[Optional[dict]], keys: Sequence[str]) -> Optional[str
     return None
 
 
-def institution_of(image_path: str | Path, infos: Sequence[Optional[dict]] = (), default: str = "default") -> str:
-    """The institution an image belongs to.
-
-    Order: DICOM InstitutionName (0008,0080) of the image's series folder (the path itself, or a folder beside
-    a converted ``<id>.nii.gz`` with the same stem); then an ``institution`` field in the given info dicts
-    (e.g. the datastore's image info, then the label's info); then ``default``.
-    """
-    from .imageio import dicom_institution
-
-    path = Path(image_path)
-    name = path.name
-    stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else path.stem
-    for folder in (path, path.with_name(stem)):
-        if folder.is_dir():
-            inst = dicom_institution(folder)
-            if inst:
-                return inst
-    return _first(infos, INSTITUTION_KEYS) or default
-
-
-def patient_of(image_id: str, image_path: str | Path, infos: Sequence[Optional[dict]] = ()) -> str:
-    """The patient an image belongs to: DICOM PatientID, else a ``patient`` info field, else the image id."""
+def dicom_attribute(image_path: str | Path, keyword: str) -> Optional[str]:
+    """A DICOM attribute of an image's series folder: the path itself, or a folder beside a converted
+    ``<id>.nii.gz`` with the same stem (MONAI Label's DICOMweb cache); None when absent or not DICOM."""
     from .imageio import read_dicom_header
 
     path = Path(image_path)
@@ -229,7 +210,22 @@ def patient_of(image_id: str, image_path: str | Path, infos: Sequence[Optional[d
     for folder in (path, path.with_name(stem)):
         if folder.is_dir():
             ds = read_dicom_header(folder)
-            pid = str(getattr(ds, "PatientID", "") or "").strip() if ds is not None else ""
-            if pid:
-                return pid
-    return _first(infos, PATIENT_KEYS) or image_id
+            value = str(getattr(ds, keyword, "") or "").strip() if ds is not None else ""
+            if value:
+                return value
+    return None
+
+
+def institution_of(image_path: str | Path, infos: Sequence[Optional[dict]] = (), default: str = "default") -> str:
+    """The institution an image belongs to.
+
+    Order: DICOM InstitutionName (0008,0080) of the image's series (see :func:`dicom_attribute`); then an
+    ``institution`` field in the given info dicts (e.g. the datastore's image info, then the label's info);
+    then ``default``.
+    """
+    return dicom_attribute(image_path, "InstitutionName") or _first(infos, INSTITUTION_KEYS) or default
+
+
+def patient_of(image_id: str, image_path: str | Path, infos: Sequence[Optional[dict]] = ()) -> str:
+    """The patient an image belongs to: DICOM PatientID, else a ``patient`` info field, else the image id."""
+    return dicom_attribute(image_path, "PatientID") or _first(infos, PATIENT_KEYS) or image_id
