@@ -1,3 +1,4 @@
+import numpy as np
 import torch
 
 from casam.alignment import AlignmentLayer, CAResBlock, alignment_macs, count_parameters, describe
@@ -31,3 +32,15 @@ def test_fresh_block_is_identity_and_trains():
     assert torch.equal(block(x), x)
     block(x).pow(2).sum().backward()
     assert block.conv2.weight.grad.abs().sum() > 0
+
+
+def test_fresh_layer_starts_from_the_backbone_neck(tiny):
+    from casam.alignment import fresh_layer
+
+    w, b = tiny.output_norm()
+    layer = fresh_layer(tiny)
+    assert torch.equal(layer.norm.weight, w) and torch.equal(layer.norm.bias, b)
+    # the blocks start as the identity, so a fresh layer only re-applies the neck's normalisation
+    z = tiny.encode(tiny.prepare(np.full((40, 40), 120, np.uint8))[0])
+    with torch.no_grad():
+        assert torch.allclose(layer(z), layer.norm(layer.norm(layer.norm(z))), atol=1e-5)
