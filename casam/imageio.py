@@ -149,12 +149,16 @@ def read_label(path: str | Path, like: Optional[ClinicalImage] = None) -> np.nda
     Args:
         path: the label file.
         like: when given, the label must match this image's shape (a 1-slice volume label of a 2D picture is
-            squeezed).
+            squeezed). A volume label on another voxel grid (e.g. a DICOM SEG that stores only the slices
+            with segments, converted to NIfTI) is resampled onto the image's grid by physical position.
 
     Raises:
         ImageError: unreadable, not a label, or the wrong shape.
     """
-    lab = read_clinical(path).array
+    src = read_clinical(path)
+    lab = src.array
+    if like is not None and like.is_volume and src.is_volume and _other_grid(src.reference, like.reference):
+        lab = _resample_onto(src.reference, like.reference)
     if like is not None and not like.is_volume:
         if lab.ndim == 3 and lab.shape[0] == 1:
             lab = lab[0]
@@ -166,3 +170,21 @@ def read_label(path: str | Path, like: Optional[ClinicalImage] = None) -> np.nda
     if not np.isfinite(lab).all() or lab.min() < 0 or lab.max() > 255:
         raise ImageError(f"label {Path(path).name} is not a map of class ids 0..255")
     return lab.astype(np.uint8)
+
+
+def _other_grid(a: Any, b: Any, tol: float = 1e-3) -> bool:
+    """True when two SimpleITK images do not share one voxel grid (size, origin, spacing, direction)."""
+    if a is None or b is None:
+        return False
+    if a.GetSize() != b.GetSize():
+        return True
+    pairs = [(a.GetOrigin(), b.GetOrigin()), (a.GetSpacing(), b.GetSpacing()), (a.GetDirection(), b.GetDirection())]
+    return any(not np.allclose(x, y, atol=tol) for x, y in pairs)
+
+
+def _resample_onto(label: Any, reference: Any) -> np.ndarray:
+    """Nearest-neighbour resampling of a label image onto a reference grid; outside the label → 0."""
+    import SimpleITK as sitk
+
+    out = sitk.Resample(label, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, label.GetPixelID())
+    return sitk.GetArrayFromImage(out)

@@ -121,3 +121,21 @@ def test_volume_labels_become_slices(tmp_path):
     images, masks, patients, used, skipped = load_items(items, max_slices_per_volume=4)
     assert len(images) == 4 and all(m.any() for m in masks) and patients == ["p1"] * 4 and used == ["v"]
     assert skipped[0]["image"] == "bad" and "cannot read" in skipped[0]["reason"]
+
+
+def test_label_on_a_partial_grid_is_resampled(tmp_path):
+    """A DICOM SEG converted to NIfTI keeps only the slices with segments: it lands on the right slices."""
+    sitk = pytest.importorskip("SimpleITK")
+    vol = sitk.GetImageFromArray(np.zeros((10, 16, 16), np.uint8))
+    vol.SetSpacing((1.0, 1.0, 3.0))
+    vol.SetOrigin((0.0, 0.0, 5.0))
+    sitk.WriteImage(vol, str(tmp_path / "v.nii.gz"))
+    part = np.zeros((3, 16, 16), np.uint8)
+    part[:, 4:8, 4:8] = 1
+    seg = sitk.GetImageFromArray(part)
+    seg.SetSpacing((1.0, 1.0, 3.0))
+    seg.SetOrigin((0.0, 0.0, 5.0 + 4 * 3.0))  # slices 4, 5, 6 of the volume
+    sitk.WriteImage(seg, str(tmp_path / "seg.nii.gz"))
+    lab = read_label(tmp_path / "seg.nii.gz", read_clinical(tmp_path / "v.nii.gz"))
+    assert lab.shape == (10, 16, 16)
+    assert [k for k in range(10) if lab[k].any()] == [4, 5, 6] and lab[5, 4:8, 4:8].all()
