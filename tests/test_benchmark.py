@@ -1,0 +1,84 @@
+"""The continual stream benchmark: a --quick run (tiny backbone, 2 real tasks, 1 epoch) and its outputs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import DATA, needs_data
+
+from casam.benchmark import METHODS, build_parser, main
+
+
+def test_help_lists_the_flags(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag in ("--epochs", "--max-images", "--data", "--tasks", "--out", "--cache", "--methods", "--quick", "--full"):
+        assert flag in text
+
+
+def test_cli_passes_options_to_the_benchmark(capsys):
+    from casam.cli import main as cli_main
+
+    with pytest.raises(SystemExit) as e:
+        cli_main(["benchmark", "--help"])
+    assert e.value.code == 0
+    assert "--max-images" in capsys.readouterr().out
+
+
+def test_quick_and_full_are_exclusive():
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["--quick", "--full"])
+
+
+@needs_data
+def test_quick_run_writes_results(tmp_path):
+    assert main(["--quick", "--out", str(tmp_path), "--data", str(DATA)]) == 0
+    res = json.loads((tmp_path / "continual.json").read_text())
+    assert (tmp_path / "continual.md").read_text().startswith("# Continual stream benchmark")
+    assert (tmp_path / "continual_R.png").stat().st_size > 1000
+
+    T = len(res["tasks"])
+    assert T == 2 and res["backbone"]["name"] == "tiny" and res["partial"] is False
+    for key in ("backbone", "tasks", "router", "layer", "machine", "command", "seconds", "recipe", "targets", "methods"):
+        assert key in res
+    assert set(res["methods"]) == set(METHODS)
+    for name, m in res["methods"].items():
+        for key in ("R", "R_point", "R_dice", "R_biou", "R_all"):
+            assert [len(r) for r in m[key]] == ([1, 2] if key != "R_all" else [2, 2]), (name, key)
+            assert all(v is None or 0.0 <= v <= 1.0 for row in m[key] for v in row)
+        assert 0.0 <= m["avg_iou"] <= 1.0 and 0.0 <= m["avg_iou_point"] <= 1.0
+        assert m["avg_iou"] == pytest.approx(sum(m["R"][-1]) / T, abs=1e-5)
+        if name == "joint":
+            assert m["bwt"] is None
+        else:
+            assert m["bwt"] == pytest.approx(m["R"][1][0] - m["R"][0][0], abs=1e-5)
+    # no training: zero-shot rows repeat; the oracle keeps each task's score once learned (layers never change)
+    zs, orc = res["methods"]["zero_shot"]["R"], res["methods"]["casam_oracle"]["R"]
+    assert zs[1][0] == zs[0][0]
+    assert orc[1][0] == orc[0][0] and res["methods"]["casam_oracle"]["bwt"] == 0.0
+
+    r = res["router"]
+    assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["fallback_rate"] <= 1.0
+    assert set(r["confusion"]) == set(res["tasks"])
+    assert r["confusion_columns"] == res["tasks"] + ["fallback"]
+    assert sum(sum(row.values()) for row in r["confusion"].values()) == r["n_images"] == sum(t["test_cases"] for t in res["task_data"])
+    assert len(r["per_step"]) == T
+    assert res["layer"]["params"] == 3541007 and res["layer"]["gmac"] > 0
+    assert res["recipe"]["epochs"] == 1 and "quick" in res["recipe"]["kind"]
+    assert set(res["targets"]) == {"casam_bwt", "router_accuracy", "casam_above_baselines", "casam_near_oracle"}
+    assert all(t["met"] in (True, False) for t in res["targets"].values())
+    assert res["machine"]["torch"] and res["command"].startswith("casam benchmark --quick")
+
+
+@needs_data
+def test_task_and_method_subsets(tmp_path):
+    assert main(["--quick", "--out", str(tmp_path), "--data", str(DATA), "--tasks", "dermoscopy_ph2",
+                 "--methods", "zero_shot,casam", "--max-test-cases", "2", "--no-plot"]) == 0
+    res = json.loads((tmp_path / "continual.json").read_text())
+    assert res["tasks"] == ["dermoscopy_ph2"] and set(res["methods"]) == {"zero_shot", "casam"}
+    assert res["methods"]["casam"]["bwt"] == 0.0 and len(res["methods"]["casam"]["R"]) == 1
+    assert not (tmp_path / "continual_R.png").exists()
