@@ -659,10 +659,12 @@ def plot_figure(res: Dict[str, Any], path: Path) -> None:
     T = len(names)
     ncol = min(3, len(methods))
     nrow = (len(methods) + ncol - 1) // ncol
-    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol + 1, 3.9 * nrow), squeeze=False)
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(3.6 * ncol + 2, 3.8 * nrow), squeeze=False, layout="constrained"
+    )
     short = [n.replace("brain_mri_lgg@", "lgg@").replace("dermoscopy_", "").replace("fetal_head_", "fetal_") for n in names]
     im = None
-    for ax, (m, e) in zip(axes.flat, methods):
+    for i, (ax, (m, e)) in enumerate(zip(axes.flat, methods)):
         A = np.full((T, T), np.nan)
         for k, row in enumerate(e["R"]):
             for j, v in enumerate(row):
@@ -677,12 +679,12 @@ def plot_figure(res: Dict[str, Any], path: Path) -> None:
         avg = "–" if e["avg_iou"] is None else f"{e['avg_iou']:.3f}"
         ax.set_title(f"{e['label']}\nAvg-IoU {avg}, BWT {bwt}", fontsize=8)
         ax.set_xticks(range(T), short, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(T), [f"after {s}" for s in short], fontsize=7)
+        ax.set_yticks(range(T), [f"after {s}" for s in short] if i % ncol == 0 else [], fontsize=7)
     for ax in list(axes.flat)[len(methods):]:
         ax.axis("off")
     if im is not None:
-        fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.6, label="IoU (box prompt)")
-    fig.suptitle(f"Continual stream R[k][j] ({res['backbone']['name']}, {res['recipe']['epochs']} epochs)", fontsize=10)
+        fig.colorbar(im, ax=axes, shrink=0.6, label="IoU (box prompt)")
+    fig.suptitle(f"Continual stream R[k][j] ({res['backbone']['name']}, {res['recipe']['epochs']} epochs, lr {res['recipe']['lr']:g})", fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 
