@@ -180,9 +180,14 @@ else
 fi
 
 # ---------------------------------------------------------------------------------------------
-# 7. Debian packages for the Orthanc (DICOMweb) tests
+# 7. Debian packages for the Orthanc (DICOMweb) tests, and a compose tool that validates docker/compose.yaml
 # ---------------------------------------------------------------------------------------------
 APT_PKGS=(orthanc orthanc-dicomweb)
+# `docker compose config` needs no daemon; where no compose tool is on PATH, Debian's docker-compose (1.29)
+# lets tests/test_docker.py validate the compose file instead of skipping.
+if ! docker compose version >/dev/null 2>&1 && ! command -v docker-compose >/dev/null; then
+    APT_PKGS+=(docker-compose)
+fi
 if [[ "${CASAM_SKIP_APT:-0}" == "1" ]]; then
     say "apt: skipped (CASAM_SKIP_APT=1)"
 elif ! command -v dpkg-query >/dev/null; then
