@@ -154,6 +154,10 @@ else
     say "nilearn (template data for the demo): already installed"
 fi
 
+# NVFlare (federated CA-SAM, casam/federated): its requirements only add packages (Flask, grpcio, msgpack, …);
+# checked with `pip install --dry-run nvflare==2.9.0`: torch, numpy<2 and pydicom<3 stay as they are.
+ensure "nvflare (federated CA-SAM)" "nvflare==2.9.0"
+
 # ---------------------------------------------------------------------------------------------
 # 6. the project itself (editable)
 # ---------------------------------------------------------------------------------------------
