@@ -26,3 +26,18 @@ class RegistryError(CasamError, RuntimeError):
 
 class BackboneError(CasamError, RuntimeError):
     """A backbone cannot be built or its checkpoint cannot be loaded."""
+
+
+class LimitError(CasamError, ValueError):
+    """A request or an image exceeds a configured limit (too many points, voxels, bytes, slices).
+
+    Args:
+        what: what was measured, in words (e.g. ``"image brain.nii.gz has 2.1e8 voxels"``).
+        limit: the limit's name (its ``--conf`` key).
+        value: the measured value.
+        maximum: the limit's value.
+    """
+
+    def __init__(self, what: str, limit: str, value, maximum):
+        super().__init__(f"{what}: {value} is over the limit {limit} = {maximum} (--conf {limit})")
+        self.limit, self.value, self.maximum = limit, value, maximum
