@@ -154,7 +154,7 @@ class LayerRegistry:
             if info.name == name:
                 return info
         known = ", ".join(i.name for i in self.list()) or "none"
-        raise UnknownLayerError(f"unknown layer {name!r} (registry {self.root} has: {known})")
+        raise UnknownLayerError(f"unknown layer {name!r} (the registry has: {known})")
 
     def load(self, name: str, backbone: Optional[Backbone] = None) -> Tuple[AlignmentLayer, FeatureVAE, LayerInfo]:
         """Loads a layer and its router VAE, verifying checksums and the backbone.
@@ -179,7 +179,7 @@ class LayerRegistry:
         for fname in (LAYER_FILE, ROUTER_FILE):
             digest = file_sha256(folder / fname)
             if digest != info.sha256.get(fname):
-                raise RegistryError(f"checksum mismatch for {folder / fname}: the file was changed or is corrupt")
+                raise RegistryError(f"checksum mismatch for {fname} of layer {name}: the file was changed or is corrupt")
         try:
             layer = AlignmentLayer(info.channels, info.blocks)
             layer.load_state_dict(load_file(str(folder / LAYER_FILE)))
