@@ -10,17 +10,20 @@ labelled images (2D pictures, or the labelled slices of volumes), and appends th
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import shutil
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 
 from .backbone import Backbone
 from .errors import CasamError
-from .imageio import read_clinical, read_label
+from .imageio import ImageLimits, read_clinical, read_label
 from .registry import LayerInfo, LayerRegistry
 from .training import TrainConfig, train_layer
 
@@ -113,11 +116,12 @@ def label_slices(label: np.ndarray, max_slices: int) -> List[int]:
     return [idx[i] for i in sorted(set(pick.tolist()))]
 
 
-def load_items(items: Sequence[LabelledItem], max_slices_per_volume: int = 8):
+def load_items(items: Sequence[LabelledItem], max_slices_per_volume: int = 8, limits: Optional[ImageLimits] = None):
     """Reads labelled images as 2D training pictures.
 
     Volumes contribute their labelled slices (at most ``max_slices_per_volume``, the patient kept). Unreadable
-    or empty labels are skipped and reported.
+    images, labels that do not fit their image (:func:`casam.imageio.read_label`) and empty labels are skipped
+    and reported, never trained on.
 
     Returns:
         (images, masks, patients, image_ids used, skipped: list of {"image", "reason"}).
@@ -125,8 +129,8 @@ def load_items(items: Sequence[LabelledItem], max_slices_per_volume: int = 8):
     images, masks, patients, used, skipped = [], [], [], [], []
     for it in items:
         try:
-            img = read_clinical(it.image_path)
-            lab = read_label(it.label_path, img)
+            img = read_clinical(it.image_path, name=it.image_id, limits=limits)
+            lab = read_label(it.label_path, img, name=f"of image {it.image_id}", limits=limits)
         except CasamError as e:
             skipped.append({"image": it.image_id, "reason": str(e)})
             continue
@@ -148,7 +152,7 @@ def load_items(items: Sequence[LabelledItem], max_slices_per_volume: int = 8):
 
 def train_institution(backbone: Backbone, registry: LayerRegistry, p: Plan, config: Optional[TrainConfig] = None,
                       modality: str = "", cache_dir: Optional[str | Path] = None, max_slices_per_volume: int = 8,
-                      progress: bool = False) -> Dict:
+                      progress: bool = False, limits: Optional[ImageLimits] = None) -> Dict:
     """Trains and appends a layer for one planned institution.
 
     Args:
@@ -160,12 +164,13 @@ def train_institution(backbone: Backbone, registry: LayerRegistry, p: Plan, conf
         cache_dir: embedding cache folder.
         max_slices_per_volume: labelled slices taken from each volume.
         progress: show progress bars.
+        limits: size limits for reading the images and labels.
 
     Returns:
         A report: institution, layer (name or None), images, skipped, val_iou, zero_shot_val_iou, seconds,
         warning (when the layer does not beat plain SAM on validation), error.
     """
-    images, masks, patients, used, skipped = load_items(p.items, max_slices_per_volume)
+    images, masks, patients, used, skipped = load_items(p.items, max_slices_per_volume, limits)
     report = {"institution": p.institution, "reason": p.reason, "images": len(used), "slices": len(images),
               "patients": len(set(patients)), "skipped": skipped, "layer": None}
     if len(images) < 2:
@@ -184,6 +189,57 @@ def train_institution(backbone: Backbone, registry: LayerRegistry, p: Plan, conf
                              f"{info.zero_shot_val_iou:.3f}); consider more labels or `casam layers rollback`")
     log.info("trained %s", report)
     return report
+
+
+LOCK_FILE = ".write.lock"
+
+
+@contextlib.contextmanager
+def writer_lock(registry: LayerRegistry, wait: bool = True) -> Iterator[bool]:
+    """Holds the registry's writer lock (an ``flock``; the kernel drops it when its process dies, even by
+    ``kill -9``), so that only one online trainer writes at a time and a half-written layer of a dead one can be
+    told from one being written.
+
+    Args:
+        registry: the registry.
+        wait: block until the lock is free; False: yield False at once when another process holds it.
+
+    Yields:
+        Whether the lock is held.
+    """
+    import fcntl
+
+    with open(registry.root / LOCK_FILE, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def remove_incomplete(registry: LayerRegistry, min_age_s: float = 60.0) -> List[str]:
+    """Removes what a writer killed mid-way left in the registry (``.tmp-*`` / ``.trash-*`` folders).
+
+    Call it holding :func:`writer_lock`. Complete layers are never touched (they are renamed into place whole);
+    folders changed in the last ``min_age_s`` seconds are kept, as a writer that does not take the lock may
+    still be filling them.
+
+    Returns:
+        The removed folder names.
+    """
+    removed = []
+    now = time.time()
+    for d in registry.root.iterdir():
+        if d.is_dir() and d.name.startswith((".tmp-", ".trash-")) and now - d.stat().st_mtime >= min_age_s:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(d.name)
+    if removed:
+        log.warning("removed %d incomplete registry folders left by an interrupted writer: %s", len(removed), removed)
+    return removed
 
 
 INSTITUTION_KEYS = ("institution", "InstitutionName", "institution_name")

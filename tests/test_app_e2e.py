@@ -159,8 +159,9 @@ def test_label_train_route_and_active_learning(server, tmp_path):
     from PIL import Image
 
     Image.fromarray(np.zeros((256, 256), np.uint8)).save(empty)
-    c.save_label(server.other[1]["case"], str(empty), tag="final", params={"institution": OTHER})
-    assert server.info()["datastore"]["completed"] == N_HOME + 2
+    msg = _error(lambda: c.save_label(server.other[1]["case"], str(empty), tag="final", params={"institution": OTHER}))
+    assert "400" in msg and "empty" in msg  # an empty final label is refused at save
+    assert server.info()["datastore"]["completed"] == N_HOME + 1
 
     report = server.train_sync()
     by_inst = {e["institution"]: e for e in report["institutions"]}
@@ -191,8 +192,9 @@ def test_label_train_route_and_active_learning(server, tmp_path):
     assert "404" in _error(lambda: c.next_sample("no_such_strategy", {}))
 
     # a second train request adds nothing (no new labels) and touches no layer
-    before = {p.name: p.stat().st_mtime_ns for p in Path(info["registry"], "layers").rglob("*") if p.is_file()}
+    layers = Path(server.conf["registry"], "layers")  # /info shows no server path
+    before = {p.name: p.stat().st_mtime_ns for p in layers.rglob("*") if p.is_file()}
     again = server.train_sync()
     assert again["new_layers"] == []
-    after = {p.name: p.stat().st_mtime_ns for p in Path(info["registry"], "layers").rglob("*") if p.is_file()}
+    after = {p.name: p.stat().st_mtime_ns for p in layers.rglob("*") if p.is_file()}
     assert before == after

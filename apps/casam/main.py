@@ -21,8 +21,9 @@ from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.tasks.activelearning.random import Random
 
 import casam
-from casam.errors import CasamError, UnknownLayerError
+from casam.errors import CasamError
 from lib.configs.casam import CASAMConfig
+from lib.guard import guard_datastore, http_error, install_endpoint_guards, resolve_image
 
 log = logging.getLogger(__name__)
 MODEL = "casam"
@@ -36,6 +37,8 @@ class CASAMApp(MONAILabelApp):
         self.cfg.init(MODEL, os.path.join(app_dir, "model"), conf or {}, None)
         self._labels_since_train = 0
         self._count_lock = threading.Lock()
+        install_endpoint_guards(self.cfg.limits)
+        self.cfg.remove_incomplete_layers()
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -46,6 +49,9 @@ class CASAMApp(MONAILabelApp):
             version=casam.__version__,
             labels=list(self.cfg.labels),
         )
+
+    def init_datastore(self):
+        return guard_datastore(super().init_datastore(), self.cfg.limits)
 
     def init_infers(self):
         return self.cfg.infer()
@@ -67,26 +73,29 @@ class CASAMApp(MONAILabelApp):
     def info(self):
         meta = super().info()
         bb = self.cfg
-        meta["backbone"] = {"name": bb.backbone_name, "checkpoint": bb.checkpoint, "device": bb.device}
+        checkpoint = os.path.basename(bb.checkpoint) if bb.checkpoint else None  # no server path to clients
+        meta["backbone"] = {"name": bb.backbone_name, "checkpoint": checkpoint, "device": bb.device}
         meta["layers"] = self.cfg.layers_info()
-        meta["registry"] = str(self.cfg.registry_dir)
+        meta["limits"] = self.cfg.limits_info()
         return meta
 
-    # --- clear 4xx errors instead of MONAI Label's 500 for a bad request ---------------------------------
+    # --- clear 4xx errors instead of MONAI Label's 500 for a bad request; datastore images only ------------
     def infer(self, request, datastore=None):
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(404, f"unknown model {model!r}; available: {', '.join(self._infers)}")
-        image = request.get("image")
-        if isinstance(image, str) and not os.path.exists(image):
-            if not (datastore or self.datastore()).get_image_uri(image):
-                raise HTTPException(404, f"unknown image {image!r}: not in the datastore")
+        sessions = self.sessions()
+        path, name = resolve_image(request.get("image"), datastore or self.datastore(),
+                                   getattr(sessions, "store_path", None))
+        request = {**request, "image": path, "image_name": name, "save_label": False}
+        request.pop("timeout", None)  # a client's timeout would reach MONAI Label's thread pool unchecked
         try:
             return super().infer(request, datastore)
-        except UnknownLayerError as e:
-            raise HTTPException(404, str(e)) from e
         except CasamError as e:
-            raise HTTPException(400, str(e)) from e
+            raise http_error(e) from e
+
+    def infer_wsi(self, request, datastore=None):
+        raise HTTPException(400, f"{request.get('model')!r} is not a whole-slide-image model: use /infer")
 
     def train(self, request):
         model = request.get("model")

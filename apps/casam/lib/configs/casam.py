@@ -18,6 +18,20 @@ max_slices_per_volume    labelled slices of each 3D label used for training (def
 cache_size               embeddings kept for repeated clicks (default 64)
 novelty_max_score        images the novelty strategy scores on the spot when none has a stored score (16)
 =======================  =====================================================================================
+
+Limits (a request over one is answered 413 naming the limit and the value; see ``README.md`` for the memory
+bound they give):
+
+=======================  =====================================================================================
+max_points               foreground + background points in one request (default 64)
+max_image_voxels         voxels of a volume, read from its header before any pixel (default 67108864 = 64 Mi,
+                         e.g. 512×512×256)
+max_image_megapixels     megapixels of a 2D picture (default 50)
+max_upload_mb            bytes of an uploaded image or label and of its decompressed gzip stream (default 512)
+max_propagation_slices   slices one 3D request may segment: a 3D ROI spanning more is refused, free
+                         propagation stops there (default 64)
+max_concurrent_infers    requests segmented at once; others wait (default 1)
+=======================  =====================================================================================
 """
 
 from __future__ import annotations
@@ -31,6 +45,8 @@ from typing import Any, Dict, Optional
 from monailabel.interfaces.config import TaskConfig
 
 from casam.backbone import load_backbone
+from casam.imageio import ImageLimits
+from casam.online import remove_incomplete, writer_lock
 from casam.predictor import CASAMPredictor
 from casam.registry import LayerRegistry
 from casam.training import TrainConfig
@@ -38,11 +54,16 @@ from casam.training import TrainConfig
 log = logging.getLogger(__name__)
 
 
-def _int(conf: Dict[str, str], key: str, default: int) -> int:
+def _number(conf: Dict[str, str], key: str, default: float, kind: type = int):
     try:
-        return int(conf.get(key, default))
+        return kind(conf.get(key, default))
     except (TypeError, ValueError):
-        raise ValueError(f"--conf {key} must be an integer, got {conf.get(key)!r}") from None
+        what = "an integer" if kind is int else "a number"
+        raise ValueError(f"--conf {key} must be {what}, got {conf.get(key)!r}") from None
+
+
+def _int(conf: Dict[str, str], key: str, default: int) -> int:
+    return _number(conf, key, default, int)
 
 
 class CASAMConfig(TaskConfig):
@@ -68,6 +89,12 @@ class CASAMConfig(TaskConfig):
         self.max_slices_per_volume = _int(conf, "max_slices_per_volume", 8)
         self.cache_size = _int(conf, "cache_size", 64)
         self.novelty_max_score = _int(conf, "novelty_max_score", 16)
+        self.max_points = _int(conf, "max_points", 64)
+        self.max_propagation_slices = _int(conf, "max_propagation_slices", 64)
+        self.max_concurrent_infers = max(1, _int(conf, "max_concurrent_infers", 1))
+        self.limits = ImageLimits(max_voxels=_int(conf, "max_image_voxels", 64 * 2**20),
+                                  max_pixels=int(_number(conf, "max_image_megapixels", 50, float) * 1e6),
+                                  max_bytes=int(_number(conf, "max_upload_mb", 512, float) * 2**20))
         max_images = _int(conf, "max_images", 0)
         self.train_config = TrainConfig(epochs=_int(conf, "epochs", 24), max_images=max_images or None,
                                         seed=_int(conf, "seed", 0))
@@ -95,6 +122,20 @@ class CASAMConfig(TaskConfig):
                         "modality": i.modality, "backbone": i.backbone_id, "images": i.n_images, "patients": i.n_patients,
                         "tau": i.tau, "val_iou": i.val_iou, "zero_shot_val_iou": i.zero_shot_val_iou, "created": i.created})
         return out
+
+    def remove_incomplete_layers(self) -> None:
+        """Removes half-written layers of a trainer that died (kill -9, power loss), unless one is writing now."""
+        with writer_lock(self.registry, wait=False) as held:
+            if held:
+                remove_incomplete(self.registry)
+
+    def limits_info(self) -> Dict[str, Any]:
+        """The request limits in force, for /info (their ``--conf`` keys)."""
+        lim = self.limits
+        return {"max_points": self.max_points, "max_image_voxels": lim.max_voxels,
+                "max_image_megapixels": lim.max_pixels / 1e6, "max_upload_mb": lim.max_bytes / 2**20,
+                "max_propagation_slices": self.max_propagation_slices,
+                "max_concurrent_infers": self.max_concurrent_infers}
 
     def infer(self):
         from lib.infers.casam import CASAMInfer

@@ -4,25 +4,37 @@ Request params, as the clients send them: ``foreground`` / ``background`` voxel 
 DeepEdit-style ``label`` name with its own point list counts as foreground), ``roi`` ``[i0, i1, j0, j1(, k0,
 k1)]``, ``slice`` (for one slice of a volume), plus ``layer`` (``auto`` = router, ``none`` = plain SAM, or a
 layer name), ``propagate`` (3D: follow the object slice by slice; default true), ``result_extension``
-(default ``.nrrd`` for volumes, ``.png`` for pictures) and ``result_dtype`` (default uint8).
+(default ``.nrrd`` for volumes, ``.png`` for pictures; one of :data:`VOLUME_RESULTS` / :data:`PICTURE_RESULTS`)
+and ``result_dtype`` (default uint8; one of :data:`RESULT_DTYPES`).
+
+Every parameter is checked before the image is read: a malformed one, or more points than ``max_points``, is
+a 4xx naming it; the image's size is checked from its header (``max_image_voxels`` / ``max_image_megapixels``);
+a 3D ROI may span at most ``max_propagation_slices`` slices, and free propagation stops at half of that each
+way. At most ``max_concurrent_infers`` requests are segmented at once, which bounds the server's memory.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import tempfile
+import threading
 import time
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
+from casam.errors import LimitError, PromptError
 from casam.imageio import read_clinical, write_label
 from casam.prompts import voxel_prompts
 from casam.volume import segment_volume
 
 log = logging.getLogger(__name__)
+VOLUME_RESULTS = (".nrrd", ".nii.gz", ".nii", ".mha")
+PICTURE_RESULTS = (".png",) + VOLUME_RESULTS
+RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
 
 
 def _bool(v: Any, default: bool = True) -> bool:
@@ -31,6 +43,40 @@ def _bool(v: Any, default: bool = True) -> bool:
     if isinstance(v, str):
         return v.strip().lower() not in ("0", "false", "no", "off", "")
     return bool(v)
+
+
+def _numbers(value: Any, what: str, sizes: Tuple[int, ...]) -> Optional[List[float]]:
+    """A list of ``sizes`` finite numbers (None when absent).
+
+    Raises:
+        PromptError: anything else.
+    """
+    if value is None:
+        return None
+    ok = isinstance(value, (list, tuple)) and len(value) in sizes
+    nums = []
+    for v in value if ok else []:
+        ok = ok and isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        nums.append(v)
+    if not ok:
+        raise PromptError(f"{what} {value!r:.80} must be a list of {' or '.join(map(str, sizes))} finite numbers")
+    return nums
+
+
+def _points(value: Any, what: str) -> List[List[float]]:
+    if value is None:
+        return []
+    if not isinstance(value, (list, tuple)):
+        raise PromptError(f"{what} must be a list of [i, j(, k)] points, got {type(value).__name__}")
+    return [_numbers(p, f"{what} point", (2, 3)) for p in value]
+
+
+def _choice(value: Any, what: str, choices: Tuple[str, ...], default: str) -> str:
+    if value in (None, ""):
+        return default
+    if not isinstance(value, str) or value not in choices:
+        raise PromptError(f"{what} {value!r:.40} is not supported; use one of {', '.join(choices)}")
+    return value
 
 
 class CASAMInfer(InferTask):
@@ -47,38 +93,84 @@ class CASAMInfer(InferTask):
             config={"layer": "auto", "propagate": True},
         )
         self.cfg = cfg
+        self._slots = threading.BoundedSemaphore(cfg.max_concurrent_infers)
 
     def is_valid(self) -> bool:
         return True
 
     def _foreground(self, request: Dict[str, Any]) -> list:
-        fg = list(request.get("foreground") or [])
+        fg = _points(request.get("foreground"), "foreground")
         name = request.get("label")
-        if name and name != "background" and isinstance(request.get(name), list):
-            fg += request[name]
+        if name is not None and not isinstance(name, str):
+            raise PromptError(f"label must be a label name, got {type(name).__name__}")
+        if name and name != "background" and name in request:
+            fg += _points(request[name], f"label {name!r:.40}")
         for label in self.cfg.labels:  # DeepEdit clients send points under each label's name
-            if label != name and isinstance(request.get(label), list):
-                fg += request[label]
+            if label != name and label in request:
+                fg += _points(request[label], f"label {label!r}")
         return fg
 
+    def check(self, request: Dict[str, Any], is_volume: bool) -> Dict[str, Any]:
+        """The request's parameters, checked (before the image is segmented).
+
+        Returns:
+            foreground, background (point lists), roi, layer, ext, dtype, value (class id of the mask).
+
+        Raises:
+            PromptError: a malformed parameter. LimitError: more points than ``max_points``.
+        """
+        fg, bg = self._foreground(request), _points(request.get("background"), "background")
+        if len(fg) + len(bg) > self.cfg.max_points:
+            raise LimitError("the request has too many points", "max_points", len(fg) + len(bg), self.cfg.max_points)
+        roi = request.get("roi")
+        roi = _numbers(roi, "roi", (4, 6)) if roi not in (None, []) else None
+        layer = request.get("layer") or "auto"
+        if not isinstance(layer, str):
+            raise PromptError(f"layer must be a layer name, 'auto' or 'none', got {type(layer).__name__}")
+        ext = request.get("result_extension")
+        ext = f".{ext}" if isinstance(ext, str) and ext and not ext.startswith(".") else ext
+        ext = _choice(ext, "result_extension",
+                      VOLUME_RESULTS if is_volume else PICTURE_RESULTS, ".nrrd" if is_volume else ".png")
+        dtypes = RESULT_DTYPES[:2] if ext == ".png" else RESULT_DTYPES
+        dtype = _choice(request.get("result_dtype"), "result_dtype", dtypes, "uint8")
+        value = self.cfg.labels.get(request.get("label"), 1) if request.get("label") else 1
+        return {"foreground": fg, "background": bg, "roi": roi, "layer": layer, "ext": ext, "dtype": dtype, "value": value}
+
+    def _slice_range(self, p, depth: int) -> Tuple[Tuple[int, int], bool]:
+        """Slices propagation may reach; whether the cap cut a free propagation short."""
+        n = self.cfg.max_propagation_slices
+        if p.slice_range is not None:
+            span = p.slice_range[1] - p.slice_range[0] + 1
+            if span > n:
+                raise LimitError(f"the 3D roi spans {span} slices", "max_propagation_slices", span, n)
+            return p.slice_range, False
+        lo, hi = max(0, p.slice - n // 2), min(depth - 1, p.slice + n // 2)
+        return (lo, hi), (hi - lo + 1) < depth
+
     def __call__(self, request) -> Tuple[str, Dict]:
+        with self._slots:
+            return self._segment(request)
+
+    def _segment(self, request) -> Tuple[str, Dict]:
         t0 = time.time()
-        path = request["image"]
-        img = read_clinical(path)
+        path, name = request["image"], request.get("image_name") or os.path.basename(request["image"])
+        img = read_clinical(path, name=name, limits=self.cfg.limits)
+        q = self.check(request, img.is_volume)
         predictor = self.cfg.predictor
-        p = voxel_prompts(img.array.shape, img.is_volume, self._foreground(request), request.get("background"),
-                          request.get("roi"), request.get("slice"))
-        layer = str(request.get("layer") or "auto")
+        p = voxel_prompts(img.array.shape, img.is_volume, q["foreground"], q["background"], q["roi"], request.get("slice"))
+        layer = q["layer"]
         st = os.stat(path)
         key = f"{predictor.backbone.id}:{os.path.realpath(path)}:{st.st_mtime_ns}:{st.st_size}"
         first_key = f"{key}:{p.slice}" if img.is_volume else key
         cached = predictor.cached(first_key)
-        value = self.cfg.labels.get(request.get("label"), 1) if request.get("label") else 1
+        capped = False
         if img.is_volume:
             if _bool(request.get("propagate"), True):
+                rng, capped = self._slice_range(p, img.array.shape[0])
                 mask, info = segment_volume(predictor, img.array, p.slice, p.points, p.labels, p.box, layer=layer, key=key,
-                                            slice_range=p.slice_range)
+                                            slice_range=rng)
                 route, slices, iou = info["route"], info["slices"], info["iou"]
+                capped = capped and (slices[0] == rng[0] > 0 or slices[1] == rng[1] < img.array.shape[0] - 1)
             else:
                 pred = predictor.predict(img.array[p.slice], p.points, p.labels, p.box, layer=layer, key=first_key)
                 mask = np.zeros(img.array.shape, np.uint8)
@@ -87,10 +179,12 @@ class CASAMInfer(InferTask):
         else:
             pred = predictor.predict(img.array, p.points, p.labels, p.box, layer=layer, key=key)
             mask, route, slices, iou = pred.mask, pred.route, [0, 0], pred.iou
-        ext = request.get("result_extension") or (".nrrd" if img.is_volume else ".png")
-        ext = ext if ext.startswith(".") else "." + ext
-        out = tempfile.NamedTemporaryFile(suffix=ext, prefix="casam-", delete=False).name
-        write_label(mask * np.uint8(value), img, out, request.get("result_dtype") or "uint8")
+        out = tempfile.NamedTemporaryFile(suffix=q["ext"], prefix="casam-", delete=False).name
+        write_label(mask * np.uint8(q["value"]), img, out, q["dtype"])
+        warnings = list(img.notes)
+        if capped:
+            warnings.append(f"propagation stopped at slices {slices} (max_propagation_slices = "
+                            f"{self.cfg.max_propagation_slices}); draw a 3D roi or click further slices")
         params = {
             "model": self.cfg.name,
             "layer": route.get("layer"),
@@ -106,8 +200,9 @@ class CASAMInfer(InferTask):
             "embedding_cached": cached,
             "ignored_points": p.ignored,
             "label_names": self.cfg.labels,
+            "warnings": warnings,
             "latency_ms": round(1000 * (time.time() - t0), 1),
         }
-        log.info("casam infer %s: layer=%s fallback=%s slices=%s %.0f ms", os.path.basename(path), params["layer"],
+        log.info("casam infer %s: layer=%s fallback=%s slices=%s %.0f ms", name, params["layer"],
                  params["fallback"], slices, params["latency_ms"])
         return out, params

@@ -7,6 +7,10 @@ since its layer), trains a fresh layer + router entry and appends it to the regi
 touched; the server picks the new layer up at the next click. Request options: ``institution`` (only this
 one), ``force`` (train it even below the thresholds), ``epochs``, ``max_images``, ``min_images``,
 ``retrain_after``.
+
+Each label is checked again before training (:func:`casam.imageio.read_label`: shape and geometry against its
+image, integer classes, not empty); a bad one is skipped and listed in the report, never trained on. One
+trainer writes at a time (the registry's writer lock), and it first removes what a killed trainer left.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from casam.online import LabelledItem, institution_of, patient_of, plan, train_institution
+from casam.online import LabelledItem, institution_of, patient_of, plan, remove_incomplete, train_institution, writer_lock
 
 log = logging.getLogger(__name__)
 REPORT = "train_report.json"
@@ -91,10 +95,24 @@ class CASAMTrainer(TrainTask):
     def __call__(self, request, datastore: Datastore):
         t0 = time.time()
         req = {**self.config(), **{k: v for k, v in request.items() if v is not None}}
-        tc = dataclasses.replace(self.cfg.train_config, epochs=int(req["epochs"]), max_images=int(req["max_images"]) or None)
-        only = [req["institution"]] if req.get("institution") else None
+        try:
+            numbers = {k: int(req[k]) for k in ("epochs", "max_images", "min_images", "retrain_after")}
+            if numbers["epochs"] < 1 or min(numbers.values()) < 0:
+                raise ValueError("epochs must be >= 1, the others >= 0")
+        except (TypeError, ValueError) as e:
+            report = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "error": f"bad training request: {e}",
+                      "new_layers": [], "institutions": []}
+            _write_json_atomic(self.report_path, report)
+            return report
+        with writer_lock(self.cfg.registry):
+            remove_incomplete(self.cfg.registry)
+            return self._train(req, numbers, datastore, t0)
+
+    def _train(self, req: Dict[str, Any], numbers: Dict[str, int], datastore: Datastore, t0: float) -> Dict[str, Any]:
+        tc = dataclasses.replace(self.cfg.train_config, epochs=numbers["epochs"], max_images=numbers["max_images"] or None)
+        only = [str(req["institution"])] if req.get("institution") else None
         items = labelled_items(datastore, self.cfg.default_institution)
-        plans = plan(items, self.cfg.registry, int(req["min_images"]), int(req["retrain_after"]), only)
+        plans = plan(items, self.cfg.registry, numbers["min_images"], numbers["retrain_after"], only)
         force = str(req.get("force")).lower() in ("1", "true", "yes")
         predictor_bb = None
         results = []
@@ -104,7 +122,8 @@ class CASAMTrainer(TrainTask):
                 if predictor_bb is None:
                     predictor_bb = self.cfg.predictor.backbone
                 entry.update(train_institution(predictor_bb, self.cfg.registry, p, tc, cache_dir=self.cfg.cache_dir,
-                                               max_slices_per_volume=self.cfg.max_slices_per_volume, progress=True))
+                                               max_slices_per_volume=self.cfg.max_slices_per_volume, progress=True,
+                                               limits=self.cfg.limits))
             results.append(entry)
         report = {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(time.time() - t0, 1),
                   "labelled_images": len(items), "institutions": results,

@@ -1,0 +1,193 @@
+"""The app against an untrusted client, on a real MONAI Label server (tiny backbone, synthetic images).
+
+Only datastore images (or the request's upload) are read, never a server path; every limit answers 413 naming
+itself and the value; malformed parameters are 4xx, never 5xx; messages carry no server path, temporary file
+or traceback; a final label that does not fit its image is refused at save.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+
+import numpy as np
+import psutil
+import pytest
+import requests
+import SimpleITK as sitk
+
+from conftest import disk_image
+
+pytestmark = pytest.mark.slow
+pytest.importorskip("monailabel")
+from mlserver import MonaiLabelServer  # noqa: E402
+
+LIMITS = {"max_points": "8", "max_image_megapixels": "0.01", "max_image_voxels": "50000", "max_upload_mb": "0.05",
+          "max_propagation_slices": "4"}
+
+
+def _png(arr: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _nifti(path, arr: np.ndarray, compress: bool = True):
+    sitk.WriteImage(sitk.GetImageFromArray(arr), str(path), compress)
+    return path
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    work = tmp_path_factory.mktemp("casam-security")
+    studies = work / "studies"
+    studies.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        img, mask = disk_image(rng, size=(64, 96))
+        (studies / f"disk{i}.png").write_bytes(_png(img))
+        (work / f"disk{i}_mask.png").write_bytes(_png(mask))
+    vol = np.stack([disk_image(rng, size=(48, 48))[0] for _ in range(10)]).astype(np.int16)
+    _nifti(studies / "vol.nii.gz", vol)
+    (work / "outside.png").write_bytes((studies / "disk0.png").read_bytes())  # a server file, not in the datastore
+    srv = MonaiLabelServer(str(studies), work, conf={"backbone": "tiny", "registry": str(work / "registry"),
+                                                     "cache": str(work / "cache"), **LIMITS})
+    srv.start()
+    srv.work, srv.studies = work, studies
+    yield srv
+    srv.stop()
+
+
+def _infer(srv, image="disk0", params=None, files=None, **query):
+    data = {"params": params if isinstance(params, str) else json.dumps({"foreground": [[40, 30]]} if params is None else params)}
+    return requests.post(f"{srv.url}/infer/casam", params={"image": image, "output": "json", **query}, data=data,
+                         files=files, timeout=120)
+
+
+def _refused(r, code: int, *words: str) -> str:
+    """The response is ``code`` with these words, and names no server path, temporary file or traceback."""
+    assert r.status_code == code, (r.status_code, r.text)
+    text = r.text
+    for w in words:
+        assert w in text, (w, text)
+    for leak in ("/tmp", "Traceback", str(os.getcwd()), "site-packages"):
+        assert leak not in text, (leak, text)
+    return text
+
+
+def test_datastore_images_only(server):
+    assert _infer(server).status_code == 200
+    outside = str(server.work / "outside.png")
+    _refused(_infer(server, image=outside), 404, "not in the datastore")
+    _refused(_infer(server, image="../../../../etc/passwd"), 404, "not in the datastore")
+    _refused(_infer(server, image=str(server.studies / "disk0.png")), 404, "not in the datastore")
+    # params may not swap a server path in for the image id
+    _refused(_infer(server, params={"image": outside, "foreground": [[40, 30]]}), 404, "not in the datastore")
+    (server.work / "cwd" / "rel.png").write_bytes((server.studies / "disk0.png").read_bytes())
+    _refused(_infer(server, image="rel.png"), 404, "not in the datastore")  # exists in the server's cwd
+    _refused(_infer(server, image=""), 400, "no image")
+    _refused(_infer(server, image="   "), 400, "no image")
+
+
+def test_malformed_parameters_are_4xx(server):
+    for params, word in [
+        ("{not json", "not valid JSON"), ("[1, 2]", "JSON object"),
+        ({"foreground": [[40, 30]], "result_extension": ".exe"}, "result_extension"),
+        ({"foreground": [[40, 30]], "result_dtype": "complex128"}, "result_dtype"),
+        ({"foreground": [[40, 30]], "result_extension": ".png", "result_dtype": "float32"}, "result_dtype"),
+        ({"foreground": 5}, "foreground"), ({"foreground": [["a", 1]]}, "foreground"),
+        ({"foreground": [[1e308 * 10, 3]]}, "finite"), ({"roi": "abc"}, "roi"), ({"roi": [1, 2, 3]}, "roi"),
+        ({"foreground": [[40, 30]], "layer": ["x"]}, "layer"), ({"foreground": [[40, 30]], "label": ["x"]}, "label"),
+        ({"foreground": [[40, 30]], "slice": "x"}, "slice"), ({}, "foreground point"),
+    ]:
+        _refused(_infer(server, params=params), 400, word)
+    r = _infer(server, params={"foreground": [[40, 30]], "timeout": "soon", "result_extension": "nrrd"})
+    assert r.status_code == 200, r.text  # a client's timeout is ignored; "nrrd" means ".nrrd"
+    text = _refused(_infer(server, params={"foreground": [[40, 30]], "layer": "nope-v1"}), 404, "unknown layer 'nope-v1'")
+    assert "registry" not in text or str(server.work) not in text
+    assert _infer(server, params={"foreground": [[40, 30]], "label": "object"}).status_code == 200
+
+
+def test_limits_answer_413_naming_the_limit(server):
+    _refused(_infer(server, params={"foreground": [[1, 1]] * 9}), 413, "max_points = 8", ": 9 is over")
+    _refused(_infer(server, image="vol", params={"roi": [5, 40, 5, 40, 0, 9]}), 413, "max_propagation_slices = 4",
+             "spans 10 slices")
+    ok = _infer(server, image="vol", params={"foreground": [[24, 24, 5]]})
+    assert ok.status_code == 200 and ok.json()["slices"][1] - ok.json()["slices"][0] <= 4, ok.text
+    big = np.zeros((120, 120), np.uint8)  # 14 400 pixels > 0.01 MP
+    _refused(_infer(server, image="", files={"file": ("big.png", _png(big))}), 413, "max_image_megapixels = 0.01")
+    vol = np.zeros((20, 48, 64), np.int16)  # 61 440 voxels > 50 000
+    _nifti(server.work / "bigvol.nii.gz", vol)
+    _refused(_infer(server, image="", files={"file": ("bigvol.nii.gz", (server.work / "bigvol.nii.gz").read_bytes())},
+                    params={"foreground": [[1, 1, 1]]}), 413, "max_image_voxels = 50000")
+    noise = np.random.default_rng(1).integers(0, 255, (20, 40, 40)).astype(np.int16)  # raw .nii, 64 kB > 0.05 MB
+    _nifti(server.work / "noise.nii", noise, compress=False)
+    _refused(_infer(server, image="", files={"file": ("noise.nii", (server.work / "noise.nii").read_bytes())}), 413,
+             "max_upload_mb = 0.05")
+    assert server.info()["limits"]["max_points"] == 8
+
+
+def test_uploads_are_read_safely(server):
+    good = (server.studies / "disk1.png").read_bytes()
+    assert _infer(server, image="", files={"file": ("mine.png", good)}).status_code == 200
+    # a detached header could name any server file: such uploads are refused by type
+    _refused(_infer(server, image="", files={"file": ("x.mhd", b"ElementDataFile = /etc/passwd\n")}), 400,
+             "unsupported file type")
+    _nifti(server.work / "v.nii.gz", np.ones((4, 16, 16), np.int16))
+    data = (server.work / "v.nii.gz").read_bytes()
+    _refused(_infer(server, image="", files={"file": ("scan.nii.gz", data[: len(data) // 2])},
+                    params={"foreground": [[2, 2, 1]]}), 400, "cannot read image the uploaded image", "gzip")
+    _refused(_infer(server, image="", files={"file": ("x.png", b"\x89PNG\r\n\x1a\n not a picture")}), 400,
+             "the uploaded image")
+    _refused(_infer(server, files={"file": ("x.png", good), "label": ("l.png", good)}), 400, "no label upload")
+
+
+def test_datastore_writes_stay_inside(server):
+    png = (server.studies / "disk2.png").read_bytes()
+    r = requests.put(f"{server.url}/datastore/image", params={"image": "../../evil"}, files={"file": ("a.png", png)},
+                     timeout=60)
+    _refused(r, 400, "not a plain name")
+    assert not (server.work / "evil.png").exists() and not (server.studies.parent.parent / "evil.png").exists()
+    r = requests.put(f"{server.url}/datastore/image", files={"file": ("x.mhd", b"ElementDataFile = /etc/passwd")},
+                     timeout=60)
+    _refused(r, 400, "unsupported file type")
+    r = requests.put(f"{server.url}/datastore/label", params={"image": "disk2", "tag": "../../x"},
+                     files={"label": ("l.png", png)}, timeout=60)
+    _refused(r, 400, "label tag")
+    r = requests.put(f"{server.url}/datastore/image/info", params={"image": "disk2"}, data={"info": "{bad"}, timeout=60)
+    _refused(r, 400, "not valid JSON")
+
+
+def test_final_labels_are_checked_at_save(server):
+    def save(image, data, name="l.png"):
+        return requests.put(f"{server.url}/datastore/label", params={"image": image, "tag": "final"},
+                            files={"label": (name, data)}, timeout=60)
+
+    _refused(save("disk0", _png(np.zeros((64, 96), np.uint8))), 400, "empty")
+    _refused(save("disk0", _png(np.ones((32, 32), np.uint8))), 400, "shape")
+    _refused(save("disk0", b"garbage", "l.nii.gz"), 400, "cannot read image")
+    frac = server.work / "frac.nrrd"
+    sitk.WriteImage(sitk.GetImageFromArray(np.full((64, 96), 0.5, np.float32)), str(frac))
+    _refused(save("disk0", frac.read_bytes(), "l.nrrd"), 400, "non-integer")
+    _refused(save("nope", _png(np.ones((64, 96), np.uint8))), 404, "unknown image")
+    assert server.info()["datastore"]["completed"] == 0  # nothing bad was stored
+    assert save("disk0", (server.work / "disk0_mask.png").read_bytes()).status_code == 200
+    assert server.info()["datastore"]["completed"] == 1
+
+
+def test_info_names_no_server_path(server):
+    text = json.dumps(server.info())
+    assert str(server.work) not in text and "/tmp" not in text
+
+
+def test_20000_points_leave_memory_alone(server):
+    proc = psutil.Process(server.proc.pid)
+    before = proc.memory_info().rss
+    r = _infer(server, params={"foreground": [[40, 30]] * 20000})
+    _refused(r, 413, "max_points = 8", "20000")
+    grown = proc.memory_info().rss - before
+    print(f"RSS {before / 2**20:.0f} MB before, grew by {grown / 2**20:.1f} MB under 20 000 points")
+    assert grown < 200 * 2**20
