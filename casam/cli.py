@@ -109,6 +109,12 @@ def cmd_benchmark(args) -> int:
     return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
 
 
+def cmd_federated(args) -> int:
+    from .federated.job import main as federated_main
+
+    return federated_main(args.rest)
+
+
 def cmd_export_bundle(args) -> int:
     from .bundle import export_bundle
 
@@ -167,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("rest", nargs=argparse.REMAINDER)
     b.set_defaults(func=cmd_benchmark)
 
+    f = sub.add_parser("federated", help="federated CA-SAM on NVFlare (see casam federated --help)", add_help=False)
+    f.add_argument("rest", nargs=argparse.REMAINDER)
+    f.set_defaults(func=cmd_federated)
+
     e = sub.add_parser("export-bundle", help="write a MONAI bundle (configs + models/) from a trained registry")
     e.add_argument("--out", required=True, help="bundle folder to write")
     e.add_argument("--template", default=None, help="bundle template folder (default: bundles/casam of the checkout)")
@@ -185,9 +195,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the ``casam`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["benchmark"]:
+    if argv[:1] in (["benchmark"], ["federated"]):
         # argparse.REMAINDER does not take options ("casam benchmark --help" would be refused): pass them on as they are
-        args = argparse.Namespace(command="benchmark", rest=argv[1:], func=cmd_benchmark)
+        args = argparse.Namespace(command=argv[0], rest=argv[1:], func=cmd_benchmark if argv[0] == "benchmark" else cmd_federated)
     else:
         args = build_parser().parse_args(argv)
     if args.command == "layers" and args.action in ("remove", "rollback") and not args.target:

@@ -5,6 +5,8 @@ Environment variables:
     CASAM_REGISTRY: default layer registry folder (default ``$CASAM_HOME/registry``).
     CASAM_CACHE: embedding cache folder (default ``$CASAM_HOME/cache``).
     CASAM_DATA: folder of task datasets with a MANIFEST.tsv (default ``../shared/data`` next to the checkout).
+    CASAM_SITE_DATA, CASAM_SITE_INSTITUTION: a federated site's labelled data (a dataset folder or a MONAI Label
+        studies folder) and the institution it trains a layer for (default: the NVFlare site name).
 """
 
 from __future__ import annotations
@@ -22,6 +24,10 @@ VAE_HIDDEN = 128
 VAE_LATENT = 64
 TAU_PERCENTILE = 97.0
 TAU_FOLDS = 5
+# Federated CA-SAM (casam.federated): labelled training images a site needs before it trains a layer, and how
+# far below plain SAM (per prompt type, on the site's validation patients) a returned layer may be and still merge.
+FED_MIN_LABELS = 5
+FED_MAX_VAL_DROP = 0.02
 
 
 def casam_home() -> Path:

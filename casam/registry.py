@@ -240,6 +240,60 @@ class LayerRegistry:
                 raise
         raise RegistryError("could not find a free layer name after 20 attempts")
 
+    def export(self, name: str) -> Tuple[Dict[str, Any], Dict[str, bytes]]:
+        """Returns a layer as :meth:`put` takes it: (its LayerInfo as a dict, {file name: bytes}).
+
+        Raises:
+            UnknownLayerError: no such layer.
+        """
+        info = self.get(name)
+        return info.to_dict(), {f: (self.layers_dir / name / f).read_bytes() for f in (LAYER_FILE, ROUTER_FILE)}
+
+    def put(self, meta: Dict[str, Any], files: Dict[str, bytes]) -> bool:
+        """Stores a layer exactly as another registry wrote it (same name, seq and checksums), e.g. a copy sent
+        by a federated coordinator. Atomic, like :meth:`add`; a layer already present with the same checksums is
+        left alone.
+
+        Args:
+            meta: the layer's LayerInfo as a dict (``name`` and ``sha256`` are required).
+            files: the bytes of ``layer.safetensors`` and ``router.safetensors``.
+
+        Returns:
+            True when the layer was written, False when it was already there.
+
+        Raises:
+            RegistryError: bad name, missing file, checksum mismatch, or another layer of that name is present.
+        """
+        info = LayerInfo.from_dict(meta)
+        if not re.fullmatch(r"[a-z0-9][a-z0-9-]*-v\d+", info.name or ""):
+            raise RegistryError(f"not a layer name: {info.name!r}")
+        for fname in (LAYER_FILE, ROUTER_FILE):
+            if fname not in files:
+                raise RegistryError(f"layer {info.name}: {fname} missing")
+            if hashlib.sha256(files[fname]).hexdigest() != info.sha256.get(fname):
+                raise RegistryError(f"layer {info.name}: checksum mismatch for {fname}")
+        dest = self.layers_dir / info.name
+        if dest.exists():
+            try:
+                same = self.get(info.name).sha256 == info.sha256
+            except UnknownLayerError:
+                same = False
+            if same:
+                return False
+            raise RegistryError(f"the registry already holds another layer named {info.name}")
+        tmp = self.root / f".tmp-{uuid.uuid4().hex}"
+        tmp.mkdir(parents=True)
+        try:
+            for fname in (LAYER_FILE, ROUTER_FILE):
+                (tmp / fname).write_bytes(files[fname])
+            (tmp / META_FILE).write_text(json.dumps(info.to_dict(), indent=2, default=str))
+            os.rename(tmp, dest)
+        except OSError as e:
+            raise RegistryError(f"cannot write layer {info.name} to {self.root}: {e}") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return True
+
     def remove(self, name: str) -> LayerInfo:
         """Removes a layer (atomically: renamed away, then deleted).
 
