@@ -111,12 +111,48 @@ def test_site_skips_with_a_reason_and_sync_is_idempotent(tmp_path, tiny):
     assert first["signature"] == second["signature"] == merged.signature()
 
 
+def test_site_reads_a_monai_label_studies_folder(tmp_path, disks):
+    from PIL import Image
+
+    from casam.federated.site import load_site_labels
+
+    (tmp_path / "labels" / "final").mkdir(parents=True)
+    for k, (img, mask) in enumerate(disks["A"][:3]):
+        Image.fromarray(img).save(tmp_path / f"case{k}.png")
+        Image.fromarray(mask).save(tmp_path / "labels" / "final" / f"case{k}.png")
+    Image.fromarray(disks["A"][3][0]).save(tmp_path / "unlabelled.png")
+    images, masks, patients = load_site_labels(tmp_path, "Hospital A")
+    assert len(images) == 3 and sorted(patients) == ["case0", "case1", "case2"] and all(m.any() for m in masks)
+
+
 def test_fingerprint_changes_with_labels_only(disks):
     imgs, masks = [i for i, _ in disks["A"]], [m for _, m in disks["A"]]
     fp = fingerprint(imgs, masks, "bb", {"epochs": 1})
     assert fp == fingerprint(imgs[::-1], masks[::-1], "bb", {"epochs": 1})
     assert fp != fingerprint(imgs[:-1], masks[:-1], "bb", {"epochs": 1})
     assert fp != fingerprint(imgs, masks, "bb", {"epochs": 2})
+
+
+def test_export_job_and_allow(tmp_path, capsys):
+    from casam.cli import main
+
+    assert main(["federated", "export-job", "--out", str(tmp_path / "jobs"), "--backbone", "tiny", "--epochs", "3"]) == 0
+    job = tmp_path / "jobs" / "casam_federated"
+    server = json.loads(next(job.rglob("config_fed_server.json")).read_text())
+    client = json.loads(next(job.rglob("config_fed_client.json")).read_text())
+    ctl = server["workflows"][0]
+    assert ctl["path"] == "casam.federated.flare.CasamCoordinator" and ctl["args"]["recipe"]["epochs"] == 3
+    ex = client["executors"][0]
+    assert ex["executor"]["path"] == "casam.federated.flare.CasamSiteExecutor" and set(ex["tasks"]) == {"casam_train", "casam_sync"}
+    assert "data" not in ex["executor"]["args"]  # each site reads its own data folder from its environment
+    assert not list(job.rglob("*.py"))  # casam is installed at every site, not shipped in the job
+    local = tmp_path / "site" / "local"
+    local.mkdir(parents=True)
+    (local / "resources.json.default").write_text(json.dumps({"format_version": 2, "class_allow_list": ["nvflare.x"]}))
+    for _ in range(2):
+        assert main(["federated", "allow", str(local)]) == 0
+    res = json.loads((local / "resources.json").read_text())
+    assert res["class_allow_list"] == ["nvflare.x", "casam.federated.flare"] and res["format_version"] == 2
 
 
 # ------------------------------------------------------------------------------------------ simulator

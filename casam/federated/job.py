@@ -210,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--min-labels", type=int, default=config.FED_MIN_LABELS)
         a.add_argument("--max-val-drop", type=float, default=config.FED_MAX_VAL_DROP)
         a.add_argument("--cache", default="", help="embedding cache folder of the sites (default $CASAM_CACHE)")
+    al = sub.add_parser("allow", help="let an NVFlare participant build casam's components (adds them to the "
+                        "class_allow_list of its local/resources.json)")
+    al.add_argument("local", help="the participant's local/ folder (in its startup kit)")
     e = sub.choices["export-job"]
     e.add_argument("--out", required=True, help="folder to write the job into")
     e.add_argument("--rounds", type=int, default=1)
@@ -266,6 +269,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``casam federated``."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    if args.action == "allow":
+        print(f"{allow_components(args.local)}: class_allow_list now includes {', '.join(ALLOWED)}")
+        return 0
     if args.action == "export-job":
         job = build_job(None, backbone=args.backbone, checkpoint=args.checkpoint, recipe=_recipe(args), num_rounds=args.rounds,
                         min_labels=args.min_labels, max_val_drop=args.max_val_drop, cache=args.cache, min_clients=args.min_clients)
