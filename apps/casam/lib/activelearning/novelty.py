@@ -28,7 +28,7 @@ def novelty_of(cfg, datastore: Datastore, image_id: str) -> Optional[Dict[str, A
     """The router's novelty of one image (the middle slice of a volume), or None if it cannot be read."""
     path = datastore.get_image_uri(image_id)
     try:
-        img = read_clinical(path)
+        img = read_clinical(path, name=image_id, limits=cfg.limits)
     except CasamError as e:
         log.warning("novelty: skipping %s: %s", image_id, e)
         return None
