@@ -7,7 +7,6 @@ or traceback; a final label that does not fit its image is refused at save.
 
 from __future__ import annotations
 
-import io
 import json
 import os
 
@@ -18,6 +17,7 @@ import requests
 import SimpleITK as sitk
 
 from conftest import disk_image
+from disk_studies import disk_studies, png_bytes as _png
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("monailabel")
@@ -25,14 +25,6 @@ from mlserver import MonaiLabelServer  # noqa: E402
 
 LIMITS = {"max_points": "8", "max_image_megapixels": "0.01", "max_image_voxels": "50000", "max_upload_mb": "0.05",
           "max_propagation_slices": "4"}
-
-
-def _png(arr: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(arr).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _nifti(path, arr: np.ndarray, compress: bool = True):
@@ -43,13 +35,8 @@ def _nifti(path, arr: np.ndarray, compress: bool = True):
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     work = tmp_path_factory.mktemp("casam-security")
-    studies = work / "studies"
-    studies.mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(3):
-        img, mask = disk_image(rng, size=(64, 96))
-        (studies / f"disk{i}.png").write_bytes(_png(img))
-        (work / f"disk{i}_mask.png").write_bytes(_png(mask))
+    studies = disk_studies(work, 3)
+    rng = np.random.default_rng(1)
     vol = np.stack([disk_image(rng, size=(48, 48))[0] for _ in range(10)]).astype(np.int16)
     _nifti(studies / "vol.nii.gz", vol)
     (work / "outside.png").write_bytes((studies / "disk0.png").read_bytes())  # a server file, not in the datastore
