@@ -146,6 +146,14 @@ def test_datastore_writes_stay_inside(server):
     _refused(r, 400, "label tag")
     r = requests.put(f"{server.url}/datastore/image/info", params={"image": "disk2"}, data={"info": "{bad"}, timeout=60)
     _refused(r, 400, "not valid JSON")
+    _refused(requests.delete(f"{server.url}/datastore/image", params={"id": "nope"}, timeout=60), 404, "unknown image")
+    r = requests.put(f"{server.url}/datastore/label", params={"image": "nope", "tag": "original"},
+                     files={"label": ("l.png", png)}, timeout=60)
+    _refused(r, 404, "unknown image")
+    r = requests.head(f"{server.url}/datastore/image", params={"image": "disk2", "check_sum": "CRC:1"}, timeout=60)
+    assert r.status_code == 400
+    r = requests.get(f"{server.url}/datastore/label", params={"label": "disk2", "tag": "../../../etc"}, timeout=60)
+    _refused(r, 400, "label tag")
 
 
 def test_final_labels_are_checked_at_save(server):

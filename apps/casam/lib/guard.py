@@ -16,6 +16,7 @@ the client names. The app closes these holes in two places:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,7 +24,7 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Optional, Tuple
+from typing import Any, Callable, Iterator, Optional, Tuple
 
 from fastapi import HTTPException
 
@@ -186,11 +187,28 @@ def install_endpoint_guards(limits: ImageLimits) -> None:
     def info_check(info="{}", **_):
         _json_dict(info, "info")
 
+    def checksum_check(check_sum=None, **_):
+        algo = check_sum.split(":")[0] if check_sum and ":" in check_sum else "SHA256"
+        if algo not in ("SHA256", "SHA512", "MD5"):
+            raise HTTPException(400, f"check_sum algorithm {shown(algo)}: use SHA256, SHA512 or MD5")
+
     wrap(infer_ep, "run_inference", infer_check)
     wrap(ds_ep, "add_image", add_image_check)
     wrap(ds_ep, "save_label", save_label_check)
     wrap(ds_ep, "update_image_info", info_check)
     wrap(ds_ep, "update_label_info", info_check)
+    wrap(ds_ep, "download_image", checksum_check)
+
+
+@contextlib.contextmanager
+def _not_found(image_id: Any) -> Iterator[None]:
+    """MONAI Label's ImageNotFoundException (a 500 by default) as a 404 naming the image id."""
+    from monailabel.interfaces.exception import ImageNotFoundException
+
+    try:
+        yield
+    except ImageNotFoundException:
+        raise HTTPException(404, f"unknown image {shown(image_id)}: not in the datastore") from None
 
 
 class GuardedDatastore:
@@ -222,7 +240,8 @@ class GuardedDatastore:
         return super().add_image(image_id, image_filename, image_info)  # type: ignore[misc]
 
     def remove_image(self, image_id: str) -> None:
-        return super().remove_image(self._check_id(image_id))  # type: ignore[misc]
+        with _not_found(image_id):
+            return super().remove_image(self._check_id(image_id))  # type: ignore[misc]
 
     def remove_label(self, label_id: str, label_tag: str) -> None:
         return super().remove_label(self._check_id(label_id), check_name(label_tag, "label tag"))  # type: ignore[misc]
@@ -231,7 +250,8 @@ class GuardedDatastore:
         tag = check_name(label_tag or "final", "label tag")
         if tag == "final":
             self.check_final_label(image_id, label_filename)
-        return super().save_label(image_id, label_filename, tag, label_info)  # type: ignore[misc]
+        with _not_found(image_id):
+            return super().save_label(image_id, label_filename, tag, label_info)  # type: ignore[misc]
 
     def check_final_label(self, image_id: str, label_path: str) -> None:
         """A final label must fit its image (shape, geometry, integer classes) and not be empty.
