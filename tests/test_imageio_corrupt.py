@@ -154,3 +154,24 @@ def test_labels_are_checked_against_their_image(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(lab * 0), str(tmp_path / "empty.nrrd"))
     with pytest.raises(ImageError, match="empty"):
         check_label(tmp_path / "empty.nrrd", img, name="of image brain-1")
+
+
+def test_training_skips_labels_that_do_not_fit(tmp_path):
+    from PIL import Image
+
+    from casam.online import LabelledItem, load_items
+
+    items = []
+    for name, label in [("good", np.pad(np.ones((8, 8), np.uint8), 12)), ("shape", np.ones((16, 16), np.uint8)),
+                        ("empty", np.zeros((32, 32), np.uint8))]:
+        Image.fromarray(np.full((32, 32), 90, np.uint8)).save(tmp_path / f"{name}.png")
+        Image.fromarray(label).save(tmp_path / f"{name}_l.png")
+        items.append(LabelledItem(name, str(tmp_path / f"{name}.png"), str(tmp_path / f"{name}_l.png"), "A", name))
+    frac = sitk.GetImageFromArray(np.full((32, 32), 0.5, np.float32))
+    sitk.WriteImage(frac, str(tmp_path / "frac_l.nrrd"))
+    items.append(LabelledItem("frac", str(tmp_path / "good.png"), str(tmp_path / "frac_l.nrrd"), "A", "frac"))
+    images, masks, patients, used, skipped = load_items(items)
+    assert used == ["good"] and len(images) == 1
+    reasons = {s["image"]: s["reason"] for s in skipped}
+    assert "shape" in reasons["shape"] and "empty" in reasons["empty"] and "non-integer" in reasons["frac"]
+    assert str(tmp_path) not in " ".join(reasons.values())

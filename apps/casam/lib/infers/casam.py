@@ -110,6 +110,17 @@ class CASAMInfer(InferTask):
                 fg += _points(request[label], f"label {label!r}")
         return fg
 
+    def points(self, request: Dict[str, Any]) -> Tuple[list, list]:
+        """The request's foreground and background points, checked before the image is read.
+
+        Raises:
+            PromptError: malformed points. LimitError: more points than ``max_points``.
+        """
+        fg, bg = self._foreground(request), _points(request.get("background"), "background")
+        if len(fg) + len(bg) > self.cfg.max_points:
+            raise LimitError("the request has too many points", "max_points", len(fg) + len(bg), self.cfg.max_points)
+        return fg, bg
+
     def check(self, request: Dict[str, Any], is_volume: bool) -> Dict[str, Any]:
         """The request's parameters, checked (before the image is segmented).
 
@@ -119,9 +130,7 @@ class CASAMInfer(InferTask):
         Raises:
             PromptError: a malformed parameter. LimitError: more points than ``max_points``.
         """
-        fg, bg = self._foreground(request), _points(request.get("background"), "background")
-        if len(fg) + len(bg) > self.cfg.max_points:
-            raise LimitError("the request has too many points", "max_points", len(fg) + len(bg), self.cfg.max_points)
+        fg, bg = self.points(request)
         roi = request.get("roi")
         roi = _numbers(roi, "roi", (4, 6)) if roi not in (None, []) else None
         layer = request.get("layer") or "auto"
@@ -154,6 +163,7 @@ class CASAMInfer(InferTask):
     def _segment(self, request) -> Tuple[str, Dict]:
         t0 = time.time()
         path, name = request["image"], request.get("image_name") or os.path.basename(request["image"])
+        self.points(request)  # refuse too many points before reading the image
         img = read_clinical(path, name=name, limits=self.cfg.limits)
         q = self.check(request, img.is_volume)
         predictor = self.cfg.predictor
