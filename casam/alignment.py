@@ -1,7 +1,11 @@
 """The Alignment Layer of CA-SAM: a small residual module between the frozen encoder and decoder.
 
-``A(Z) = LN(B3(LN(B2(LN(B1(Z))))))`` with three :class:`CAResBlock` blocks and one LayerNorm2d shared by
-the blocks (METHOD.md). With 256 channels it has 3,541,007 parameters and costs ≈14.5 GMAC at 64×64.
+``H(Z) = LN(B3(LN(B2(LN(B1(Z))))))`` with three :class:`CAResBlock` blocks and one LayerNorm2d shared by
+the blocks (METHOD.md), served as ``A(Z) = Z + g·(H(Z) − Z)`` with a scalar gate ``g`` that starts at 0:
+a fresh layer reproduces plain SAM exactly, and training moves it away only as far as that helps. (METHOD's
+layer is ``g = 1``; without the gate a fresh layer's shared LayerNorm re-normalises the neck's output and
+costs box IoU before any training.) With 256 channels it has 3,541,008 parameters and costs ≈14.5 GMAC
+at 64×64.
 """
 
 from __future__ import annotations
@@ -73,26 +77,35 @@ class CAResBlock(nn.Module):
 
 
 class AlignmentLayer(nn.Module):
-    """N CAResBlocks, each followed by one shared LayerNorm2d.
+    """N CAResBlocks, each followed by one shared LayerNorm2d, blended into the input by a zero-started gate.
 
     Args:
         channels: embedding channels (256).
         blocks: number of blocks N (3 in CA-SAM).
+        gate: initial gate (0: a fresh layer is the identity; 1: METHOD's ungated layer).
 
     Shapes:
         B×C×H×W → B×C×H×W.
     """
 
-    def __init__(self, channels: int = 256, blocks: int = ALIGN_BLOCKS):
+    def __init__(self, channels: int = 256, blocks: int = ALIGN_BLOCKS, gate: float = 0.0):
         super().__init__()
         self.channels = channels
         self.blocks = nn.ModuleList(CAResBlock(channels) for _ in range(blocks))
         self.norm = LayerNorm2d(channels)
+        self.gate = nn.Parameter(torch.full((1,), float(gate)))
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
+        h = z
         for block in self.blocks:
-            z = self.norm(block(z))
-        return z
+            h = self.norm(block(h))
+        return z + self.gate * (h - z)
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Loads weights; a layer saved before the gate existed (no ``gate`` entry) loads as METHOD's ``g = 1``."""
+        if "gate" not in state_dict:
+            state_dict = {**state_dict, "gate": torch.ones(1)}
+        return super().load_state_dict(state_dict, strict=strict, assign=assign)
 
     @torch.no_grad()
     def init_norm(self, weight: torch.Tensor, bias: torch.Tensor) -> "AlignmentLayer":
@@ -100,10 +113,10 @@ class AlignmentLayer(nn.Module):
 
         A fresh layer's blocks are the identity (zero second convolution), but the shared LayerNorm still
         re-normalises the embedding; with a unit affine that wipes out the neck's learned per-channel scale and
-        shift and the decoder sees a foreign embedding (measured with LiteMedSAM: box IoU 0.000 on dermoscopy,
-        brain MRI and ultrasound before training). Starting from the neck's affine keeps a fresh layer close
-        to the frozen backbone (0.740 / 0.694 / 0.811 against zero-shot 0.935 / 0.696 / 0.906), so a short
-        training starts from zero-shot quality instead of from nothing.
+        shift and, once the gate opens, the decoder would see a foreign embedding (measured with LiteMedSAM
+        and ``g = 1``: box IoU 0.000 on dermoscopy, brain MRI and ultrasound). Starting from the neck's affine
+        keeps the blocks' branch close to the frozen embedding (0.740 / 0.694 / 0.811 at ``g = 1`` against
+        zero-shot 0.935 / 0.696 / 0.906), so the gate has a useful direction to open into.
         """
         self.norm.weight.copy_(weight.detach().to(self.norm.weight))
         self.norm.bias.copy_(bias.detach().to(self.norm.bias))
@@ -111,7 +124,7 @@ class AlignmentLayer(nn.Module):
 
 
 def fresh_layer(backbone, blocks: int = ALIGN_BLOCKS) -> AlignmentLayer:
-    """A new Alignment Layer for ``backbone``: random blocks (identity at start), LayerNorm from its neck."""
+    """A new Alignment Layer for ``backbone``: gate 0 (exactly plain SAM), random blocks, LayerNorm from its neck."""
     layer = AlignmentLayer(backbone.embed_dim, blocks)
     norm = backbone.output_norm()
     if norm is not None:
@@ -132,7 +145,7 @@ def alignment_macs(channels: int = 256, size: int = 64, blocks: int = ALIGN_BLOC
     """
     conv = channels * channels * 9 * size * size
     per_block = 2 * conv + channels * 5 + channels * size * size
-    return blocks * per_block
+    return blocks * per_block + channels * size * size  # + the gate's blend
 
 
 def describe(channels: int = 256, size: int = 64, blocks: int = ALIGN_BLOCKS) -> Tuple[int, float]:

@@ -11,19 +11,41 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Union
+from functools import partial
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .alignment import AlignmentLayer
 from .backbone import Backbone
+from .clicks import ClickConfig, decode_clicks
 from .errors import PromptError, UnknownLayerError
 from .preprocess import Geometry, Window, box_to_model, logits_to_image, points_to_model
 from .registry import LayerInfo, LayerRegistry
 from .router import Router, pool_embedding
 
 AUTO, NONE = "auto", "none"
+
+
+def _fmt(v: Optional[float]) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def layer_use(info: LayerInfo, prompt: str) -> Tuple[bool, Dict[str, Optional[float]]]:
+    """Whether a layer may serve a prompt type, from its validation record.
+
+    Layers trained by casam store ``extra["use"]`` (it beat plain SAM on that prompt type) and ``extra["val"]``.
+    Older layers only have box figures (``val_iou`` / ``zero_shot_val_iou``); they are judged by those.
+
+    Returns:
+        (use, {"layer": IoU with the layer, "plain": IoU of plain SAM}) on the layer's validation split.
+    """
+    val = (info.extra.get("val") or {}).get(prompt)
+    if "use" in info.extra and val is not None:
+        return bool(info.extra["use"].get(prompt, False)), val
+    lay, plain = info.val_iou, info.zero_shot_val_iou
+    return (lay is None or plain is None or lay > plain), {"layer": lay, "plain": plain}
 
 
 @dataclass
@@ -52,7 +74,9 @@ class Prediction:
         iou: the decoder's predicted IoU.
         route: which layer was used: ``layer`` (name or None), ``institution``, ``score``, ``tau``,
             ``fallback`` (True when the router fell back to plain SAM), ``forced`` (named by the caller),
-            ``scores`` (every active layer's router score).
+            ``scores`` (every active layer's router score); ``prompt`` (``box`` or ``click``), ``used`` (the
+            layer that decoded, None for plain SAM: the router's layer is used only for prompt types where it
+            beat plain SAM on validation) and ``reason``; for clicks, ``click`` (the proposal chosen).
     """
 
     mask: np.ndarray
@@ -113,11 +137,13 @@ class CASAMPredictor:
         registry: a LayerRegistry, a registry folder, or None (plain SAM only).
         cache_size: embeddings kept in the LRU cache.
         window: intensity window for images (see casam.preprocess.apply_window).
+        clicks: how clicks become box prompts (see :mod:`casam.clicks`).
     """
 
     def __init__(self, backbone: Backbone, registry: Union[LayerRegistry, str, Path, None] = None, cache_size: int = 32,
-                 window: Window = "auto"):
+                 window: Window = "auto", clicks: Optional[ClickConfig] = None):
         self.backbone = backbone
+        self.clicks = clicks or ClickConfig()
         self.registry = LayerRegistry(registry) if isinstance(registry, (str, Path)) else registry
         self.cache_size = int(cache_size)
         self.window = window
@@ -275,6 +301,11 @@ class CASAMPredictor:
             key: embedding cache key.
             route: a route dict to reuse (skips routing; e.g. for every slice of a volume).
 
+        Clicks without a box are answered through box proposals (:func:`casam.clicks.decode_clicks`); with a
+        box, the box is the prompt and clicks edit it. The routed layer decodes only for the prompt types
+        where it beat plain SAM on validation (:meth:`gate`); ``route`` then tells ``prompt``, ``used`` and
+        ``reason``.
+
         Returns:
             The Prediction.
 
@@ -283,19 +314,48 @@ class CASAMPredictor:
         """
         emb = self.embed(image, key)
         pts, lab, bx = check_prompts(emb.geom.orig_hw, points, point_labels, box)
-        r = route if route is not None else self.route(emb, layer)
+        r = dict(route if route is not None else self.route(emb, layer))
+        kind = "box" if bx is not None else "click"
+        r.update(self.gate(r, kind))
         z = emb.z
-        if r["layer"] is not None:
-            z = self.layer(r["layer"])(z)
-        tp = tl = tb = None
-        if pts is not None:
-            tp = torch.from_numpy(points_to_model(pts, emb.geom))[None]
-            tl = torch.from_numpy(lab)[None]
-        if bx is not None:
-            tb = torch.from_numpy(box_to_model(bx, emb.geom))[None]
-        logits, iou = self.backbone.decode(z, tp, tl, tb)
+        if r["used"] is not None:
+            z = self.layer(r["used"])(z)
+        tb = torch.from_numpy(box_to_model(bx, emb.geom)) if bx is not None else None
+        if pts is None:
+            logits, iou = self.backbone.decode(z, None, None, tb[None])
+        else:
+            logits, iou, r["click"] = decode_clicks(partial(self.backbone.decode, z), points_to_model(pts, emb.geom), lab,
+                                                    emb.geom.resized_hw, self.backbone.img_size,
+                                                    self.backbone.lowres_size, self.clicks,
+                                                    None if tb is None else tb.numpy())
         full = logits_to_image(logits[0, 0].cpu(), emb.geom)
         return Prediction((full > 0).numpy().astype(np.uint8), float(iou[0, 0]), r)
+
+    def gate(self, route: Dict[str, Any], prompt: str) -> Dict[str, Any]:
+        """Whether the routed layer is used for a prompt type: only where it beat plain SAM on its validation split.
+
+        A layer the caller named (``forced``) is always used.
+
+        Args:
+            route: a route dict (see :meth:`route`).
+            prompt: ``box`` or ``click``.
+
+        Returns:
+            ``prompt``, ``used`` (the layer that decodes, or None for plain SAM) and ``reason``.
+        """
+        name = route.get("layer")
+        if name is None:
+            why = "no layer fits this image: plain SAM" if route.get("fallback") else "plain SAM requested"
+            return {"prompt": prompt, "used": None, "reason": why}
+        if route.get("forced"):
+            return {"prompt": prompt, "used": name, "reason": f"layer {name} requested"}
+        info = next((i for i in self._infos if i.name == name), None)
+        use, val = layer_use(info, prompt) if info is not None else (True, {})
+        if use:
+            return {"prompt": prompt, "used": name, "reason": f"{name} beat plain SAM on {prompt} prompts in validation "
+                                                               f"({_fmt(val.get('layer'))} > {_fmt(val.get('plain'))})"}
+        return {"prompt": prompt, "used": None, "reason": f"{name} did not beat plain SAM on {prompt} prompts in "
+                                                          f"validation ({_fmt(val.get('layer'))} vs {_fmt(val.get('plain'))}): plain SAM"}
 
     def novelty(self, image: Union[np.ndarray, Embedding], key: Optional[str] = None) -> Dict[str, Any]:
         """How unlike every known institution an image is (for active learning).

@@ -2,9 +2,16 @@
 
 The backbone is frozen, so each image is encoded once and its embedding cached (on disk when a cache
 folder is given, keyed by backbone hash + image content + intensity window). Per epoch every mask gets a
-fresh prompt: a coin flip between a point among the central half of its pixels and its tight box with ±5
-px jitter. Loss = Focal(γ=2, α=0.25) + Dice + MSE(predicted IoU, actual IoU) on the decoder's low-res logits.
-Only the new layer's parameters are optimised (Adam); earlier layers are never loaded for writing.
+fresh prompt: its tight box with ±5 px jitter, or with probability ``1 − box_prob`` a point among the
+central half of its pixels (METHOD's coin flip is ``box_prob = 0.5``; casam trains on boxes only by default
+because clicks are answered through boxes, see :mod:`casam.clicks`). Loss = Focal(γ=2, α=0.25) + Dice +
+MSE(predicted IoU, actual IoU) on the decoder's low-res logits. Only the new layer's parameters are optimised
+(Adam); earlier layers are never loaded for writing.
+
+The layer starts as the identity (closed gate, see :mod:`casam.alignment`); after every epoch it is validated
+on the institution's held-out patients for both prompt types (box, click) and the best epoch is kept — epoch 0,
+plain SAM, included. The layer is then used for a prompt type only where it beat plain SAM on validation
+(``LayerInfo.extra["use"]``).
 """
 
 from __future__ import annotations
@@ -13,6 +20,7 @@ import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -23,6 +31,7 @@ import torch.nn.functional as F
 
 from .alignment import fresh_layer
 from .backbone import Backbone
+from .clicks import ClickConfig, decode_clicks
 from .config import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA
 from .errors import ImageError
 from .metrics import iou as iou_metric
@@ -43,7 +52,9 @@ class TrainConfig:
         seed: seed of every random choice (split, prompts, init, order).
         val_fraction: share of patients held out for validation (split by patient).
         max_images: cap on training images (a reduced CPU recipe); None = all.
-        box_prob: probability of a box prompt (else a point).
+        box_prob: probability of a box prompt (else a point); 1.0 = boxes only (default), METHOD: 0.5.
+        gate_lr: learning rate of the layer's gate (opens it fast enough for a short training).
+        select_best: validate after every epoch and keep the best one (epoch 0 = plain SAM).
         jitter: box jitter in model-input pixels (±5).
         focal_gamma, focal_alpha: focal loss settings (2, 0.25).
         vae_epochs, vae_lr, vae_batch_size, vae_beta: router VAE training (10, 5e-4, 6, 16.5).
@@ -57,7 +68,9 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.2
     max_images: Optional[int] = None
-    box_prob: float = 0.5
+    box_prob: float = 1.0
+    gate_lr: float = 1e-2
+    select_best: bool = True
     jitter: float = 5.0
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
@@ -225,61 +238,105 @@ def _prompt_tensors(kind: str, prompts: List[np.ndarray]):
     return pts, torch.ones(pts.shape[:2], dtype=torch.int64), None
 
 
+PROMPT_TYPES = ("box", "click")
+
+
+def _step(backbone: Backbone, batch: Sequence[Sample], h: torch.Tensor, config: TrainConfig,
+          rng: np.random.Generator) -> torch.Tensor:
+    """CA-SAM's loss on one batch: one fresh prompt per mask, decoded on the (aligned) embeddings ``h``."""
+    dev = backbone.device
+    total, count = 0.0, 0
+    for i, s in enumerate(batch):
+        groups: Dict[str, List] = {"box": [], "point": []}
+        for t in s.targets:
+            if rng.random() < config.box_prob:
+                groups["box"].append((jittered_box(t.box, rng, s.geom.resized_hw, config.jitter), t.lowres))
+            else:
+                groups["point"].append((t.central[rng.integers(len(t.central))][None], t.lowres))
+        for kind, items in groups.items():
+            if not items:
+                continue
+            pts, lab, boxes = _prompt_tensors(kind, [p for p, _ in items])
+            logits, iou_pred = backbone.decode(h[i : i + 1], pts, lab, boxes)
+            target = torch.stack([t for _, t in items])[:, None].to(dev)
+            total = total + casam_loss(logits, iou_pred, target, config.focal_gamma, config.focal_alpha) * len(items)
+            count += len(items)
+    return total / max(count, 1)
+
+
+def validate(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample]) -> Dict[str, float]:
+    """Mean IoU per prompt type (``box``: tight box; ``click``: one click at the centroid, see :mod:`casam.clicks`)."""
+    return {p: evaluate(backbone, layer, samples, p) for p in PROMPT_TYPES}
+
+
 def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, layer: Optional[nn.Module] = None,
-        params: Optional[Iterable[nn.Parameter]] = None, progress: bool = True, desc: str = "train") -> List[float]:
+        params: Optional[Iterable[nn.Parameter]] = None, progress: bool = True, desc: str = "train",
+        val_samples: Optional[Sequence[Sample]] = None, report: Optional[Dict] = None) -> List[float]:
     """Optimises ``layer`` (or other ``params``, e.g. the mask decoder) on samples with CA-SAM's loss.
+
+    With ``val_samples`` (and ``config.select_best``), ``layer`` is validated before training (epoch 0) and
+    after every epoch, and ends with the weights of its best epoch: the mean of box and click IoU.
 
     Args:
         backbone: frozen backbone (its decoder is used).
         samples: training samples (those without targets are skipped).
         config: training settings.
-        layer: module applied to embeddings before the decoder (None = identity).
+        layer: module applied to embeddings before the decoder (None = identity). A layer with a ``gate``
+            parameter gets ``config.gate_lr`` for it.
         params: parameters to optimise (default: ``layer``'s).
         progress: show a progress bar.
+        desc: progress bar title.
+        val_samples: validation samples for best-epoch selection.
+        report: filled with ``val_history`` (IoU per prompt type per epoch, epoch 0 first) and ``best_epoch``.
 
     Returns:
         Mean loss per epoch.
+
+    Raises:
+        ValueError: no training sample has a mask.
     """
     samples = [s for s in samples if s.targets]
     if not samples:
         raise ValueError("no training image has a non-empty mask")
     params = list(params if params is not None else layer.parameters())
-    opt = torch.optim.Adam(params, lr=config.lr)
+    gate = getattr(layer, "gate", None) if layer is not None else None
+    groups = [{"params": [p for p in params if p is not gate], "lr": config.lr}]
+    if gate is not None and any(p is gate for p in params):
+        groups.append({"params": [gate], "lr": config.gate_lr})
+    opt = torch.optim.Adam(groups)
     rng = np.random.default_rng(config.seed)
     dev = backbone.device
+    val = [s for s in (val_samples or []) if s.targets] if layer is not None and config.select_best else []
+    scores: List[Dict[str, float]] = []
+    best = (-1.0, 0, None)
+
+    def check(epoch: int) -> None:
+        nonlocal best
+        layer.eval()
+        v = validate(backbone, layer, val)
+        scores.append(v)
+        m = float(np.mean(list(v.values())))
+        if m > best[0]:
+            best = (m, epoch, {k: t.detach().clone() for k, t in layer.state_dict().items()})
+        layer.train()
+
     if layer is not None:
         layer.to(dev).train()
+        if val:
+            check(0)
     history = []
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=config.epochs * ((len(samples) + config.batch_size - 1) // config.batch_size), desc=desc, unit="step")
-    L = backbone.lowres_size
-    for _ in range(config.epochs):
+    for epoch in range(config.epochs):
         order = rng.permutation(len(samples))
         losses = []
         for b in range(0, len(order), config.batch_size):
             batch = [samples[i] for i in order[b : b + config.batch_size]]
             z = torch.stack([s.embedding for s in batch]).to(dev)
-            h = layer(z) if layer is not None else z
-            total, count = 0.0, 0
-            for i, s in enumerate(batch):
-                groups: Dict[str, List] = {"box": [], "point": []}
-                for t in s.targets:
-                    if rng.random() < config.box_prob:
-                        groups["box"].append((jittered_box(t.box, rng, s.geom.resized_hw, config.jitter), t.lowres))
-                    else:
-                        groups["point"].append((t.central[rng.integers(len(t.central))][None], t.lowres))
-                for kind, items in groups.items():
-                    if not items:
-                        continue
-                    pts, lab, boxes = _prompt_tensors(kind, [p for p, _ in items])
-                    logits, iou_pred = backbone.decode(h[i : i + 1], pts, lab, boxes)
-                    target = torch.stack([t for _, t in items])[:, None].to(dev)
-                    total = total + casam_loss(logits, iou_pred, target, config.focal_gamma, config.focal_alpha) * len(items)
-                    count += len(items)
-            loss = total / max(count, 1)
+            loss = _step(backbone, batch, layer(z) if layer is not None else z, config, rng)
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -288,16 +345,25 @@ def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, laye
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
         history.append(float(np.mean(losses)))
+        if val:
+            check(epoch + 1)
     if bar is not None:
         bar.close()
     if layer is not None:
+        if val:
+            layer.load_state_dict(best[2])
         layer.eval()
+    if report is not None:
+        report["val_history"] = scores
+        report["best_epoch"] = best[1] if val else None
     return history
 
 
 @torch.no_grad()
 def predict_sample(backbone: Backbone, layer: Optional[nn.Module], sample: Sample, prompt: str = "box") -> List[np.ndarray]:
-    """Predicts every target of a sample from its tight box ("box") or its centroid pixel ("point").
+    """Predicts every target of a sample from its tight box (``box``), one click at its centroid pixel answered
+    the way the product answers clicks (``click``, :func:`casam.clicks.decode_clicks`), or that click as a raw
+    point prompt of the decoder (``point``).
 
     Returns:
         One H×W bool mask per target, at the original image size.
@@ -306,15 +372,26 @@ def predict_sample(backbone: Backbone, layer: Optional[nn.Module], sample: Sampl
         return []
     z = sample.embedding[None].to(backbone.device)
     h = layer(z) if layer is not None else z
-    if prompt == "box":
-        pts, lab, boxes = _prompt_tensors("box", [t.box for t in sample.targets])
+    if prompt == "click":
+        logits = torch.cat([click_logits(backbone, h, sample.geom, points_to_model(centroid_point(t.mask), sample.geom),
+                                         np.ones(1, np.int64)) for t in sample.targets])
+    elif prompt == "box":
+        logits, _ = backbone.decode(h, *_prompt_tensors("box", [t.box for t in sample.targets]))
     elif prompt == "point":
-        pts, lab, boxes = _prompt_tensors("point", [points_to_model(centroid_point(t.mask), sample.geom) for t in sample.targets])
+        pts = [points_to_model(centroid_point(t.mask), sample.geom) for t in sample.targets]
+        logits, _ = backbone.decode(h, *_prompt_tensors("point", pts))
     else:
         raise ValueError(f"unknown prompt kind {prompt!r}")
-    logits, _ = backbone.decode(h, pts, lab, boxes)
     full = logits_to_image(logits[:, 0].cpu(), sample.geom)
     return [m.numpy() > 0 for m in full]
+
+
+def click_logits(backbone: Backbone, h: torch.Tensor, geom: Geometry, points: np.ndarray, labels: np.ndarray,
+                 box: Optional[np.ndarray] = None, config: Optional[ClickConfig] = None) -> torch.Tensor:
+    """Logits (1×1×L×L) of clicks (model frame) on an (aligned) embedding ``h``, via :func:`casam.clicks.decode_clicks`."""
+    logits, _, _ = decode_clicks(partial(backbone.decode, h), points, labels, geom.resized_hw, backbone.img_size,
+                                 backbone.lowres_size, config, box)
+    return logits
 
 
 def evaluate(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample], prompt: str = "box") -> float:
@@ -350,6 +427,25 @@ def fit_router(samples: Sequence[Sample], config: TrainConfig) -> Tuple[FeatureV
     return train_vae(feats, seed=config.seed, **kw), tau
 
 
+def split_samples(labelled: Sequence[Sample], config: TrainConfig) -> Tuple[List[Sample], List[Sample], str]:
+    """Training and validation samples: by patient (``config.val_fraction`` of them), by image when only one
+    patient has labels (e.g. the slices of one volume), capped at ``config.max_images`` training images.
+
+    Returns:
+        (train, validation, "patient" | "image" | "none").
+    """
+    tr, va = split_by_patient([s.patient for s in labelled], config.val_fraction, config.seed)
+    split = "patient"
+    if not va and config.val_fraction > 0 and len(labelled) >= 4:
+        tr, va = split_by_patient([str(i) for i in range(len(labelled))], config.val_fraction, config.seed)
+        split = "image"
+    train_s, val_s = [labelled[i] for i in tr], [labelled[i] for i in va]
+    if config.max_images is not None and len(train_s) > config.max_images:
+        pick = np.random.default_rng(config.seed).choice(len(train_s), config.max_images, replace=False)
+        train_s = [train_s[i] for i in sorted(pick)]
+    return train_s, val_s, split if val_s else "none"
+
+
 def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], patients: Sequence[str],
                 registry: LayerRegistry, institution: str, modality: str = "", config: Optional[TrainConfig] = None,
                 cache_dir: Optional[str | Path] = None, progress: bool = True, extra: Optional[dict] = None,
@@ -380,24 +476,34 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     if samples is None:
         samples = make_samples(backbone, images, masks, patients, EmbeddingCache(backbone, cache_dir), config.window,
                                progress=progress, desc=f"encode {institution}")
+    t_encode = time.time() - t0
     labelled = [s for s in samples if s.targets]
     if len(labelled) < 2:
         raise ValueError(f"institution {institution!r}: need at least 2 images with a non-empty label, got {len(labelled)}")
-    tr, va = split_by_patient([s.patient for s in labelled], config.val_fraction, config.seed)
-    train_s, val_s = [labelled[i] for i in tr], [labelled[i] for i in va]
-    if config.max_images is not None and len(train_s) > config.max_images:
-        pick = np.random.default_rng(config.seed).choice(len(train_s), config.max_images, replace=False)
-        train_s = [train_s[i] for i in sorted(pick)]
+    train_s, val_s, split = split_samples(labelled, config)
     layer = fresh_layer(backbone).cpu()
-    history = fit(backbone, train_s, config, layer, progress=progress, desc=f"train {institution}")
+    report: Dict = {}
+    t1 = time.time()
+    history = fit(backbone, train_s, config, layer, progress=progress, desc=f"train {institution}", val_samples=val_s,
+                  report=report)
+    t2 = time.time()
     vae, tau = fit_router(train_s, config)
+    t3 = time.time()
+    val = validate(backbone, layer, val_s) if val_s else {}
+    plain = (report["val_history"][0] if report.get("val_history") else validate(backbone, None, val_s)) if val_s else {}
+    use = {p: bool(val_s) and val[p] > plain[p] for p in PROMPT_TYPES}
     info = LayerInfo(
         name="", institution=institution, version=0, modality=modality, backbone_id=backbone.id,
         backbone_hash=backbone.hash, n_images=len(labelled), n_patients=len(set(s.patient for s in labelled)), tau=tau,
-        val_iou=evaluate(backbone, layer, val_s) if val_s else None,
-        zero_shot_val_iou=evaluate(backbone, None, val_s) if val_s else None,
+        val_iou=val.get("box"), zero_shot_val_iou=plain.get("box"),
         train_config=config.to_dict(),
-        extra={"n_train": len(train_s), "n_val": len(val_s), "loss_history": history, "seconds": round(time.time() - t0, 1),
+        extra={"n_train": len(train_s), "n_val": len(val_s), "split": split, "loss_history": history,
+               "val": {p: {"layer": val.get(p), "plain": plain.get(p)} for p in PROMPT_TYPES}, "use": use,
+               "best_epoch": report.get("best_epoch"),
+               "val_history": [{k: round(v, 4) for k, v in d.items()} for d in report.get("val_history", [])],
+               "gate": round(layer.gate.item(), 4),
+               "seconds": round(time.time() - t0, 1),
+               "timing": {"encode": round(t_encode, 1), "train": round(t2 - t1, 1), "calibrate": round(t3 - t2, 1)},
                **(extra or {})},
     )
     return registry.add(layer.cpu(), vae, info)

@@ -53,3 +53,38 @@ def test_cached_embedding_reused(tiny, disks, monkeypatch):
     monkeypatch.setattr(tiny, "encode", lambda x: calls.append(1))
     p.predict(img, points=[[5, 5]], key="k")
     assert calls == []
+
+
+def test_gate_serves_a_layer_only_for_prompt_types_it_beat_plain_sam_on(tiny):
+    from casam.predictor import layer_use
+    from casam.registry import LayerInfo
+
+    info = LayerInfo("site-v1", "site", 1, extra={"use": {"box": False, "click": True},
+                                                  "val": {"box": {"layer": 0.70, "plain": 0.72},
+                                                          "click": {"layer": 0.61, "plain": 0.55}}})
+    p = CASAMPredictor(tiny, None)
+    p._infos = [info]
+    routed = {"layer": "site-v1", "fallback": False, "forced": False}
+    box, click = p.gate(routed, "box"), p.gate(routed, "click")
+    assert box["used"] is None and "0.700 vs 0.720" in box["reason"]
+    assert click["used"] == "site-v1" and "0.610 > 0.550" in click["reason"]
+    assert p.gate({**routed, "forced": True}, "box")["used"] == "site-v1"  # a layer the user names is used
+    assert p.gate({"layer": None, "fallback": True}, "box")["used"] is None
+    # layers trained before the gate existed are judged by their box validation figures
+    old = LayerInfo("old-v1", "old", 1, val_iou=0.6, zero_shot_val_iou=0.7)
+    assert layer_use(old, "box") == (False, {"layer": 0.6, "plain": 0.7})
+
+
+def test_clicks_alone_are_answered_through_box_proposals(tiny, disks):
+    p = CASAMPredictor(tiny, None)
+    img, mask = disks["A"][0]
+    ys, xs = np.nonzero(mask)
+    out = p.predict(img, points=[[xs.mean(), ys.mean()]], point_labels=[1])
+    assert out.route["prompt"] == "click" and out.route["click"]["proposal"] == "click"
+    assert out.mask.shape == img.shape
+    # a background click on the mask takes that part away
+    on = np.argwhere(out.mask)
+    if len(on):
+        y, x = on[len(on) // 2]
+        again = p.predict(img, points=[[xs.mean(), ys.mean()], [x, y]], point_labels=[1, 0])
+        assert again.mask[y, x] == 0
