@@ -78,7 +78,10 @@ def test_coordinator_checks_merge_and_reject(tmp_path, tiny):
     other_bb["meta"]["backbone_hash"] = "0" * 64
     per_prompt = _layer_payload(tmp_path, tiny, "E", seed=4, extra={"val": {"box": {"layer": 0.9, "zero_shot": 0.8},
                                                                             "click": {"layer": 0.4, "zero_shot": 0.6}}})
-    answers = {"a": good, "b": tampered, "c": worse, "d": other_bb, "e": per_prompt,
+    gated = _layer_payload(tmp_path, tiny, "G", seed=6, extra={"val": {"box": {"layer": 0.9, "plain": 0.8},
+                                                                       "click": {"layer": 0.4, "plain": 0.6}},
+                                                               "use": {"box": True, "click": False}})
+    answers = {"a": good, "b": tampered, "c": worse, "d": other_bb, "e": per_prompt, "g": gated,
                "f": {"status": "skipped", "reason": "3 labelled images, 5 needed", "institution": "F", "meta": {}, "files": {}}}
     verdicts = {v.site: v for v in coord.merge(reg, answers, tiny.hash, max_val_drop=0.02, round_index=0)}
     assert verdicts["a"].status == "merged" and verdicts["a"].layer == "a-v1"
@@ -87,11 +90,12 @@ def test_coordinator_checks_merge_and_reject(tmp_path, tiny):
     assert verdicts["d"].status == "rejected" and "backbone" in verdicts["d"].reason
     assert verdicts["e"].status == "rejected" and "click 0.400 < 0.600" in verdicts["e"].reason
     assert verdicts["f"].status == "skipped" and "5 needed" in verdicts["f"].reason
-    assert [i.name for i in reg.list()] == ["a-v1"]
+    assert verdicts["g"].status == "merged"  # worse on clicks, but it serves boxes only (plain SAM answers clicks)
+    assert [i.name for i in reg.list()] == ["a-v1", "g-v1"]
     assert reg.get("a-v1").extra["federated"]["site"] == "a"  # the sender's NVFlare identity, not what it claims
     # the same layer again (same label fingerprint) changes nothing; another site may not take over "A"
     again = {v.site: v for v in coord.merge(reg, {"a": good}, tiny.hash, 0.02, 1)}
-    assert again["a"].status == "unchanged" and [i.name for i in reg.list()] == ["a-v1"]
+    assert again["a"].status == "unchanged" and [i.name for i in reg.list()] == ["a-v1", "g-v1"]
     thief = _layer_payload(tmp_path, tiny, "A", seed=5)
     assert coord.merge(reg, {"z": thief}, tiny.hash, 0.02, 1)[0].reason == "institution 'A' belongs to site a"
 

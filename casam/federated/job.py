@@ -19,10 +19,10 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .. import config
 from ..backbone import Backbone, load_backbone
-from ..benchmark import _clean, aggregate, machine_info, score_image
+from ..benchmark import PROMPTS, _clean, aggregate, machine_info, score_image
 from ..data import discover_tasks
 from ..errors import CasamError
-from ..predictor import CASAMPredictor
+from ..predictor import CASAMPredictor, layer_use
 from ..registry import LayerRegistry, slug
 from ..training import EmbeddingCache, TrainConfig, make_samples, train_layer
 from .site import load_site_labels
@@ -126,10 +126,11 @@ def train_central(backbone: Backbone, sites: Dict[str, Dict[str, str]], registry
 
 
 def routed_iou(backbone: Backbone, registry: LayerRegistry, spec: Dict[str, str], cache: Optional[str] = None) -> Dict[str, Any]:
-    """Routed IoU of a registry on a site's test split (the router picks a layer per image, plain SAM on fallback).
+    """Routed IoU of a registry on a site's test split, as the app serves it: the router picks a layer per image
+    (plain SAM on fallback), and a layer serves only the prompt types it may serve (``casam.predictor.layer_use``).
 
     Returns:
-        {"box", "point": mean IoU over every mask, "own_layer": share of images routed to the site's own
+        {prompt (box, click): mean IoU over every mask, "own_layer": share of images routed to the site's own
         institution, "fallback": share routed to plain SAM, "images": count}.
     """
     images, masks, patients = load_site_labels(spec["data"], spec["institution"], split="test")
@@ -141,11 +142,12 @@ def routed_iou(backbone: Backbone, registry: LayerRegistry, spec: Dict[str, str]
         info = pred.layers[r.index] if r.index is not None else None
         own += int(info is not None and info.institution == spec["institution"])
         fallback += int(info is None)
-        per_image.append(score_image(backbone, pred.layer(info.name) if info else None, s))
+        plain = score_image(backbone, None, s)
+        routed = score_image(backbone, pred.layer(info.name), s) if info is not None else plain
+        per_image.append({p: routed[p] if info is not None and layer_use(info, p)[0] else plain[p] for p in PROMPTS})
     res = aggregate(per_image)
     n = max(len(samples), 1)
-    return {"box": res["box"]["iou"], "point": res["point"]["iou"], "own_layer": own / n, "fallback": fallback / n,
-            "images": len(samples)}
+    return {**{p: res[p]["iou"] for p in PROMPTS}, "own_layer": own / n, "fallback": fallback / n, "images": len(samples)}
 
 
 def simulate(sites: Dict[str, Dict[str, str]], workdir: str | Path, backbone: str, recipe: Dict[str, Any], num_rounds: int = 1,
@@ -183,7 +185,7 @@ def compare(backbone: Backbone, sites: Dict[str, Dict[str, str]], federated: Lay
     for name, spec in sites.items():
         f, c = routed_iou(backbone, federated, spec, cache), routed_iou(backbone, central, spec, cache)
         out[name] = {"institution": spec["institution"], "federated": f, "central": c,
-                     "delta": {p: None if f[p] is None or c[p] is None else f[p] - c[p] for p in ("box", "point")}}
+                     "delta": {p: None if f[p] is None or c[p] is None else f[p] - c[p] for p in PROMPTS}}
     return out
 
 
