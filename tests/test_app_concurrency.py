@@ -38,7 +38,7 @@ def work(tmp_path_factory):
 def _server(work, name: str) -> MonaiLabelServer:
     return MonaiLabelServer(str(work / "studies"), work / name, conf={
         "backbone": "tiny", "registry": str(work / "registry"), "cache": str(work / "cache"), "min_images": "4",
-        "default_institution": "A"}).start()
+        "default_institution": "A"}).start(timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -42,7 +42,7 @@ def server(tmp_path_factory):
     (work / "outside.png").write_bytes((studies / "disk0.png").read_bytes())  # a server file, not in the datastore
     srv = MonaiLabelServer(str(studies), work, conf={"backbone": "tiny", "registry": str(work / "registry"),
                                                      "cache": str(work / "cache"), **LIMITS})
-    srv.start()
+    srv.start(timeout=600)  # a busy shared box can take minutes
     srv.work, srv.studies = work, studies
     yield srv
     srv.stop()
@@ -51,7 +51,7 @@ def server(tmp_path_factory):
 def _infer(srv, image="disk0", params=None, files=None, **query):
     data = {"params": params if isinstance(params, str) else json.dumps({"foreground": [[40, 30]]} if params is None else params)}
     return requests.post(f"{srv.url}/infer/casam", params={"image": image, "output": "json", **query}, data=data,
-                         files=files, timeout=120)
+                         files=files, timeout=900)
 
 
 def _refused(r, code: int, *words: str) -> str:
