@@ -3,18 +3,22 @@
 Tasks come from :func:`casam.data.discover_tasks` (stream order of the data README). Each image is encoded
 once by the frozen backbone (disk cache) and the samples are shared by every method:
 
-``zero_shot``     the frozen backbone, no training;
+``zero_shot``     plain LiteMedSAM (the frozen backbone), no training; a click is its raw point prompt;
+``fresh_install`` what a new user gets: plain SAM with casam's click answer (:mod:`casam.clicks`), no layer;
 ``seq_decoder``   the mask decoder fine-tuned task after task (one copy, continued: forgets);
 ``seq_layer``     one Alignment Layer trained task after task (the same layer keeps training: forgets);
 ``casam``         CA-SAM: a fresh Alignment Layer + router VAE per task (``train_layer`` into a temporary
-                  registry), chosen at test time by the VAE router with the plain-SAM fallback;
+                  registry), chosen at test time by the VAE router with the plain-SAM fallback, and used for a
+                  prompt type only where it beat plain SAM on its validation split (else: fresh_install);
 ``casam_oracle``  the same layers chosen by the true task id (the router's upper bound);
 ``joint``         one Alignment Layer trained on all tasks' training data at once (non-continual upper bound).
 
 After each task every method is evaluated on the test split of every task (seen and not yet seen): R[k][j]
-is the mean IoU (per mask) on task j after learning task k, with the tight ground-truth box per class (and,
-reported beside it, one point at the mask's centroid pixel). Results go to ``<out>/continual.json``,
-``continual.md`` and ``continual_R.png``.
+is the mean IoU (per mask) on task j after learning task k, with the tight ground-truth box per class and with
+one click at the mask's centroid pixel. After the last task, click sequences (:mod:`casam.interactive`: up to 5
+clicks, each next one at the centre of the largest error) score the interactive use. Results go to
+``<out>/continual.json``, ``continual.md`` and ``continual_R.png`` (:mod:`casam.benchmark_report`); the JSON is
+rewritten after every task.
 
 Run ``casam benchmark --help``; ``--quick`` is a tiny smoke run (random tiny backbone), ``--full`` the recipe
 of METHOD.md (24 epochs, all images; for a GPU).
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import os
@@ -45,24 +50,37 @@ from .data import Case, Task, discover_tasks, load_cases
 from .metrics import boundary_iou, continual_summary, dice, iou
 from .registry import LayerRegistry
 from .router import Router
-from .training import EmbeddingCache, Sample, TrainConfig, fit, make_samples, predict_sample, split_by_patient, train_layer
+from .benchmark_report import _fmt, write_outputs
+from .interactive import click_sequence, summarise
+from .preprocess import logits_to_image, points_to_model
+from .training import (EmbeddingCache, Sample, TrainConfig, click_logits, fit, make_samples, predict_sample,
+                       split_samples, train_layer)
 
-METHODS = ("zero_shot", "seq_decoder", "seq_layer", "casam", "casam_oracle", "joint")
+METHODS = ("zero_shot", "fresh_install", "seq_decoder", "seq_layer", "casam", "casam_oracle", "joint")
+DEFAULT_METHODS = ("zero_shot", "fresh_install", "casam", "casam_oracle")
 LABELS = {
     "zero_shot": "1. frozen backbone (zero-shot)",
+    "fresh_install": "0. casam, empty registry (fresh install)",
     "seq_decoder": "2. sequential decoder fine-tuning",
     "seq_layer": "3. one shared Alignment Layer, sequential",
     "casam": "4. CA-SAM (router)",
     "casam_oracle": "5. CA-SAM (oracle task id)",
     "joint": "6. joint multi-task layer (non-continual)",
 }
-PROMPTS = ("box", "point")
+PROMPTS = ("box", "click")
+SEQUENCE_METHODS = ("zero_shot", "fresh_install", "casam", "casam_oracle")
 METRICS = ("iou", "dice", "biou")
 FALLBACK = "fallback"
-# Targets of the project (issue 3).
+# Targets of the project (issues 3 and 11).
 TARGET_BWT = -0.005
-TARGET_ROUTER = 0.95
-TARGET_ORACLE_GAP = 0.02
+TARGET_BOX_TASK_DROP = 0.01
+TARGET_CLICK = 0.80
+TARGET_FRESH_CLICK = 0.70
+TARGET_FRESH_BOX_DROP = 0.005
+TARGET_REGRET = 0.005
+TARGET_UNSEEN_FALLBACK = 0.90
+TARGET_SEQUENCE = 0.85
+TARGET_SERVE_SECONDS = 300
 REDUCED = {"epochs": 4, "max_images": 48}
 
 
@@ -81,8 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tasks", default=None,
                    help="comma-separated subset of tasks, by name (e.g. dermoscopy_ph2,brain_mri_lgg@TCGA_DU) or by "
                         "position in the stream (0,1); kept in stream order (default: all)")
-    p.add_argument("--methods", default=",".join(METHODS),
-                   help=f"comma-separated methods to run (default all: {','.join(METHODS)})")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated methods to run (default {','.join(DEFAULT_METHODS)}; all: {','.join(METHODS)})")
+    p.add_argument("--clicks", type=int, default=5, help="clicks per sequence after the last task (0 = no sequences)")
+    p.add_argument("--sequence-cases", type=int, default=None,
+                   help="click sequences on at most this many test images per task (evenly spaced; default all)")
     p.add_argument("--out", default=None, help="output folder (default benchmarks/results of the checkout)")
     p.add_argument("--name", default="continual", help="stem of the output files (default continual)")
     p.add_argument("--cache", default=None, help="embedding cache folder (default $CASAM_CACHE or ~/.casam/cache; 'none' = memory only)")
@@ -161,14 +182,8 @@ def select_tasks(tasks: List[Task], spec: Optional[str]) -> List[Task]:
 
 
 def train_subset(samples: Sequence[Sample], cfg: TrainConfig) -> List[Sample]:
-    """The training images ``train_layer`` uses: labelled, minus the validation patients, capped at max_images."""
-    labelled = [s for s in samples if s.targets]
-    tr, _ = split_by_patient([s.patient for s in labelled], cfg.val_fraction, cfg.seed)
-    train_s = [labelled[i] for i in tr]
-    if cfg.max_images is not None and len(train_s) > cfg.max_images:
-        pick = np.random.default_rng(cfg.seed).choice(len(train_s), cfg.max_images, replace=False)
-        train_s = [train_s[i] for i in sorted(pick)]
-    return train_s
+    """The training images ``train_layer`` uses (:func:`casam.training.split_samples`)."""
+    return split_samples([s for s in samples if s.targets], cfg)[0]
 
 
 # ---------------------------------------------------------------------------------------- evaluation
@@ -176,10 +191,12 @@ ImageScores = Dict[str, Dict[str, List[float]]]  # prompt -> metric -> one value
 
 
 @torch.no_grad()
-def score_image(backbone: Backbone, layer: Optional[Callable], sample: Sample) -> ImageScores:
-    """IoU, Dice and boundary IoU of every mask of one test image, for the box and the point prompt.
+def score_image(backbone: Backbone, layer: Optional[Callable], sample: Sample, raw_click: bool = False) -> ImageScores:
+    """IoU, Dice and boundary IoU of every mask of one test image, for the box and the click prompt.
 
     The layer runs once per image; both prompts decode on its output with ``casam.training.predict_sample``.
+    The click is answered as casam answers clicks, or with ``raw_click`` as the decoder's raw point prompt
+    (plain LiteMedSAM).
     """
     out: ImageScores = {p: {m: [] for m in METRICS} for p in PROMPTS}
     if not sample.targets:
@@ -187,12 +204,46 @@ def score_image(backbone: Backbone, layer: Optional[Callable], sample: Sample) -
     z = sample.embedding[None].to(backbone.device)
     h = layer(z) if layer is not None else z
     for prompt in PROMPTS:
-        preds = predict_sample(backbone, lambda _z, h=h: h, sample, prompt)
+        kind = "point" if prompt == "click" and raw_click else prompt
+        preds = predict_sample(backbone, lambda _z, h=h: h, sample, kind)
         for t, m in zip(sample.targets, preds):
             out[prompt]["iou"].append(iou(m, t.mask))
             out[prompt]["dice"].append(dice(m, t.mask))
             out[prompt]["biou"].append(boundary_iou(m, t.mask))
     return out
+
+
+@torch.no_grad()
+def sequences(backbone: Backbone, layer: Optional[Callable], sample: Sample, clicks: int, raw: bool = False) -> List[Dict]:
+    """Click sequences (:func:`casam.interactive.click_sequence`) on every mask of one test image.
+
+    Args:
+        backbone: frozen backbone.
+        layer: the layer that decodes clicks on this image (None: plain SAM).
+        sample: the test image.
+        clicks: clicks per sequence.
+        raw: give the clicks to the decoder as raw point prompts (plain LiteMedSAM) instead of casam's answer.
+    """
+    z = sample.embedding[None].to(backbone.device)
+    h = layer(z) if layer is not None else z
+
+    def predict(pts: np.ndarray, labs: np.ndarray) -> np.ndarray:
+        mp = points_to_model(pts, sample.geom)
+        if raw:
+            logits, _ = backbone.decode(h, torch.from_numpy(mp)[None], torch.from_numpy(labs)[None], None)
+        else:
+            logits = click_logits(backbone, h, sample.geom, mp, labs)
+        return logits_to_image(logits[0, 0].cpu(), sample.geom).numpy() > 0
+
+    return [click_sequence(predict, t.mask, clicks) for t in sample.targets]
+
+
+def encode_seconds(backbone: Backbone, images: Sequence[np.ndarray], n: int = 3) -> float:
+    """Seconds to encode one image (mean over ``n`` images, uncached): what a fresh site pays per labelled image."""
+    t0 = time.time()
+    for img in images[:n]:
+        backbone.encode(backbone.prepare(img)[0])
+    return (time.time() - t0) / max(1, min(n, len(images)))
 
 
 def aggregate(per_image: Sequence[ImageScores]) -> Dict[str, Dict[str, Optional[float]]]:
@@ -303,12 +354,13 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
 
     # ---- encode every image once; the samples are shared by every method
     t0 = time.time()
-    train_all, train_s, test_s, counts = [], [], [], []
+    train_all, train_s, test_s, counts, enc_per_image = [], [], [], [], []
     for t in tasks:
         cache = EmbeddingCache(bb, cache_dir)  # one per task: its in-memory copies are dropped with it
         tr_cases = _spread([c for c in t.split("train") if c.mask is not None], args.max_train_cases)
         te_cases = _spread([c for c in t.split("test") if c.mask is not None], args.max_test_cases)
         imgs, masks, pats = load_cases(tr_cases)
+        enc_per_image.append(encode_seconds(bb, imgs))
         tr = make_samples(bb, imgs, masks, pats, cache, cfg.window, progress=args.progress, desc=f"encode {t.name} train")
         imgs, masks, pats = load_cases(te_cases)
         te = make_samples(bb, imgs, masks, pats, cache, cfg.window, progress=args.progress, desc=f"encode {t.name} test")
@@ -330,16 +382,19 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
 
     # zero-shot scores per test image (also the router's fallback)
     t0 = time.time()
-    zs_img = [[score_image(bb, None, s) for s in te] for te in test_s]
-    zs_res = [aggregate(x) for x in zs_img]
+    zs_img = [[score_image(bb, None, s) for s in te] for te in test_s]  # plain SAM + casam's clicks = fresh install
+    fresh_res = [aggregate(x) for x in zs_img]
+    raw_img = [[score_image(bb, None, s, raw_click=True) for s in te] for te in test_s] if "zero_shot" in methods else zs_img
+    zs_res = [aggregate(x) for x in raw_img]  # plain LiteMedSAM: raw point prompt
     zs_time = time.time() - t0
-    if "zero_shot" in methods:
-        seconds["zero_shot"]["eval"] = zs_time
-        for k in range(T):
-            for j in range(T):
-                grids["zero_shot"].set(k, j, zs_res[j])
-    zs_text = ", ".join(f"{n} {r['box']['iou']:.3f}" for n, r in zip(names, zs_res))
-    log(f"zero-shot box IoU: {zs_text}  [{zs_time:.0f}s]")
+    for m, res_ in (("zero_shot", zs_res), ("fresh_install", fresh_res)):
+        if m in methods:
+            seconds[m]["eval"] = zs_time
+            for k in range(T):
+                for j in range(T):
+                    grids[m].set(k, j, res_[j])
+    zs_text = ", ".join(f"{n} {r['box']['iou']:.3f}/{f['click']['iou']:.3f}" for n, r, f in zip(names, zs_res, fresh_res))
+    log(f"plain SAM box / fresh-install click IoU: {zs_text}  [{zs_time:.0f}s]")
 
     def eval_all(method: str, k: int, layer: Optional[Callable], backbone: Backbone = bb) -> None:
         t1 = time.time()
@@ -355,7 +410,10 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
 
     # CA-SAM state: per-layer per-image scores are memoised (layers are immutable once trained)
     reg_dir = tempfile.TemporaryDirectory(prefix="casam-bench-reg-")
-    registry = LayerRegistry(reg_dir.name)
+    # layers persist beside the embedding cache, so a stopped run resumes where it stopped (same recipe only)
+    key = hashlib.sha1(json.dumps([bb.hash, names, cfg.to_dict(), args.max_train_cases], sort_keys=True,
+                                  default=str).encode()).hexdigest()[:10]
+    registry = LayerRegistry(Path(cache_dir) / "benchmark-registries" / f"{args.name}-{key}" if cache_dir else reg_dir.name)
     casam_layers: List[torch.nn.Module] = []
     casam_vaes, casam_taus, casam_infos = [], [], []
     memo: Dict[tuple, ImageScores] = {}
@@ -363,12 +421,14 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
     final_routes: List[List[Optional[int]]] = []
 
     def layer_scores(li: Optional[int], j: int, i: int) -> ImageScores:
+        """Scores of the product with layer ``li`` routed: the layer for the prompt types it may serve, plain SAM else."""
         if li is None:
             return zs_img[j][i]
         key = (li, j, i)
         if key not in memo:
             memo[key] = score_image(bb, casam_layers[li], test_s[j][i])
-        return memo[key]
+        use = casam_infos[li].extra.get("use", {})
+        return {p: memo[key][p] if use.get(p, True) else zs_img[j][i][p] for p in PROMPTS}
 
     if "seq_decoder" in methods:
         dec_bb = copy.deepcopy(bb)
@@ -393,7 +453,18 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
             eval_all("seq_layer", k, state["shared"])
         if need_casam:
             t1 = time.time()
-            info = train_layer(bb, [], [], [], registry, task.name, task.modality, cfg, progress=args.progress, samples=train_all[k])
+            done = [i for i in registry.active() if i.institution == task.name]
+            if done:
+                info = done[0]
+                log(f"resumed: layer {info.name} of an earlier run with the same recipe")
+            else:
+                info = train_layer(bb, [], [], [], registry, task.name, task.modality, cfg, progress=args.progress,
+                                   samples=train_all[k])
+            timing = dict(info.extra.get("timing", {}))
+            timing["encode"] = round(enc_per_image[k] * info.n_images, 1)
+            timing["encode_per_image"] = round(enc_per_image[k], 3)
+            timing["total"] = round(timing["encode"] + timing.get("train", 0) + timing.get("calibrate", 0), 1)
+            timing["labelled_images"] = info.n_images
             if info.extra.get("n_train") != len(train_s[k]):
                 raise RuntimeError(f"train_layer used {info.extra.get('n_train')} images, the baselines {len(train_s[k])}")
             layer, vae, info = registry.load(info.name, bb)
@@ -409,7 +480,10 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
             router = Router(casam_vaes, casam_taus)
             t1 = time.time()
             routes = [[router.route(s.feature).index for s in te] for te in test_s]
-            step = {"after": task.name, "seen_correct": 0, "seen_total": 0, "unseen_fallback": 0, "unseen_total": 0}
+            step = {"after": task.name, "seen_correct": 0, "seen_total": 0, "unseen_fallback": 0, "unseen_total": 0,
+                    "new_modality_fallback": 0, "new_modality_total": 0, "seconds_to_serve": timing,
+                    "use": info.extra.get("use"), "val": info.extra.get("val"), "best_epoch": info.extra.get("best_epoch")}
+            seen_modalities = {tasks[i].modality for i in range(k + 1)}
             for j in range(T):
                 if "casam_oracle" in methods:
                     grids["casam_oracle"].set(k, j, aggregate([layer_scores(None if j > k else j, j, i) for i in range(len(test_s[j]))]))
@@ -421,8 +495,13 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
                 else:
                     step["unseen_fallback"] += sum(r is None for r in routes[j])
                     step["unseen_total"] += len(routes[j])
+                if tasks[j].modality not in seen_modalities:
+                    step["new_modality_fallback"] += sum(r is None for r in routes[j])
+                    step["new_modality_total"] += len(routes[j])
             step["seen_accuracy"] = step["seen_correct"] / step["seen_total"] if step["seen_total"] else None
             step["unseen_fallback_rate"] = step["unseen_fallback"] / step["unseen_total"] if step["unseen_total"] else None
+            step["new_modality_fallback_rate"] = (step["new_modality_fallback"] / step["new_modality_total"]
+                                                  if step["new_modality_total"] else None)
             step["tau"] = info.tau
             step["val_iou"], step["zero_shot_val_iou"] = info.val_iou, info.zero_shot_val_iou
             route_steps.append(step)
@@ -431,9 +510,10 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
             for m in ("casam", "casam_oracle"):
                 if m in methods:
                     seconds[m]["eval"] += dt / (2 if "casam" in methods and "casam_oracle" in methods else 1)
-            log(f"CA-SAM layer {info.name}: tau {info.tau:.4g}, val IoU {_fmt(info.val_iou)} (zero-shot "
-                f"{_fmt(info.zero_shot_val_iou)}); router on seen tasks {_fmt(step['seen_accuracy'])}, fallback on unseen "
-                f"{_fmt(step['unseen_fallback_rate'])}")
+            log(f"CA-SAM layer {info.name}: tau {info.tau:.4g}, val {info.extra.get('val')}, use {info.extra.get('use')}, "
+                f"best epoch {info.extra.get('best_epoch')}; router on seen tasks {_fmt(step['seen_accuracy'])}, fallback on "
+                f"unseen {_fmt(step['unseen_fallback_rate'])}, on new modalities {_fmt(step['new_modality_fallback_rate'])}; "
+                f"labelled images to served layer {timing['total']:.0f}s")
         for m in methods:
             if m in ("zero_shot", "joint"):
                 continue
@@ -442,6 +522,14 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
         results = assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_steps, final_routes, zs_res,
                            casam_infos, encode_s, t_start, cfg, bb, partial=True, prog=prog)
         write_outputs(out_dir, args.name, results, figure=False)
+
+    seq_res: Dict[str, Any] = {}
+    if args.clicks > 0 and final_routes:
+        t1 = time.time()
+        seq_res = click_sequences(bb, test_s, [t.name for t in tasks], methods, final_routes, casam_layers, casam_infos,
+                                  args.clicks, args.sequence_cases)
+        log(f"click sequences ({args.clicks} clicks): " + ", ".join(f"{m} {v['mean']['iou']}" for m, v in seq_res.items())
+            + f"  [{time.time() - t1:.0f}s]")
 
     if "joint" in methods:
         log(f"=== joint: one layer on {sum(len(s) for s in train_s)} training images of {T} tasks")
@@ -457,10 +545,48 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
 
     results = assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_steps, final_routes, zs_res, casam_infos,
                        encode_s, t_start, cfg, bb, partial=False, prog=prog)
+    results["click_sequences"] = _clean(seq_res)
+    results["targets"] = targets(results["methods"], results["router"], seq_res)
     write_outputs(out_dir, args.name, results, figure=not args.no_plot)
     reg_dir.cleanup()
     log(f"done in {results['seconds']:.0f}s → {out_dir / (args.name + '.json')}")
     return results
+
+
+def click_sequences(bb: Backbone, test_s: List[List[Sample]], names: List[str], methods: Sequence[str],
+                    final_routes: List[List[Optional[int]]], layers: List[torch.nn.Module], infos: List[Any],
+                    clicks: int, max_images: Optional[int] = None) -> Dict[str, Any]:
+    """Click sequences after the last task, per method and task (mean IoU/Dice after each click, AUC), on at most
+    ``max_images`` test images per task."""
+    memo: Dict[tuple, List[Dict]] = {}
+
+    def run_one(li: Optional[int], j: int, i: int, raw: bool = False) -> List[Dict]:
+        if li is not None and not infos[li].extra.get("use", {}).get("click", True):
+            li = None  # the gate: this layer may not serve clicks
+        key = (li, j, i, raw)
+        if key not in memo:
+            memo[key] = sequences(bb, None if li is None else layers[li], test_s[j][i], clicks, raw)
+        return memo[key]
+
+    out: Dict[str, Any] = {}
+    for m in SEQUENCE_METHODS:
+        if m not in methods:
+            continue
+        per_task = {}
+        for j, te in enumerate(test_s):
+            curves = []
+            n = len(te) if max_images is None else min(len(te), max_images)
+            for i in sorted(set(np.linspace(0, len(te) - 1, n).round().astype(int).tolist())) if n else []:
+                li = {"zero_shot": None, "fresh_install": None, "casam": final_routes[j][i],
+                      "casam_oracle": j if j < len(layers) else None}[m]
+                curves += run_one(li, j, i, raw=(m == "zero_shot"))
+            per_task[names[j]] = summarise(curves)
+        mean_iou = np.mean([v["iou"] for v in per_task.values()], 0)
+        mean_dice = np.mean([v["dice"] for v in per_task.values()], 0)
+        out[m] = {"per_task": per_task, "mean": {
+            "iou": [round(float(v), 4) for v in mean_iou], "dice": [round(float(v), 4) for v in mean_dice],
+            "auc_iou": round(float(np.mean(mean_iou)), 4), "monotone": bool(np.all(np.diff(mean_iou) >= -1e-9))}}
+    return out
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -469,7 +595,7 @@ def assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_s
     names = [t.name for t in tasks]
     T = len(tasks)
     zs_box = [r["box"]["iou"] for r in zs_res]
-    zs_pt = [r["point"]["iou"] for r in zs_res]
+    zs_pt = [r["click"]["iou"] for r in zs_res]
     out_methods: Dict[str, Any] = {}
     for m in methods:
         g = grids[m]
@@ -477,15 +603,15 @@ def assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_s
             continue
         n = g.rows_done()
         R = g.matrix("box", "iou")[:n]
-        Rp = g.matrix("point", "iou")[:n]
+        Rp = g.matrix("click", "iou")[:n]
         s, sp = _summary(R), _summary(Rp)
         entry = {
             "label": LABELS[m],
             "R": R, "avg_iou": s["avg"], "bwt": s["bwt"], "forgetting": s["forgetting"],
-            "R_point": Rp, "avg_iou_point": sp["avg"], "bwt_point": sp["bwt"],
+            "R_click": Rp, "avg_iou_click": sp["avg"], "bwt_click": sp["bwt"],
             "R_dice": g.matrix("box", "dice")[:n], "R_biou": g.matrix("box", "biou")[:n],
-            "R_dice_point": g.matrix("point", "dice")[:n], "R_biou_point": g.matrix("point", "biou")[:n],
-            "R_all": g.matrix("box", "iou", lower=False)[:n], "R_all_point": g.matrix("point", "iou", lower=False)[:n],
+            "R_dice_click": g.matrix("click", "dice")[:n], "R_biou_click": g.matrix("click", "biou")[:n],
+            "R_all": g.matrix("box", "iou", lower=False)[:n], "R_all_click": g.matrix("click", "iou", lower=False)[:n],
             "seconds": {k: round(v, 1) for k, v in seconds[m].items()},
             "loss_history": losses[m],
         }
@@ -494,12 +620,12 @@ def assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_s
         last = g.matrix("box", "biou")[n - 1]
         entry["avg_biou"] = float(np.mean(last)) if n == T and None not in last else None
         if n < T:
-            entry["avg_iou"] = entry["avg_iou_point"] = None  # only the final row after the last task counts
+            entry["avg_iou"] = entry["avg_iou_click"] = None  # only the final row after the last task counts
         entry["unseen_delta"] = _unseen_delta(entry["R_all"], zs_box)
-        entry["unseen_delta_point"] = _unseen_delta(entry["R_all_point"], zs_pt)
+        entry["unseen_delta_click"] = _unseen_delta(entry["R_all_click"], zs_pt)
         if m == "joint":
-            entry["bwt"] = entry["bwt_point"] = entry["forgetting"] = None
-            entry["unseen_delta"] = entry["unseen_delta_point"] = None
+            entry["bwt"] = entry["bwt_click"] = entry["forgetting"] = None
+            entry["unseen_delta"] = entry["unseen_delta_click"] = None
             entry["note"] = ("non-continual upper bound: one layer trained once on every task's training images and "
                              "evaluated once; each row of R repeats that final row, so BWT is not defined (null)")
         if m == "zero_shot":
@@ -509,7 +635,10 @@ def assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_s
                              "not yet learned it has no layer and uses plain SAM")
         if m == "casam":
             entry["note"] = ("the VAE router picks the layer (lowest score; plain SAM when the score is above that layer's tau); "
+                             "the layer decodes only the prompt types where it beat plain SAM on its validation split; "
                              "each (layer, image) prediction is computed once and reused, since layers never change")
+        if m == "fresh_install":
+            entry["note"] = "the product with an empty registry: plain SAM for boxes, casam.clicks for clicks"
         out_methods[m] = entry
 
     router: Dict[str, Any] = {}
@@ -529,16 +658,22 @@ def assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_s
                           "(fallback counts as wrong)"}
     if route_steps:
         router["per_step"] = route_steps
+        rates = [st["new_modality_fallback_rate"] for st in route_steps if st.get("new_modality_fallback_rate") is not None]
+        router["new_modality_fallback_min"] = min(rates) if rates else None
+        fin = {m: out_methods.get(m, {}) for m in ("casam", "casam_oracle")}
+        if all(fin[m].get("avg_iou") is not None for m in fin):
+            router["regret"] = {"box": fin["casam_oracle"]["avg_iou"] - fin["casam"]["avg_iou"],
+                                "click": fin["casam_oracle"]["avg_iou_click"] - fin["casam"]["avg_iou_click"]}
         router["taus"] = [i.tau for i in casam_infos]
 
     params, gmac = describe(bb.embed_dim, bb.embed_size)
     res: Dict[str, Any] = {
-        "benchmark": "continual stream (CA-SAM issue 3)",
+        "benchmark": "continual stream (CA-SAM issues 3 and 11)",
         "partial": partial,
         "backbone": {"name": bb.name, "id": bb.id, "img_size": bb.img_size, "embed_size": bb.embed_size},
         "tasks": names,
         "task_data": counts,
-        "prompts": {"box": "tight ground-truth box per class (headline)", "point": "one point: the foreground pixel nearest the mask centroid"},
+        "prompts": {"box": "tight ground-truth box per class", "click": "one click at the foreground pixel nearest the mask centroid, answered as each method answers clicks (zero_shot: the decoder's raw point prompt; the others: casam.clicks box proposals)"},
         "metrics": "IoU per mask averaged over the task's test masks; R[k][j] = after learning task k, on task j (rows "
                    "lower-triangular); R_all also has the not-yet-seen tasks; avg_iou = mean of the last row; "
                    "bwt = mean_j<T R[T][j] - R[j][j]; unseen_delta = mean over k<j of R_all[k][j] - zero-shot[j]",
@@ -551,7 +686,7 @@ def assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_s
         "encode_seconds": round(encode_s, 1),
         "recipe": recipe(args, cfg),
     }
-    res["targets"] = targets(out_methods, router) if not partial else {}
+    res["targets"] = targets(out_methods, router, {}) if not partial else {}
     return _clean(res)
 
 
@@ -563,141 +698,59 @@ def recipe(args, cfg: TrainConfig) -> Dict[str, Any]:
     else:
         kind = (f"reduced CPU recipe: {cfg.epochs} epochs on at most {cfg.max_images or 'all'} training images per task "
                 f"(METHOD.md: 24 epochs on all training images); the same images and steps for every trained method")
-    return {"kind": kind, "epochs": cfg.epochs, "max_images": cfg.max_images, "max_train_cases": args.max_train_cases,
+    return {"kind": kind, "epochs": cfg.epochs, "clicks": args.clicks, "sequence_cases": args.sequence_cases, "max_images": cfg.max_images, "max_train_cases": args.max_train_cases,
             "max_test_cases": args.max_test_cases, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
             "val_fraction": cfg.val_fraction, "vae_epochs": cfg.vae_epochs, "vae_beta": cfg.vae_beta, "tau_folds": cfg.tau_folds,
-            "tau_percentile": cfg.tau_percentile, "prompt_mix": f"box p={cfg.box_prob} (±{cfg.jitter:g} px jitter) else central point",
+            "tau_percentile": cfg.tau_percentile, "prompt_mix": f"box p={cfg.box_prob} (±{cfg.jitter:g} px jitter) else central point", "gate_lr": cfg.gate_lr, "select_best": cfg.select_best,
             "joint": "one layer, the same epochs over the union of the tasks' training images"}
 
 
-def targets(methods: Dict[str, Any], router: Dict[str, Any]) -> Dict[str, Any]:
-    def avg(m):
-        return methods.get(m, {}).get("avg_iou")
+def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any]) -> Dict[str, Any]:
+    """The project's targets (issue 11; BWT from issue 3), each with its value and whether it is met."""
+    def get(m: str, key: str):
+        return methods.get(m, {}).get(key)
+
+    def check(target: str, value, met) -> Dict[str, Any]:
+        return {"target": target, "value": value, "met": None if value is None else bool(met)}
 
     t: Dict[str, Any] = {}
-    bwt = methods.get("casam", {}).get("bwt")
-    t["casam_bwt"] = {"target": f"CA-SAM BWT >= {TARGET_BWT}", "value": bwt, "met": None if bwt is None else bwt >= TARGET_BWT}
-    acc = router.get("accuracy")
-    t["router_accuracy"] = {"target": f"router accuracy >= {TARGET_ROUTER}", "value": acc, "met": None if acc is None else acc >= TARGET_ROUTER}
-    ca = avg("casam")
-    base = {m: avg(m) for m in ("zero_shot", "seq_decoder", "seq_layer")}
-    known = {m: v for m, v in base.items() if v is not None}
-    t["casam_above_baselines"] = {"target": "CA-SAM Avg-IoU above methods 1-3 (zero-shot, sequential decoder, shared layer)",
-                                  "value": ca, "baselines": base,
-                                  "met": None if ca is None or not known else all(ca > v for v in known.values()) and len(known) == 3}
-    orc = avg("casam_oracle")
-    t["casam_near_oracle"] = {"target": f"CA-SAM Avg-IoU within {TARGET_ORACLE_GAP} of the oracle", "value": ca, "oracle": orc,
-                              "gap": None if ca is None or orc is None else orc - ca,
-                              "met": None if ca is None or orc is None else ca >= orc - TARGET_ORACLE_GAP}
+    ca, zs = get("casam", "avg_iou"), get("zero_shot", "avg_iou")
+    t["casam_box_vs_zero_shot"] = check("CA-SAM box Avg-IoU >= frozen backbone", None if ca is None or zs is None else ca - zs,
+                                        ca is not None and zs is not None and ca >= zs)
+    R, Z = get("casam", "R"), get("zero_shot", "R")
+    worst = min(a - b for a, b in zip(R[-1], Z[-1])) if R and Z and len(R[-1]) == len(Z[-1]) else None
+    t["casam_box_per_task"] = check(f"no task's final CA-SAM box IoU more than {TARGET_BOX_TASK_DROP} below the frozen backbone",
+                                    worst, worst is not None and worst >= -TARGET_BOX_TASK_DROP)
+    v = get("casam", "avg_iou_click")
+    t["casam_click"] = check(f"CA-SAM click Avg-IoU >= {TARGET_CLICK}", v, v is not None and v >= TARGET_CLICK)
+    v = get("fresh_install", "avg_iou_click")
+    t["fresh_install_click"] = check(f"fresh install click Avg-IoU >= {TARGET_FRESH_CLICK}", v, v is not None and v >= TARGET_FRESH_CLICK)
+    fb = get("fresh_install", "avg_iou")
+    v = None if fb is None or zs is None else fb - zs
+    t["fresh_install_box"] = check(f"fresh install box Avg-IoU >= zero-shot - {TARGET_FRESH_BOX_DROP}", v,
+                                   v is not None and v >= -TARGET_FRESH_BOX_DROP)
+    for p in PROMPTS:
+        v = (router.get("regret") or {}).get(p)
+        t[f"router_regret_{p}"] = check(f"router regret (oracle - router) <= {TARGET_REGRET} on {p} prompts", v,
+                                        v is not None and v <= TARGET_REGRET)
+    v = get("casam", "bwt")
+    t["casam_bwt"] = check(f"CA-SAM BWT >= {TARGET_BWT}", v, v is not None and v >= TARGET_BWT)
+    v = router.get("new_modality_fallback_min")
+    t["new_modality_fallback"] = check(f"images of a modality no layer was trained on fall back >= {TARGET_UNSEEN_FALLBACK:.0%} "
+                                       "at every step (the lowest step)", v, v is not None and v >= TARGET_UNSEEN_FALLBACK)
+    # encoding grows with the images; training is capped at max_images, and calibration is seconds
+    serve = [st["seconds_to_serve"]["encode_per_image"] * 80 + st["seconds_to_serve"].get("train", 0)
+             + st["seconds_to_serve"].get("calibrate", 0) for st in router.get("per_step", []) if st.get("seconds_to_serve")]
+    v = max(serve) if serve else None
+    t["seconds_to_serve"] = check(f"labelled images to served layer <= {TARGET_SERVE_SECONDS} s for 80 images (the slowest "
+                                  "task: 80 x encode seconds per image + train + calibrate)", v,
+                                  v is not None and v <= TARGET_SERVE_SECONDS)
+    cs = (seqs.get("casam") or {}).get("mean")
+    v = cs["iou"][-1] if cs else None
+    t["casam_sequence"] = check(f"CA-SAM IoU after the last click >= {TARGET_SEQUENCE}", v, v is not None and v >= TARGET_SEQUENCE)
+    t["casam_sequence_monotone"] = check("CA-SAM mean IoU never drops from one click to the next", None if not cs else cs["monotone"],
+                                         bool(cs and cs["monotone"]))
     return t
-
-
-def _fmt(v: Optional[float], nd: int = 3, signed: bool = False) -> str:
-    if v is None:
-        return "–"
-    return f"{v:+.{nd}f}" if signed else f"{v:.{nd}f}"
-
-
-def markdown(res: Dict[str, Any]) -> str:
-    names = res["tasks"]
-    L = [f"# Continual stream benchmark ({res['backbone']['name']})", ""]
-    if res.get("partial"):
-        L += ["**Partial results: the run is still going (or stopped early).**", ""]
-    L += [f"Tasks in stream order: {', '.join(f'`{n}`' for n in names)}.", "",
-          f"Recipe: {res['recipe']['kind']}.", "",
-          "| method | Avg-IoU (box) | BWT (box) | Avg-Dice | Avg-bIoU | Avg-IoU (point) | BWT (point) | unseen Δ vs zero-shot | train s |",
-          "|---|---|---|---|---|---|---|---|---|"]
-    for m, e in res["methods"].items():
-        L.append(f"| {e['label']} | {_fmt(e['avg_iou'])} | {_fmt(e['bwt'], signed=True)} | {_fmt(e.get('avg_dice'))} | "
-                 f"{_fmt(e.get('avg_biou'))} | {_fmt(e['avg_iou_point'])} | {_fmt(e['bwt_point'], signed=True)} | "
-                 f"{_fmt(e.get('unseen_delta'), signed=True)} | {e['seconds'].get('train', 0):.0f} |")
-    L += ["", "Final row (IoU per task after the last task, box prompt):", "",
-          "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
-    for m, e in res["methods"].items():
-        last = e["R"][-1] if e["R"] else []
-        L.append(f"| {m} | " + " | ".join(_fmt(v) for v in last) + " |")
-    r = res.get("router") or {}
-    if "accuracy" in r:
-        L += ["", f"Router after the last task, on the test images of every task: accuracy **{_fmt(r['accuracy'])}**, "
-              f"fallback rate {_fmt(r['fallback_rate'])} ({r['n_images']} images).", "",
-              "| true task \\ chosen | " + " | ".join(r["confusion_columns"]) + " |", "|---|" + "---|" * len(r["confusion_columns"])]
-        for n in names:
-            L.append(f"| {n} | " + " | ".join(str(r["confusion"][n][c]) for c in r["confusion_columns"]) + " |")
-    if r.get("per_step"):
-        L += ["", "| after task | router accuracy on seen tasks | fallback on unseen tasks | τ | val IoU (layer / zero-shot) |", "|---|---|---|---|---|"]
-        for s in r["per_step"]:
-            L.append(f"| {s['after']} | {_fmt(s['seen_accuracy'])} | {_fmt(s['unseen_fallback_rate'])} | {s['tau']:.4g} | "
-                     f"{_fmt(s['val_iou'])} / {_fmt(s['zero_shot_val_iou'])} |")
-    if res.get("targets"):
-        L += ["", "| target | value | met |", "|---|---|---|"]
-        for t in res["targets"].values():
-            v = t.get("value")
-            L.append(f"| {t['target']} | {_fmt(v, 4) if isinstance(v, float) else v} | {'yes' if t['met'] else ('no' if t['met'] is False else '–')} |")
-    mach = res["machine"]
-    L += ["", f"Alignment Layer: {res['layer']['params']:,} parameters, {res['layer']['gmac']} GMAC per image.", "",
-          "Command:", "", "```", res["command"], "```", "",
-          f"Machine: {mach['cpu']}, {mach['cores']} cores ({mach['torch_threads']} torch threads), torch {mach['torch']}, "
-          f"device {mach['device']}{', ' + mach['gpu'] if mach.get('gpu') else ' (no GPU)'}. "
-          f"Wall time {res['seconds'] / 60:.1f} min (encoding {res['encode_seconds'] / 60:.1f} min).", "",
-          "R[k][j] = mean IoU on task j's test split after learning task k. BWT = mean over j < T of R[T][j] − R[j][j]. "
-          "Unseen Δ = mean over k < j of R[k][j] − zero-shot[j] (how a method treats tasks it has not learned yet). "
-          "Full matrices (IoU, Dice, boundary IoU; box and point prompts) are in the JSON.", ""]
-    return "\n".join(L)
-
-
-def plot_figure(res: Dict[str, Any], path: Path) -> None:
-    """Draws the R heatmap of every method (box-prompt IoU) into a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    methods = list(res["methods"].items())
-    if not methods:
-        return
-    names = res["tasks"]
-    T = len(names)
-    ncol = min(3, len(methods))
-    nrow = (len(methods) + ncol - 1) // ncol
-    fig, axes = plt.subplots(
-        nrow, ncol, figsize=(3.6 * ncol + 2, 3.8 * nrow), squeeze=False, layout="constrained"
-    )
-    short = [n.replace("brain_mri_lgg@", "lgg@").replace("dermoscopy_", "").replace("fetal_head_", "fetal_") for n in names]
-    im = None
-    for i, (ax, (m, e)) in enumerate(zip(axes.flat, methods)):
-        A = np.full((T, T), np.nan)
-        for k, row in enumerate(e["R"]):
-            for j, v in enumerate(row):
-                if v is not None:
-                    A[k, j] = v
-        im = ax.imshow(np.ma.masked_invalid(A), vmin=0, vmax=1, cmap="viridis")
-        for k in range(T):
-            for j in range(T):
-                if not np.isnan(A[k, j]):
-                    ax.text(j, k, f"{A[k, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if A[k, j] < 0.6 else "black")
-        bwt = "–" if e["bwt"] is None else f"{e['bwt']:+.3f}"
-        avg = "–" if e["avg_iou"] is None else f"{e['avg_iou']:.3f}"
-        ax.set_title(f"{e['label']}\nAvg-IoU {avg}, BWT {bwt}", fontsize=8)
-        ax.set_xticks(range(T), short, rotation=45, ha="right", fontsize=7)
-        ax.set_yticks(range(T), [f"after {s}" for s in short] if i % ncol == 0 else [], fontsize=7)
-    for ax in list(axes.flat)[len(methods):]:
-        ax.axis("off")
-    if im is not None:
-        fig.colorbar(im, ax=axes, shrink=0.6, label="IoU (box prompt)")
-    fig.suptitle(f"Continual stream R[k][j] ({res['backbone']['name']}, {res['recipe']['epochs']} epochs, lr {res['recipe']['lr']:g})", fontsize=10)
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
-
-
-def write_outputs(out_dir: Path, name: str, res: Dict[str, Any], figure: bool = True) -> None:
-    """Writes <name>.json (atomically), <name>.md and, with ``figure``, <name>_R.png."""
-    js = out_dir / f"{name}.json"
-    tmp = js.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(res, indent=2) + "\n")
-    os.replace(tmp, js)
-    (out_dir / f"{name}.md").write_text(markdown(res))
-    if figure:
-        plot_figure(res, out_dir / f"{name}_R.png")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

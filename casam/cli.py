@@ -124,6 +124,13 @@ def cmd_export_bundle(args) -> int:
     return 0
 
 
+def cmd_evaluate(args) -> int:
+    from .evaluate import run
+
+    run(args)
+    return 0
+
+
 def cmd_demo(args) -> int:
     from .demo import run_demo
 
@@ -177,6 +184,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("rest", nargs=argparse.REMAINDER)
     f.set_defaults(func=cmd_federated)
 
+    from .evaluate import add_parser as add_evaluate
+
+    ev = add_evaluate(sub)
+    _backbone_args(ev)
+    _registry_arg(ev)
+    ev.set_defaults(func=cmd_evaluate)
+
     e = sub.add_parser("export-bundle", help="write a MONAI bundle (configs + models/) from a trained registry")
     e.add_argument("--out", required=True, help="bundle folder to write")
     e.add_argument("--template", default=None, help="bundle template folder (default: bundles/casam of the checkout)")
@@ -200,6 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         args = argparse.Namespace(command=argv[0], rest=argv[1:], func=cmd_benchmark if argv[0] == "benchmark" else cmd_federated)
     else:
         args = build_parser().parse_args(argv)
+        args.argv = argv[1:]
     if args.command == "layers" and args.action in ("remove", "rollback") and not args.target:
         build_parser().error(f"layers {args.action} needs a target")
     try:

@@ -24,7 +24,7 @@ from .backbone import load_backbone
 from .errors import CasamError
 from .metrics import iou
 from .predictor import CASAMPredictor
-from .prompts import tight_box
+from .prompts import centroid_point, tight_box
 from .registry import LayerRegistry
 from .training import TrainConfig, split_by_patient, train_layer
 
@@ -71,23 +71,37 @@ def template_slices(step: int = 2, lo: int = 50, hi: int = 130):
     return images, masks, blocks, zs
 
 
-def _figure(path: Path, image, truth, plain, aligned, ious) -> None:
+def _figure(path: Path, image, truth, rows) -> None:
+    """Draws truth, plain SAM and CA-SAM side by side, one row per prompt (a click, a box)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(1, 4, figsize=(12, 3.4))
-    for a, (title, m) in zip(ax, [("image", None), ("white matter (truth)", truth), (f"plain SAM IoU {ious[0]:.2f}", plain),
-                                  (f"CA-SAM IoU {ious[1]:.2f}", aligned)]):
-        a.imshow(image, cmap="gray")
-        if m is not None:
-            a.imshow(np.ma.masked_where(m == 0, m), cmap="autumn", alpha=0.5)
-        a.set_title(title)
-        a.axis("off")
+    fig, ax = plt.subplots(len(rows), 3, figsize=(9.6, 3.3 * len(rows)), squeeze=False)
+    for r, (prompt, draw, plain, aligned, ious) in enumerate(rows):
+        for a, (title, m) in zip(ax[r], [(f"white matter (truth), {prompt}", truth), (f"plain SAM IoU {ious[0]:.2f}", plain),
+                                         (f"CA-SAM IoU {ious[1]:.2f}", aligned)]):
+            a.imshow(image, cmap="gray")
+            a.imshow(np.ma.masked_where(m == 0, m), cmap="autumn", alpha=0.5, interpolation="nearest")
+            draw(a)
+            a.set_title(title, fontsize=9)
+            a.axis("off")
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def _draw_box(box):
+    def draw(a):
+        import matplotlib.patches as patches
+
+        a.add_patch(patches.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, color="cyan", lw=1.2))
+    return draw
+
+
+def _draw_click(point):
+    return lambda a: a.plot(point[0, 0], point[0, 1], "c+", markersize=12, mew=2)
 
 
 def run_demo(args) -> int:
@@ -112,10 +126,14 @@ def run_demo(args) -> int:
     rows = []
     for i in test_idx:
         box = tight_box(masks[i] | (images[i] > 20))  # a box around the brain, as a user would drag it
-        plain = pred.predict(images[i], box=box, layer="none", key=f"z{zs[i]}")
-        auto = pred.predict(images[i], box=box, key=f"z{zs[i]}")
-        rows.append({"slice": zs[i], "plain_sam_iou": iou(plain.mask, masks[i]), "casam_iou": iou(auto.mask, masks[i]),
-                     "routed_to": auto.route["layer"]})
+        click = centroid_point(masks[i] > 0)  # one click on the white matter
+        row = {"slice": zs[i], "routed_to": None}
+        for prompt, kw in (("box", {"box": box}), ("click", {"points": click, "point_labels": [1]})):
+            plain = pred.predict(images[i], layer="none", key=f"z{zs[i]}", **kw)
+            auto = pred.predict(images[i], key=f"z{zs[i]}", **kw)
+            row[f"plain_sam_{prompt}_iou"], row[f"casam_{prompt}_iou"] = iou(plain.mask, masks[i]), iou(auto.mask, masks[i])
+            row["routed_to"], row[f"{prompt}_served_by"] = auto.route["layer"], auto.route["used"]
+        rows.append(row)
     from matplotlib import cbook
 
     with cbook.get_sample_data("grace_hopper.jpg") as fh:
@@ -126,21 +144,29 @@ def run_demo(args) -> int:
     summary = {
         "layer": info.to_dict(),
         "test_slices": len(rows),
-        "plain_sam_iou": float(np.mean([r["plain_sam_iou"] for r in rows])),
-        "casam_iou": float(np.mean([r["casam_iou"] for r in rows])),
+        **{f"{w}_{p}_iou": float(np.mean([r[f"{w}_{p}_iou"] for r in rows])) for w in ("plain_sam", "casam")
+           for p in ("box", "click")},
+        "layer_used_for": info.extra.get("use"),
         "routed_to_layer": float(np.mean([r["routed_to"] == info.name for r in rows])),
         "out_of_domain_photo": {"fallback": ood.route["fallback"], "score": ood.route["score"], "tau": ood.route["tau"]},
         "per_slice": rows,
         "seconds": round(time.time() - t0, 1),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    k = int(np.argmax([r["casam_iou"] - r["plain_sam_iou"] for r in rows]))
+    k = int(np.argmax([r["casam_box_iou"] - r["plain_sam_box_iou"] for r in rows]))
     i = test_idx[k]
     box = tight_box(masks[i] | (images[i] > 20))
-    _figure(out / "demo.png", images[i], masks[i], pred.predict(images[i], box=box, layer="none").mask,
-            pred.predict(images[i], box=box).mask, (rows[k]["plain_sam_iou"], rows[k]["casam_iou"]))
-    print(f"[demo] held-out slices: plain SAM IoU {summary['plain_sam_iou']:.3f} -> CA-SAM IoU {summary['casam_iou']:.3f}; "
-          f"router chose the layer for {summary['routed_to_layer']:.0%}")
+    click = centroid_point(masks[i] > 0)
+    fig_rows = []
+    for prompt, kw, draw in (("one click", {"points": click, "point_labels": [1]}, _draw_click(click)),
+                             ("box", {"box": box}, _draw_box(box))):
+        plain, auto = pred.predict(images[i], layer="none", **kw).mask, pred.predict(images[i], **kw).mask
+        fig_rows.append((prompt, draw, plain, auto, (iou(plain, masks[i]), iou(auto, masks[i]))))
+    _figure(out / "demo.png", images[i], masks[i], fig_rows)
+    print(f"[demo] held-out slices, box around the brain: plain SAM IoU {summary['plain_sam_box_iou']:.3f} -> CA-SAM "
+          f"{summary['casam_box_iou']:.3f}; one click: plain SAM {summary['plain_sam_click_iou']:.3f} -> CA-SAM "
+          f"{summary['casam_click_iou']:.3f}; router chose the layer for {summary['routed_to_layer']:.0%}; the layer "
+          f"serves {', '.join(p for p, u in (info.extra.get('use') or {}).items() if u) or 'no prompt type'}")
     print(f"[demo] out-of-domain photo: {'fell back to plain SAM' if ood.route['fallback'] else 'routed to ' + str(ood.route['layer'])} "
           f"(score {ood.route['score']:.4g} vs tau {ood.route['tau']:.4g})")
     print(f"[demo] wrote {out / 'summary.json'}, {out / 'demo.png'} and the registry {out / 'registry'} ({summary['seconds']} s)")

@@ -36,7 +36,7 @@ def test_quick_and_full_are_exclusive():
 
 @needs_data
 def test_quick_run_writes_results(tmp_path):
-    assert main(["--quick", "--out", str(tmp_path), "--data", str(DATA)]) == 0
+    assert main(["--quick", "--out", str(tmp_path), "--data", str(DATA), "--methods", ",".join(METHODS), "--clicks", "2"]) == 0
     res = json.loads((tmp_path / "continual.json").read_text())
     assert (tmp_path / "continual.md").read_text().startswith("# Continual stream benchmark")
     assert (tmp_path / "continual_R.png").stat().st_size > 1000
@@ -47,10 +47,10 @@ def test_quick_run_writes_results(tmp_path):
         assert key in res
     assert set(res["methods"]) == set(METHODS)
     for name, m in res["methods"].items():
-        for key in ("R", "R_point", "R_dice", "R_biou", "R_all"):
+        for key in ("R", "R_click", "R_dice", "R_biou", "R_all"):
             assert [len(r) for r in m[key]] == ([1, 2] if key != "R_all" else [2, 2]), (name, key)
             assert all(v is None or 0.0 <= v <= 1.0 for row in m[key] for v in row)
-        assert 0.0 <= m["avg_iou"] <= 1.0 and 0.0 <= m["avg_iou_point"] <= 1.0
+        assert 0.0 <= m["avg_iou"] <= 1.0 and 0.0 <= m["avg_iou_click"] <= 1.0
         assert m["avg_iou"] == pytest.approx(sum(m["R"][-1]) / T, abs=1e-5)
         if name == "joint":
             assert m["bwt"] is None
@@ -67,9 +67,22 @@ def test_quick_run_writes_results(tmp_path):
     assert r["confusion_columns"] == res["tasks"] + ["fallback"]
     assert sum(sum(row.values()) for row in r["confusion"].values()) == r["n_images"] == sum(t["test_cases"] for t in res["task_data"])
     assert len(r["per_step"]) == T
-    assert res["layer"]["params"] == 3541007 and res["layer"]["gmac"] > 0
+    for step in r["per_step"]:
+        assert set(step["use"]) == {"box", "click"} and step["seconds_to_serve"]["total"] > 0
+        assert step["val"]["box"]["plain"] is not None and step["best_epoch"] in (0, 1)
+    assert r["per_step"][0]["new_modality_fallback_rate"] is not None  # MRI is new after dermoscopy
+    assert set(r["regret"]) == {"box", "click"}
+    # a fresh install answers boxes exactly as plain SAM does
+    assert res["methods"]["fresh_install"]["R"][-1] == res["methods"]["zero_shot"]["R"][-1]
+    seqs = res["click_sequences"]
+    assert set(seqs) == {"zero_shot", "fresh_install", "casam", "casam_oracle"}
+    for v in seqs.values():
+        assert len(v["mean"]["iou"]) == 2 and v["mean"]["auc_iou"] is not None and set(v["per_task"]) == set(res["tasks"])
+    assert res["layer"]["params"] == 3541008 and res["layer"]["gmac"] > 0
     assert res["recipe"]["epochs"] == 1 and "quick" in res["recipe"]["kind"]
-    assert set(res["targets"]) == {"casam_bwt", "router_accuracy", "casam_above_baselines", "casam_near_oracle"}
+    assert set(res["targets"]) == {"casam_box_vs_zero_shot", "casam_box_per_task", "casam_click", "fresh_install_click",
+                                   "fresh_install_box", "router_regret_box", "router_regret_click", "casam_bwt",
+                                   "new_modality_fallback", "seconds_to_serve", "casam_sequence", "casam_sequence_monotone"}
     assert all(t["met"] in (True, False) for t in res["targets"].values())
     assert res["machine"]["torch"] and res["command"].startswith("casam benchmark --quick")
 
@@ -77,7 +90,7 @@ def test_quick_run_writes_results(tmp_path):
 @needs_data
 def test_task_and_method_subsets(tmp_path):
     assert main(["--quick", "--out", str(tmp_path), "--data", str(DATA), "--tasks", "dermoscopy_ph2",
-                 "--methods", "zero_shot,casam", "--max-test-cases", "2", "--no-plot"]) == 0
+                 "--methods", "zero_shot,casam", "--max-test-cases", "2", "--no-plot", "--clicks", "0"]) == 0
     res = json.loads((tmp_path / "continual.json").read_text())
     assert res["tasks"] == ["dermoscopy_ph2"] and set(res["methods"]) == {"zero_shot", "casam"}
     assert res["methods"]["casam"]["bwt"] == 0.0 and len(res["methods"]["casam"]["R"]) == 1

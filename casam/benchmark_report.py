@@ -1,0 +1,141 @@
+"""Reports of the continual benchmark: Markdown table, R heatmaps and the atomic JSON write."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import numpy as np
+
+
+def _fmt(v: Optional[float], nd: int = 3, signed: bool = False) -> str:
+    if v is None:
+        return "–"
+    return f"{v:+.{nd}f}" if signed else f"{v:.{nd}f}"
+
+
+def markdown(res: Dict[str, Any]) -> str:
+    names = res["tasks"]
+    L = [f"# Continual stream benchmark ({res['backbone']['name']})", ""]
+    if res.get("partial"):
+        L += ["**Partial results: the run is still going (or stopped early).**", ""]
+    L += [f"Tasks in stream order: {', '.join(f'`{n}`' for n in names)}.", "",
+          f"Recipe: {res['recipe']['kind']}.", "",
+          "| method | Avg-IoU (box) | BWT (box) | Avg-Dice | Avg-bIoU | Avg-IoU (click) | BWT (click) | unseen Δ vs zero-shot | train s |",
+          "|---|---|---|---|---|---|---|---|---|"]
+    for m, e in res["methods"].items():
+        L.append(f"| {e['label']} | {_fmt(e['avg_iou'])} | {_fmt(e['bwt'], signed=True)} | {_fmt(e.get('avg_dice'))} | "
+                 f"{_fmt(e.get('avg_biou'))} | {_fmt(e['avg_iou_click'])} | {_fmt(e['bwt_click'], signed=True)} | "
+                 f"{_fmt(e.get('unseen_delta'), signed=True)} | {e['seconds'].get('train', 0):.0f} |")
+    L += ["", "Final row (IoU per task after the last task, box prompt):", "",
+          "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m, e in res["methods"].items():
+        last = e["R"][-1] if e["R"] else []
+        L.append(f"| {m} | " + " | ".join(_fmt(v) for v in last) + " |")
+    L += ["", "Final row, one click:", "", "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for m, e in res["methods"].items():
+        last = e["R_click"][-1] if e.get("R_click") else []
+        L.append(f"| {m} | " + " | ".join(_fmt(v) for v in last) + " |")
+    seqs = res.get("click_sequences") or {}
+    if seqs:
+        n = len(next(iter(seqs.values()))["mean"]["iou"])
+        L += ["", f"Click sequences after the last task (mean over tasks; each next click at the centre of the largest "
+              f"error region), IoU after each click:", "",
+              "| method | " + " | ".join(f"click {i + 1}" for i in range(n)) + " | AUC | never drops |",
+              "|---|" + "---|" * (n + 2)]
+        for m, v in seqs.items():
+            L.append(f"| {m} | " + " | ".join(_fmt(x) for x in v["mean"]["iou"]) + f" | {_fmt(v['mean']['auc_iou'])} | "
+                     f"{'yes' if v['mean']['monotone'] else 'no'} |")
+    r = res.get("router") or {}
+    if "accuracy" in r:
+        L += ["", f"Router after the last task, on the test images of every task: accuracy **{_fmt(r['accuracy'])}**, "
+              f"fallback rate {_fmt(r['fallback_rate'])} ({r['n_images']} images).", "",
+              "| true task \\ chosen | " + " | ".join(r["confusion_columns"]) + " |", "|---|" + "---|" * len(r["confusion_columns"])]
+        for n in names:
+            L.append(f"| {n} | " + " | ".join(str(r["confusion"][n][c]) for c in r["confusion_columns"]) + " |")
+    if r.get("per_step"):
+        L += ["", "| after task | router accuracy on seen tasks | fallback on unseen tasks | fallback on new modalities | τ | "
+              "val box (layer / plain) | val click (layer / plain) | layer used for | best epoch | s to serve |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+        for s in r["per_step"]:
+            val, use = s.get("val") or {}, s.get("use") or {}
+            vb, vc = val.get("box") or {}, val.get("click") or {}
+            serve = (s.get("seconds_to_serve") or {}).get("total")
+            L.append(f"| {s['after']} | {_fmt(s['seen_accuracy'])} | {_fmt(s['unseen_fallback_rate'])} | "
+                     f"{_fmt(s.get('new_modality_fallback_rate'))} | {s['tau']:.4g} | {_fmt(vb.get('layer'))} / "
+                     f"{_fmt(vb.get('plain'))} | {_fmt(vc.get('layer'))} / {_fmt(vc.get('plain'))} | "
+                     f"{', '.join(p for p, u in use.items() if u) or 'nothing (plain SAM)'} | {s.get('best_epoch')} | "
+                     f"{'–' if serve is None else f'{serve:.0f}'} |")
+    if res.get("targets"):
+        L += ["", "| target | value | met |", "|---|---|---|"]
+        for t in res["targets"].values():
+            v = t.get("value")
+            L.append(f"| {t['target']} | {_fmt(v, 4) if isinstance(v, float) and not isinstance(v, bool) else v} | "
+                     f"{'yes' if t['met'] else ('no' if t['met'] is False else '–')} |")
+    mach = res["machine"]
+    L += ["", f"Alignment Layer: {res['layer']['params']:,} parameters, {res['layer']['gmac']} GMAC per image.", "",
+          "Command:", "", "```", res["command"], "```", "",
+          f"Machine: {mach['cpu']}, {mach['cores']} cores ({mach['torch_threads']} torch threads), torch {mach['torch']}, "
+          f"device {mach['device']}{', ' + mach['gpu'] if mach.get('gpu') else ' (no GPU)'}. "
+          f"Wall time {res['seconds'] / 60:.1f} min (encoding {res['encode_seconds'] / 60:.1f} min).", "",
+          "R[k][j] = mean IoU on task j's test split after learning task k. BWT = mean over j < T of R[T][j] − R[j][j]. "
+          "Unseen Δ = mean over k < j of R[k][j] − zero-shot[j] (how a method treats tasks it has not learned yet). "
+          "Full matrices (IoU, Dice, boundary IoU; box and click prompts) are in the JSON.", ""]
+    return "\n".join(L)
+
+
+def plot_figure(res: Dict[str, Any], path: Path) -> None:
+    """Draws the R heatmap of every method (box-prompt IoU) into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = list(res["methods"].items())
+    if not methods:
+        return
+    names = res["tasks"]
+    T = len(names)
+    ncol = min(3, len(methods))
+    nrow = (len(methods) + ncol - 1) // ncol
+    fig, axes = plt.subplots(
+        nrow, ncol, figsize=(3.6 * ncol + 2, 3.8 * nrow), squeeze=False, layout="constrained"
+    )
+    short = [n.replace("brain_mri_lgg@", "lgg@").replace("dermoscopy_", "").replace("fetal_head_", "fetal_") for n in names]
+    im = None
+    for i, (ax, (m, e)) in enumerate(zip(axes.flat, methods)):
+        A = np.full((T, T), np.nan)
+        for k, row in enumerate(e["R"]):
+            for j, v in enumerate(row):
+                if v is not None:
+                    A[k, j] = v
+        im = ax.imshow(np.ma.masked_invalid(A), vmin=0, vmax=1, cmap="viridis")
+        for k in range(T):
+            for j in range(T):
+                if not np.isnan(A[k, j]):
+                    ax.text(j, k, f"{A[k, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if A[k, j] < 0.6 else "black")
+        bwt = "–" if e["bwt"] is None else f"{e['bwt']:+.3f}"
+        avg = "–" if e["avg_iou"] is None else f"{e['avg_iou']:.3f}"
+        ax.set_title(f"{e['label']}\nAvg-IoU {avg}, BWT {bwt}", fontsize=8)
+        ax.set_xticks(range(T), short, rotation=45, ha="right", fontsize=7)
+        ax.set_yticks(range(T), [f"after {s}" for s in short] if i % ncol == 0 else [], fontsize=7)
+    for ax in list(axes.flat)[len(methods):]:
+        ax.axis("off")
+    if im is not None:
+        fig.colorbar(im, ax=axes, shrink=0.6, label="IoU (box prompt)")
+    fig.suptitle(f"Continual stream R[k][j] ({res['backbone']['name']}, {res['recipe']['epochs']} epochs, lr {res['recipe']['lr']:g})", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def write_outputs(out_dir: Path, name: str, res: Dict[str, Any], figure: bool = True) -> None:
+    """Writes <name>.json (atomically), <name>.md and, with ``figure``, <name>_R.png."""
+    js = out_dir / f"{name}.json"
+    tmp = js.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(res, indent=2) + "\n")
+    os.replace(tmp, js)
+    (out_dir / f"{name}.md").write_text(markdown(res))
+    if figure:
+        plot_figure(res, out_dir / f"{name}_R.png")
