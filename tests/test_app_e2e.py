@@ -110,6 +110,11 @@ def test_2d_box_and_points(server):
     mask2, p2 = _infer(server, case, {"foreground": [[int(xs[c]), int(ys[c])]], "background": [[2, 2]]})
     assert p2["embedding_cached"] is True  # the second click reuses the embedding
     assert mask2[ys[c], xs[c]] == 1 and mask2[2, 2] == 0
+    # clicks are answered through box proposals, not the decoder's raw point prompt, and the result says so
+    # (click accuracy is asserted in test_integration_litemedsam and measured in benchmarks/; on this small
+    # tumour the chooser takes the whole brain: IoU 0.03, the tight box 0.64)
+    assert p["prompt"] == "box" and p2["prompt"] == "click" and p2["layer_used"] is None and p2["reason"], p2
+    assert p2["click"]["proposal"] == "click" and p2["click"]["proposals"] == 8, p2
 
 
 def test_3d_point_propagates_through_the_volume(server):
@@ -181,6 +186,10 @@ def test_label_train_route_and_active_learning(server, tmp_path):
         _, p = _infer(server, r["case"], {"foreground": [[128, 128]]})
         chosen.append(p["layer"])
         assert set(p["scores"]) == {"tcga-du-v1"} and p["tau"] == pytest.approx(layer["tau"])
+        # the layer decodes clicks only if it beat plain SAM on clicks in its validation
+        if p["layer"] == "tcga-du-v1":
+            assert (p["layer_used"] == "tcga-du-v1") == layer["used_for"]["click"], (p, layer)
+    assert set(layer["used_for"]) == {"box", "click"} and set(layer["validation"]) == {"box", "click"}
     assert chosen.count("tcga-du-v1") >= 2, chosen
     _, forced = _infer(server, server.home[0]["case"], {"foreground": [[128, 128]], "layer": "none"})
     assert forced["layer"] is None and forced["forced"] is True

@@ -120,7 +120,10 @@ class CASAMConfig(TaskConfig):
         for i in self.registry.list():
             out.append({"name": i.name, "institution": i.institution, "version": i.version, "active": i.name in active,
                         "modality": i.modality, "backbone": i.backbone_id, "images": i.n_images, "patients": i.n_patients,
-                        "tau": i.tau, "val_iou": i.val_iou, "zero_shot_val_iou": i.zero_shot_val_iou, "created": i.created})
+                        "tau": i.tau, "val_iou": i.val_iou, "zero_shot_val_iou": i.zero_shot_val_iou, "created": i.created,
+                        # per prompt type: validation IoU with the layer and with plain SAM, and whether it is used
+                        "validation": i.extra.get("val"), "used_for": i.extra.get("use"),
+                        "best_epoch": i.extra.get("best_epoch")})
         return out
 
     def remove_incomplete_layers(self) -> None:
