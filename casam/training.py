@@ -491,9 +491,13 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     t2 = time.time()
     vae, tau = fit_router(train_s, config)
     t3 = time.time()
-    val = validate(backbone, layer, val_s) if val_s else {}
-    plain = {"box": report["val_history"][0]["box"], "click": evaluate(backbone, None, val_s, "click")} \
-        if report.get("val_history") else (validate(backbone, None, val_s) if val_s else {})
+    per_epoch = report.get("val_history")
+    if per_epoch:  # boxes were validated every epoch (epoch 0 = plain SAM): only clicks are left to validate
+        val = {"box": per_epoch[report["best_epoch"]]["box"], "click": evaluate(backbone, layer, val_s, "click")}
+        plain = {"box": per_epoch[0]["box"], "click": evaluate(backbone, None, val_s, "click")}
+    else:
+        val = validate(backbone, layer, val_s) if val_s else {}
+        plain = validate(backbone, None, val_s) if val_s else {}
     use = {p: bool(val_s) and val[p] > plain[p] for p in PROMPT_TYPES}
     info = LayerInfo(
         name="", institution=institution, version=0, modality=modality, backbone_id=backbone.id,
