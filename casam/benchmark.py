@@ -191,19 +191,20 @@ ImageScores = Dict[str, Dict[str, List[float]]]  # prompt -> metric -> one value
 
 
 @torch.no_grad()
-def score_image(backbone: Backbone, layer: Optional[Callable], sample: Sample, raw_click: bool = False) -> ImageScores:
+def score_image(backbone: Backbone, layer: Optional[Callable], sample: Sample, raw_click: bool = False,
+                prompts: Sequence[str] = PROMPTS) -> ImageScores:
     """IoU, Dice and boundary IoU of every mask of one test image, for the box and the click prompt.
 
     The layer runs once per image; both prompts decode on its output with ``casam.training.predict_sample``.
     The click is answered as casam answers clicks, or with ``raw_click`` as the decoder's raw point prompt
-    (plain LiteMedSAM).
+    (plain LiteMedSAM). ``prompts`` picks which of the two are scored.
     """
-    out: ImageScores = {p: {m: [] for m in METRICS} for p in PROMPTS}
+    out: ImageScores = {p: {m: [] for m in METRICS} for p in prompts}
     if not sample.targets:
         return out
     z = sample.embedding[None].to(backbone.device)
     h = layer(z) if layer is not None else z
-    for prompt in PROMPTS:
+    for prompt in prompts:
         kind = "point" if prompt == "click" and raw_click else prompt
         preds = predict_sample(backbone, lambda _z, h=h: h, sample, kind)
         for t, m in zip(sample.targets, preds):
@@ -384,7 +385,8 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
     t0 = time.time()
     zs_img = [[score_image(bb, None, s) for s in te] for te in test_s]  # plain SAM + casam's clicks = fresh install
     fresh_res = [aggregate(x) for x in zs_img]
-    raw_img = [[score_image(bb, None, s, raw_click=True) for s in te] for te in test_s] if "zero_shot" in methods else zs_img
+    raw_img = [[{**f, **score_image(bb, None, s, raw_click=True, prompts=("click",))} for s, f in zip(te, fz)]
+               for te, fz in zip(test_s, zs_img)] if "zero_shot" in methods else zs_img  # boxes: the same as fresh
     zs_res = [aggregate(x) for x in raw_img]  # plain LiteMedSAM: raw point prompt
     zs_time = time.time() - t0
     for m, res_ in (("zero_shot", zs_res), ("fresh_install", fresh_res)):
