@@ -1,24 +1,30 @@
 """Interactive CA-SAM inference: embed once, route, decode many prompts.
 
 :class:`CASAMPredictor` serves a backbone with the active layers of a registry. For each image it computes
-the frozen embedding once (bounded LRU keyed by a caller-given key), routes it with the VAE router (or uses
-a layer the caller names), and decodes points and/or a box into a mask at the image's original size.
+the frozen embedding once, routes it with the VAE router (or uses a layer the caller names), and decodes
+points and/or a box into a mask at the image's original size.
+
+Under a caller-given key (one image, or one slice of a volume) it keeps, bounded by bytes
+(:class:`casam.cache.ByteCache`): the frozen embedding and what each Alignment Layer makes of it
+(``cache_bytes``), and every decoder answer per prompt (``decode_cache_bytes``), so a further click decodes
+only the prompts it changes and a re-propagation through a volume decodes only the slices whose prompt
+changed.
 """
 
 from __future__ import annotations
 
 import threading
-from collections import OrderedDict
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
 
 from .alignment import AlignmentLayer
 from .backbone import Backbone
+from .cache import MiB, ByteCache
 from .clicks import ClickConfig, decode_clicks
 from .errors import PromptError, UnknownLayerError
 from .preprocess import Geometry, Window, box_to_model, logits_to_image, points_to_model
@@ -26,6 +32,7 @@ from .registry import LayerInfo, LayerRegistry
 from .router import Router, pool_embedding
 
 AUTO, NONE = "auto", "none"
+CACHE_MB, DECODE_CACHE_MB = 512, 64
 
 
 def _fmt(v: Optional[float]) -> str:
@@ -135,19 +142,22 @@ class CASAMPredictor:
     Args:
         backbone: frozen backbone.
         registry: a LayerRegistry, a registry folder, or None (plain SAM only).
-        cache_size: embeddings kept in the LRU cache.
+        cache_size: at most this many embeddings and aligned embeddings are kept (None: bounded by bytes only).
         window: intensity window for images (see casam.preprocess.apply_window).
         clicks: how clicks become box prompts (see :mod:`casam.clicks`).
+        cache_bytes: bytes of embeddings and aligned embeddings kept (4 MiB each for LiteMedSAM).
+        decode_cache_bytes: bytes of decoder answers kept (256 KiB per prompt for LiteMedSAM).
     """
 
-    def __init__(self, backbone: Backbone, registry: Union[LayerRegistry, str, Path, None] = None, cache_size: int = 32,
-                 window: Window = "auto", clicks: Optional[ClickConfig] = None):
+    def __init__(self, backbone: Backbone, registry: Union[LayerRegistry, str, Path, None] = None,
+                 cache_size: Optional[int] = None, window: Window = "auto", clicks: Optional[ClickConfig] = None,
+                 cache_bytes: int = CACHE_MB * MiB, decode_cache_bytes: int = DECODE_CACHE_MB * MiB):
         self.backbone = backbone
         self.clicks = clicks or ClickConfig()
         self.registry = LayerRegistry(registry) if isinstance(registry, (str, Path)) else registry
-        self.cache_size = int(cache_size)
         self.window = window
-        self._cache: "OrderedDict[str, Embedding]" = OrderedDict()
+        self._cache = ByteCache(cache_bytes, cache_size)
+        self._decodes = ByteCache(decode_cache_bytes)
         self._lock = threading.RLock()
         self._layers: Dict[str, AlignmentLayer] = {}
         self._infos: List[LayerInfo] = []
@@ -176,6 +186,8 @@ class CASAMPredictor:
                 vaes.append(vae)
             self._infos, self._layers = infos, layers
             self.router = Router(vaes, [i.tau for i in infos])
+            self._cache.discard(lambda k: k[0] == "aligned")  # a layer name may now hold other weights
+            self._decodes.clear()
             self._signature = self.registry.signature()
             return list(infos)
 
@@ -216,6 +228,8 @@ class CASAMPredictor:
     def embed(self, image: Union[np.ndarray, Embedding], key: Optional[str] = None) -> Embedding:
         """Embeds an image (or returns the cached embedding stored under ``key``).
 
+        A thread asking for a key another thread is encoding waits for that embedding instead of encoding twice.
+
         Args:
             image: H×W or H×W×C image, or an Embedding (returned as is).
             key: cache key (e.g. image id + slice + backbone); None = no caching.
@@ -228,27 +242,68 @@ class CASAMPredictor:
         """
         if isinstance(image, Embedding):
             return image
-        if key is not None:
-            with self._lock:
-                hit = self._cache.get(key)
-                if hit is not None:
-                    self._cache.move_to_end(key)
-                    return hit
-        x, geom = self.backbone.prepare(image, self.window)
-        z = self.backbone.encode(x)
-        emb = Embedding(z, geom, pool_embedding(z)[0].cpu(), key)
-        if key is not None:
-            with self._lock:
-                self._cache[key] = emb
-                self._cache.move_to_end(key)
-                while len(self._cache) > self.cache_size:
-                    self._cache.popitem(last=False)
-        return emb
+
+        def compute() -> Embedding:
+            x, geom = self.backbone.prepare(image, self.window)
+            z = self.backbone.encode(x)
+            return Embedding(z, geom, pool_embedding(z)[0].cpu(), key)
+
+        if key is None:
+            return compute()
+        return self._cache.get_or_compute(("emb", key), compute)[0]
 
     def cached(self, key: str) -> bool:
         """True when an embedding is cached under ``key``."""
-        with self._lock:
-            return key in self._cache
+        return ("emb", key) in self._cache
+
+    def cache_stats(self) -> Dict[str, Dict[str, int]]:
+        """Entries, bytes, budget, hits, misses and evictions of the embedding and the decode caches."""
+        return {"embeddings": self._cache.stats(), "decodes": self._decodes.stats()}
+
+    def aligned(self, emb: Embedding, layer: Optional[str]) -> torch.Tensor:
+        """The embedding as a layer makes it (cached per image key and layer); plain SAM's for ``layer=None``.
+
+        Raises:
+            UnknownLayerError: unknown layer.
+        """
+        if layer is None:
+            return emb.z
+        if emb.key is None:
+            return self.layer(layer)(emb.z)
+        return self._cache.get_or_compute(("aligned", emb.key, layer), lambda: self.layer(layer)(emb.z))[0]
+
+    def decoder(self, z: torch.Tensor, key: Optional[Tuple]) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
+        """``decode(points, labels, boxes)`` on ``z`` that answers prompts it has seen on ``key`` from the cache.
+
+        Prompts not seen yet are decoded together in one batch; each prompt's answer (logits 1×L×L and predicted
+        IoU) is stored under ``key`` + the prompt's exact coordinates.
+
+        Args:
+            z: the (possibly aligned) embedding.
+            key: what ``z`` is (image key, layer), or None (no caching).
+
+        Returns:
+            A function with the signature of :meth:`casam.backbone.Backbone.decode` minus the embedding.
+        """
+        if key is None:
+            return partial(self.backbone.decode, z)
+
+        def decode(points=None, labels=None, boxes=None):
+            rows = [t for t in (points, labels, boxes) if t is not None]
+            n = len(rows[0])
+            keys = [key + tuple(np.asarray(t[i].detach().cpu(), np.float32).tobytes() for t in rows) for i in range(n)]
+            out = [self._decodes.get(k) for k in keys]
+            todo = [i for i, o in enumerate(out) if o is None]
+            if todo:
+                pick = torch.tensor(todo)
+                sel = [None if t is None else t[pick] for t in (points, labels, boxes)]
+                logits, iou = self.backbone.decode(z, *sel)
+                for j, i in enumerate(todo):
+                    out[i] = (logits[j : j + 1].clone(), iou[j : j + 1].clone())
+                    self._decodes.put(keys[i], out[i])
+            return torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+
+        return decode
 
     # ----------------------------------------------------------------- routing
     def route(self, emb: Embedding, layer: str = AUTO) -> Dict[str, Any]:
@@ -317,14 +372,12 @@ class CASAMPredictor:
         r = dict(route if route is not None else self.route(emb, layer))
         kind = "box" if bx is not None else "click"
         r.update(self.gate(r, kind))
-        z = emb.z
-        if r["used"] is not None:
-            z = self.layer(r["used"])(z)
+        decode = self.decoder(self.aligned(emb, r["used"]), None if emb.key is None else ("dec", emb.key, r["used"]))
         tb = torch.from_numpy(box_to_model(bx, emb.geom)) if bx is not None else None
         if pts is None:
-            logits, iou = self.backbone.decode(z, None, None, tb[None])
+            logits, iou = decode(None, None, tb[None])
         else:
-            logits, iou, r["click"] = decode_clicks(partial(self.backbone.decode, z), points_to_model(pts, emb.geom), lab,
+            logits, iou, r["click"] = decode_clicks(decode, points_to_model(pts, emb.geom), lab,
                                                     emb.geom.resized_hw, self.backbone.img_size,
                                                     self.backbone.lowres_size, self.clicks,
                                                     None if tb is None else tb.numpy())

@@ -22,8 +22,10 @@ from monailabel.tasks.activelearning.random import Random
 
 import casam
 from casam.errors import CasamError
+from casam.prefetch import Prefetcher
 from lib.configs.casam import CASAMConfig
 from lib.guard import guard_datastore, http_error, install_endpoint_guards, resolve_image
+from lib.hooks import install_open_hooks
 
 log = logging.getLogger(__name__)
 MODEL = "casam"
@@ -39,6 +41,10 @@ class CASAMApp(MONAILabelApp):
         self._count_lock = threading.Lock()
         install_endpoint_guards(self.cfg.limits)
         self.cfg.remove_incomplete_layers()
+        # encodes what a client opens (download, upload, next sample) before its first click; datastore images only
+        self.cfg.prefetcher = Prefetcher(lambda: self.cfg.predictor, lambda i: resolve_image(i, self.datastore()),
+                                         self.cfg.limits, self.cfg.max_propagation_slices) if self.cfg.prefetch else None
+        install_open_hooks(self.cfg.prefetcher.submit if self.cfg.prefetcher else None)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
@@ -77,6 +83,7 @@ class CASAMApp(MONAILabelApp):
         meta["backbone"] = {"name": bb.backbone_name, "checkpoint": checkpoint, "device": bb.device}
         meta["layers"] = self.cfg.layers_info()
         meta["limits"] = self.cfg.limits_info()
+        meta["cache"] = self.cfg.cache_info()
         return meta
 
     # --- clear 4xx errors instead of MONAI Label's 500 for a bad request; datastore images only ------------
@@ -107,7 +114,10 @@ class CASAMApp(MONAILabelApp):
         strategy = request.get("strategy") or "casam_novelty"
         if strategy not in self._strategies:
             raise HTTPException(404, f"unknown strategy {strategy!r}; available: {', '.join(self._strategies)}")
-        return super().next_sample({**request, "strategy": strategy})
+        result = super().next_sample({**request, "strategy": strategy})
+        if result and self.cfg.prefetcher is not None:
+            self.cfg.prefetcher.submit(result.get("id"))
+        return result
 
     def scoring(self, request, datastore=None):
         method = request.get("method")

@@ -17,7 +17,6 @@ the client names. The app closes these holes in two places:
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from fastapi import HTTPException
 from casam.data import IMAGE_SUFFIXES
 from casam.errors import CasamError, LimitError
 from casam.imageio import ImageLimits, check_label, read_clinical
+from lib.hooks import wrap_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -153,17 +153,7 @@ def install_endpoint_guards(limits: ImageLimits) -> None:
     from monailabel.endpoints import infer as infer_ep
 
     def wrap(module: Any, name: str, check: Callable[..., None]) -> None:
-        orig = getattr(module, name)
-        if getattr(orig, "casam_guarded", False):
-            return
-
-        @functools.wraps(orig)
-        def guarded(*args, **kwargs):
-            check(**dict(zip(orig.__code__.co_varnames, args)), **kwargs)
-            return orig(*args, **kwargs)
-
-        guarded.casam_guarded = True
-        setattr(module, name, guarded)
+        wrap_endpoint(module, name, "casam_guarded", before=check)
 
     def infer_check(image="", session_id="", params="{}", file=None, label=None, **_):
         _json_dict(params, "params")

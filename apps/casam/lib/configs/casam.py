@@ -15,7 +15,15 @@ retrain_after            new labelled images that give an institution a new laye
 train_after_labels       start training by itself after this many saved final labels (default 0 = off)
 epochs / max_images      training recipe (default 24 epochs, all images: CA-SAM's; lower on a CPU)
 max_slices_per_volume    labelled slices of each 3D label used for training (default 8)
-cache_size               embeddings kept for repeated clicks (default 64)
+cache_mb                 MiB of image embeddings and Alignment Layer outputs kept for further clicks (default
+                         512: 128 LiteMedSAM slices or images at 4 MiB each; a 38-slice volume with a layer
+                         takes 304 MiB)
+decode_cache_mb          MiB of decoder answers kept per prompt, so a further click or re-propagation decodes
+                         only what changed (default 64: 256 prompts at 256 KiB)
+cache_size               optional cap on the number of cached embeddings (default: none, bounded by cache_mb)
+prefetch                 encode an image in the background as soon as a client downloads it, uploads it or
+                         gets it as next sample (default true; volumes: up to max_propagation_slices slices
+                         from the middle out and at most half of cache_mb)
 novelty_max_score        images the novelty strategy scores on the spot when none has a stored score (16)
 =======================  =====================================================================================
 
@@ -47,7 +55,7 @@ from monailabel.interfaces.config import TaskConfig
 from casam.backbone import load_backbone
 from casam.imageio import ImageLimits
 from casam.online import remove_incomplete, writer_lock
-from casam.predictor import CASAMPredictor
+from casam.predictor import CACHE_MB, DECODE_CACHE_MB, CASAMPredictor
 from casam.registry import LayerRegistry
 from casam.training import TrainConfig
 
@@ -87,7 +95,10 @@ class CASAMConfig(TaskConfig):
         self.retrain_after = _int(conf, "retrain_after", 0)
         self.train_after_labels = _int(conf, "train_after_labels", 0)
         self.max_slices_per_volume = _int(conf, "max_slices_per_volume", 8)
-        self.cache_size = _int(conf, "cache_size", 64)
+        self.cache_size = _int(conf, "cache_size", 0) or None
+        self.cache_mb = _number(conf, "cache_mb", CACHE_MB, float)
+        self.decode_cache_mb = _number(conf, "decode_cache_mb", DECODE_CACHE_MB, float)
+        self.prefetch = str(conf.get("prefetch", "true")).strip().lower() not in ("0", "false", "no", "off")
         self.novelty_max_score = _int(conf, "novelty_max_score", 16)
         self.max_points = _int(conf, "max_points", 64)
         self.max_propagation_slices = _int(conf, "max_propagation_slices", 64)
@@ -100,6 +111,7 @@ class CASAMConfig(TaskConfig):
                                         seed=_int(conf, "seed", 0))
         self.registry = LayerRegistry(self.registry_dir)
         self._predictor: Optional[CASAMPredictor] = None
+        self.prefetcher: Optional[Any] = None  # casam.prefetch.Prefetcher, set by the app
         self._lock = threading.Lock()
 
     @property
@@ -109,7 +121,9 @@ class CASAMConfig(TaskConfig):
             if self._predictor is None:
                 log.info("loading backbone %s on %s", self.backbone_name, self.device)
                 bb = load_backbone(self.backbone_name, self.checkpoint, self.device)
-                self._predictor = CASAMPredictor(bb, self.registry, cache_size=self.cache_size)
+                self._predictor = CASAMPredictor(bb, self.registry, cache_size=self.cache_size,
+                                                 cache_bytes=int(self.cache_mb * 2**20),
+                                                 decode_cache_bytes=int(self.decode_cache_mb * 2**20))
             self._predictor.refresh()
             return self._predictor
 
@@ -132,13 +146,20 @@ class CASAMConfig(TaskConfig):
             if held:
                 remove_incomplete(self.registry)
 
+    def cache_info(self) -> Dict[str, Any]:
+        """The caches' use (once the backbone is loaded) and the background encoder's state, for /info."""
+        prefetcher = getattr(self, "prefetcher", None)
+        return {"caches": self._predictor.cache_stats() if self._predictor is not None else None,
+                "prefetch": prefetcher.status() if prefetcher is not None else None}
+
     def limits_info(self) -> Dict[str, Any]:
         """The request limits in force, for /info (their ``--conf`` keys)."""
         lim = self.limits
         return {"max_points": self.max_points, "max_image_voxels": lim.max_voxels,
                 "max_image_megapixels": lim.max_pixels / 1e6, "max_upload_mb": lim.max_bytes / 2**20,
                 "max_propagation_slices": self.max_propagation_slices,
-                "max_concurrent_infers": self.max_concurrent_infers}
+                "max_concurrent_infers": self.max_concurrent_infers, "cache_mb": self.cache_mb,
+                "decode_cache_mb": self.decode_cache_mb}
 
     def infer(self):
         from lib.infers.casam import CASAMInfer

@@ -15,6 +15,7 @@ way. At most ``max_concurrent_infers`` requests are segmented at once, which bou
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -28,6 +29,7 @@ from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from casam.errors import LimitError, PromptError
 from casam.imageio import read_clinical, write_label
+from casam.prefetch import image_key
 from casam.prompts import voxel_prompts
 from casam.volume import segment_volume
 
@@ -157,7 +159,9 @@ class CASAMInfer(InferTask):
         return (lo, hi), (hi - lo + 1) < depth
 
     def __call__(self, request) -> Tuple[str, Dict]:
-        with self._slots:
+        prefetcher = self.cfg.prefetcher
+        # a request waiting for its slot already holds the background encoder back
+        with prefetcher.foreground() if prefetcher is not None else contextlib.nullcontext(), self._slots:
             return self._segment(request)
 
     def _segment(self, request) -> Tuple[str, Dict]:
@@ -169,8 +173,7 @@ class CASAMInfer(InferTask):
         predictor = self.cfg.predictor
         p = voxel_prompts(img.array.shape, img.is_volume, q["foreground"], q["background"], q["roi"], request.get("slice"))
         layer = q["layer"]
-        st = os.stat(path)
-        key = f"{predictor.backbone.id}:{os.path.realpath(path)}:{st.st_mtime_ns}:{st.st_size}"
+        key = image_key(predictor.backbone.id, path)
         first_key = f"{key}:{p.slice}" if img.is_volume else key
         cached = predictor.cached(first_key)
         capped = False
