@@ -1,0 +1,314 @@
+"""Click latency through the real HTTP server (issue 12 item 7): p50/p95 server-side ``latency_ms`` and client wall
+time per scenario, the server's peak memory, machine info; ``benchmarks/results/latency.{json,md}``.
+
+The server is started as the README does (``python -m monailabel.main start_server --app apps/casam --studies
+<copy> ...``, via ``tests/mlserver.py``) on a temporary copy of brain-MRI slices (2D PNG) and of the 38-slice
+volume ``TCGA_DU_5849_19950405`` (copies under other ids for the first-click trials), and driven with
+``monailabel.client.MONAILabelClient`` with 3D Slicer's request shapes (voxel ``foreground`` / ``background``
+points ``[i, j, k]``, ``roi`` ``[i0, i1, j0, j1(, k0, k1)]``); a client opens an image with ``GET
+/datastore/image`` as the Slicer plugin downloads it. Scenarios:
+
+* ``2d_click``: a foreground click at the tumour's centre on an open picture (its embedding encoded in the
+  background after the download); ``2d_background_click``: then a background click; ``2d_second_click``: then a
+  second foreground click beside the first.
+* ``volume_first_click``: a click on the tumour's largest slice ``--think`` seconds after the client opened a
+  volume (a fresh copy each time), propagated through the volume (Slicer's default).
+* ``volume_further_click``: further clicks on an open volume (background, then foreground clicks beside the first).
+* ``roi_volume``: a 3D ROI over the whole 38-slice volume (its box jittered by a few pixels each time), on an
+  open volume whose slices were encoded in the background; ``roi_volume_cold``: the same right after opening.
+
+Targets are reported (met / not met) in the result, never asserted. Run (2-core CPU: ~10 min)::
+
+    .venv/bin/python benchmarks/latency.py --out benchmarks/results/latency.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import numpy as np
+import psutil
+import requests
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+from mlserver import MonaiLabelServer  # noqa: E402
+
+from casam.config import default_data  # noqa: E402
+from casam.imageio import read_clinical  # noqa: E402
+
+VOLUME = "TCGA_DU_5849_19950405"
+TARGETS = {  # scenario → (statistic, limit ms): issue 12 item 7, judged on the server's p95
+    "2d_click": ("p95", 100), "volume_further_click": ("p95", 300), "volume_first_click": ("p95", 1500),
+    "roi_volume": ("p95", 10000), "roi_volume_cold": ("p95", 10000),
+}
+
+
+class PeakRSS(threading.Thread):
+    """Samples the resident memory of a process and its children (sum) every ``period`` seconds."""
+
+    def __init__(self, pid: int, period: float = 0.25):
+        super().__init__(daemon=True)
+        self.pid, self.period, self.peak, self._halt = pid, period, 0, threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            try:
+                proc = psutil.Process(self.pid)
+                rss = proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
+                self.peak = max(self.peak, rss)
+            except psutil.Error:
+                pass
+            self._halt.wait(self.period)
+
+    def stop(self) -> int:
+        self._halt.set()
+        self.join(5)
+        return self.peak
+
+
+def vm_hwm(pid: int) -> Optional[int]:
+    """The kernel's peak resident set (VmHWM) of one process in bytes, or None."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def machine() -> Dict[str, Any]:
+    import torch
+
+    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                  if ln.startswith("model name")), platform.processor())
+    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "python": platform.python_version(), "platform": platform.platform(),
+            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}
+
+
+def summary(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
+    """n, p50/p95/min/max of server and client ms, cached embeddings; per ``kind`` of click where samples have one."""
+    out: Dict[str, Any] = {"n": len(samples)}
+    for k in ("server_ms", "client_ms"):
+        v = np.array([s[k] for s in samples], float)
+        out[k] = {"p50": round(float(np.percentile(v, 50)), 1), "p95": round(float(np.percentile(v, 95)), 1),
+                  "min": round(float(v.min()), 1), "max": round(float(v.max()), 1)}
+    out["embedding_cached"] = sum(bool(s.get("embedding_cached")) for s in samples)
+    kinds = sorted({s["kind"] for s in samples if s.get("kind")})
+    if kinds:
+        out["by_kind"] = {kind: summary([{**s, "kind": None} for s in samples if s.get("kind") == kind]) for kind in kinds}
+    return out
+
+
+class Bench:
+    """The server, its client and the samples per scenario."""
+
+    def __init__(self, srv: MonaiLabelServer, client_dir: Path):
+        from monailabel.client import MONAILabelClient
+
+        self.srv, self.client = srv, MONAILabelClient(srv.url, tmpdir=str(client_dir))
+        self.samples: Dict[str, List[Dict[str, float]]] = {}
+
+    def open(self, image_id: str) -> None:
+        """The client opens an image as the Slicer plugin downloads it."""
+        r = requests.get(f"{self.srv.url}/datastore/image", params={"image": image_id}, timeout=300)
+        r.raise_for_status()
+
+    def wait_encoded(self, timeout: float = 600) -> float:
+        """Waits until the background encoder is idle; returns the seconds waited."""
+        t0 = time.time()
+        while time.time() - t0 < timeout:
+            if self.srv.info()["cache"]["prefetch"]["idle"]:
+                break
+            time.sleep(0.25)
+        return time.time() - t0
+
+    def click(self, scenario: str, image_id: str, params: Dict[str, Any], kind: Optional[str] = None) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        path, result = self.client.infer("casam", image_id, params)
+        wall = 1000 * (time.perf_counter() - t0)
+        res = json.loads(result) if isinstance(result, str) else result
+        os.unlink(path)
+        self.samples.setdefault(scenario, []).append(
+            {"server_ms": res["latency_ms"], "client_ms": round(wall, 1), "embedding_cached": res["embedding_cached"],
+             "slices": res.get("slices"), "kind": kind})
+        return res
+
+
+def centre(mask: np.ndarray) -> Tuple[int, int]:
+    """The mask pixel nearest its centroid, as (x, y)."""
+    ys, xs = np.nonzero(mask)
+    c = int(np.argmin((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2))
+    return int(xs[c]), int(ys[c])
+
+
+def datastore(data: Path, work: Path, n_pictures: int, n_volumes: int) -> Tuple[Path, List[Tuple[str, np.ndarray]]]:
+    """A temporary studies folder: brain-MRI slices with a tumour (test split first) and volume copies."""
+    studies = work / "studies"
+    studies.mkdir(parents=True)
+    task = data / "brain_mri_lgg"
+    with open(task / "meta.csv") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: (r["split"] != "test", r["case"]))
+    pictures = []
+    for r in rows:
+        mask = read_clinical(task / "masks" / f"{r['case']}.png").array > 0
+        if mask.sum() >= 200:
+            shutil.copy(task / "images" / f"{r['case']}.png", studies)
+            pictures.append((r["case"], mask))
+        if len(pictures) == n_pictures:
+            break
+    for i in range(n_volumes):
+        shutil.copy(task / "volumes" / f"{VOLUME}_image.nii.gz", studies / f"vol{i:02d}.nii.gz")
+    return studies, pictures
+
+
+def run_pictures(b: Bench, pictures: List[Tuple[str, np.ndarray]]) -> None:
+    for case, mask in pictures:
+        b.open(case)
+        b.wait_encoded()  # the user looks at the picture
+        x, y = centre(mask)
+        b.click("2d_click", case, {"foreground": [[x, y]]})
+        b.click("2d_background_click", case, {"foreground": [[x, y]], "background": [[3, 3]]})
+        ys, xs = np.nonzero(mask)
+        j = int(np.argmax(xs))  # a second foreground click towards the tumour's edge
+        x2, y2 = (x + int(xs[j])) // 2, (y + int(ys[j])) // 2
+        b.click("2d_second_click", case, {"foreground": [[x, y], [x2, y2]], "background": [[3, 3]]})
+
+
+def run_volumes(b: Bench, truth: np.ndarray, n_first: int, think: float, n_further: int, n_roi: int) -> Dict[str, Any]:
+    k = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(1)))
+    x, y = centre(truth[k])
+    ys, xs = np.nonzero(truth[k])
+    notes: Dict[str, Any] = {"slice": k, "click": [x, y, k]}
+    for i in range(1, n_first + 1):  # vol00 stays for the open-volume scenarios
+        b.open(f"vol{i:02d}")
+        time.sleep(think)
+        b.click("volume_first_click", f"vol{i:02d}", {"foreground": [[x, y, k]]})
+    b.open("vol00")
+    b.click("volume_open_first_click", "vol00", {"foreground": [[x, y, k]]})
+    notes["background_encode_s"] = round(b.wait_encoded(), 1)
+    rng = np.random.default_rng(0)
+    fg, bg = [[x, y, k]], []
+    for i in range(n_further):
+        kind = "background" if i % 2 == 0 else "foreground"
+        if kind == "background":  # a background click outside the tumour, near its box
+            bg.append([int(np.clip(xs.min() - rng.integers(3, 12), 0, 255)), int(rng.integers(ys.min(), ys.max() + 1)), k])
+        else:  # a foreground click inside the tumour
+            j = int(rng.integers(len(xs)))
+            fg.append([int(xs[j]), int(ys[j]), k])
+        b.click("volume_further_click", "vol00", {"foreground": fg, "background": bg}, kind)
+    zs, ys3, xs3 = np.nonzero(truth)
+    box = np.array([xs3.min(), xs3.max(), ys3.min(), ys3.max()])
+    for i in range(n_roi):
+        jit = rng.integers(-3, 4, size=4)
+        roi = [int(v) for v in np.clip(box + jit, 0, 255)] + [0, truth.shape[0] - 1]
+        b.click("roi_volume", "vol00", {"roi": roi})
+    cold = f"vol{n_first + 1:02d}"
+    b.open(cold)
+    b.click("roi_volume_cold", cold, {"roi": [int(v) for v in box] + [0, truth.shape[0] - 1]})
+    return notes
+
+
+def verdicts(results: Dict[str, Any]) -> Dict[str, Any]:
+    out = {}
+    for name, (stat, limit) in TARGETS.items():
+        if name in results:
+            value = results[name]["server_ms"][stat]
+            out[name] = {"target_ms": limit, "statistic": f"server {stat}", "value_ms": value, "met": value <= limit}
+    return out
+
+
+def markdown(report: Dict[str, Any]) -> str:
+    lines = ["# Click latency (benchmarks/latency.py)", "", f"`{report['command']}`", "",
+             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
+             f"{report['machine']['torch']}, GPU: {report['machine']['cuda'] or 'none'}. Load average before / after: "
+             f"{report['load_before']} / {report['load_after']}. Server peak RSS (process + children, sampled): "
+             f"{report['server_peak_rss_mb']} MiB (VmHWM of the server process: {report['server_vmhwm_mb']} MiB).", "",
+             "| scenario | n | server p50 ms | server p95 ms | client p50 ms | client p95 ms | target | met |",
+             "|---|---|---|---|---|---|---|---|"]
+    rows = [(n, s) for name, sc in report["scenarios"].items()
+            for n, s in [(name, sc)] + [(f"{name} ({k})", v) for k, v in sc.get("by_kind", {}).items()]]
+    for name, s in rows:
+        t = report["targets"].get(name)
+        lines.append(f"| {name} | {s['n']} | {s['server_ms']['p50']} | {s['server_ms']['p95']} | {s['client_ms']['p50']} | "
+                     f"{s['client_ms']['p95']} | {'≤ %d ms (%s)' % (t['target_ms'], t['statistic']) if t else ''} | "
+                     f"{('yes' if t['met'] else 'no') if t else ''} |")
+    lines += ["", "Notes: " + json.dumps(report["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(default_data()))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "latency.json"))
+    ap.add_argument("--pictures", type=int, default=20, help="2D pictures (one click of each kind on each)")
+    ap.add_argument("--first-clicks", type=int, default=20, help="volumes opened and clicked once each")
+    ap.add_argument("--think", type=float, default=3.0, help="seconds between opening a volume and the first click")
+    ap.add_argument("--further-clicks", type=int, default=20)
+    ap.add_argument("--rois", type=int, default=20)
+    ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
+                    help="extra --conf for the server")
+    ap.add_argument("--workdir", default=None, help="temporary folder (default: a new one, removed afterwards)")
+    args = ap.parse_args(argv)
+    data = Path(args.data)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="casam-latency-"))
+    studies, pictures = datastore(data, work, args.pictures, args.first_clicks + 2)
+    truth = read_clinical(data / "brain_mri_lgg" / "volumes" / f"{VOLUME}_label.nii.gz").array > 0
+    conf = {"backbone": "litemedsam", "registry": str(work / "registry"), "cache": str(work / "cache"),
+            "labels": "tumour", **dict(args.conf)}
+    srv = MonaiLabelServer(str(studies), work / "server", conf=conf)
+    (work / "server").mkdir(exist_ok=True)
+    load_before = [round(v, 2) for v in os.getloadavg()]
+    t0 = time.time()
+    srv.start(timeout=600)
+    rss = PeakRSS(srv.proc.pid)
+    rss.start()
+    try:
+        b = Bench(srv, work / "client")
+        srv.info()
+        run_pictures(b, pictures)
+        notes = run_volumes(b, truth, args.first_clicks, args.think, args.further_clicks, args.rois)
+        notes["caches"] = srv.info()["cache"]["caches"]
+        hwm = vm_hwm(srv.proc.pid)
+    finally:
+        peak = rss.stop()
+        srv.stop()
+    results = {name: summary(s) for name, s in b.samples.items()}
+    report = {
+        "command": "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "server_command": " ".join(["python -m monailabel.main start_server --app apps/casam --studies <copy>"]
+                                   + [f"--conf {k} {v}" for k, v in conf.items() if k not in ("registry", "cache")]),
+        "machine": machine(), "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
+        "seconds": round(time.time() - t0, 1), "server_peak_rss_mb": round(peak / 2**20, 1),
+        "server_vmhwm_mb": round(hwm / 2**20, 1) if hwm else None,
+        "images": {"pictures": [c for c, _ in pictures], "volume": f"brain_mri_lgg/volumes/{VOLUME}_image.nii.gz",
+                   "volume_shape": list(truth.shape)},
+        "think_s": args.think, "scenarios": results, "targets": verdicts(results), "notes": notes,
+        "samples": b.samples,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+    if args.workdir is None:
+        shutil.rmtree(work, ignore_errors=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
