@@ -3,18 +3,21 @@
 LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone gives almost nothing (IoU
 0.00–0.04). The same frozen decoder answers boxes well, so a click is turned into boxes:
 
-1. **Proposals**: square boxes of several sizes around the foreground clicks (the clicks' bounding box,
-   grown by each half-size), decoded in one batch.
-2. **Refinement**: the best proposals' masks (by predicted IoU and the clicks) give their own tight boxes
-   (grown to hold every foreground click), decoded once more. A box that fits its object reproduces it; a box
-   too small or too large does not.
-3. **Choice**: each refined mask is scored by the decoder's predicted IoU, its self-consistency (the IoU
-   between the proposal's mask and its refined mask: a box that fits its object is a fixed point) and the
-   clicks: every foreground click inside, every background click outside. (Measured on 16 brain-MRI test
-   masks: predicted IoU alone 0.39, with self-consistency 0.53, the best proposal 0.64; dermoscopy 0.81 →
-   0.82 of 0.86.)
-4. **Background clicks** the chosen mask still covers cut away the part of the mask nearer to them than
-   to any foreground click, so a background click always removes what it was put on.
+1. **Proposals**: square boxes of several sizes around the first foreground click, decoded in one batch.
+2. **Refinement**: the best proposals' masks (by predicted IoU and the click) give their own tight boxes,
+   decoded once more. A box that fits its object reproduces it; a box too small or too large does not.
+3. **Choice**: a linear score of each refined mask's features (:data:`FEATURES`: both predicted IoUs,
+   self-consistency, stability, how central the click is, size, agreement between sizes), with weights
+   fitted once on the training splits of the project's public data (``benchmarks/click_chooser.py``), plus
+   the clicks (foreground inside, background outside).
+4. **Later clicks edit the chosen box**: a foreground click the mask missed grows the box to hold it (three
+   margins), a background click the mask covers moves one of the box's edges past it, or keeps the box and
+   cuts around the click; the candidate the decoder trusts most, that agrees with the clicks and changes the
+   mask least, is kept.
+   So a new click changes the answer only where it asks to, and the answer to the first click never changes.
+5. **Background clicks** the final mask still covers (no edge could move past them) cut away the part of
+   the mask around them that is nearer to them than to any foreground click, so a background click always
+   removes what it was put on.
 
 Everything works in the decoder's low-resolution frame and on an embedding that may already have passed
 an Alignment Layer, so the same code serves plain SAM and every layer.
@@ -35,29 +38,50 @@ REFERENCE_SIZE = 256
 Decode = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]
 
 
+# The chooser's features of a refined proposal (see :func:`proposal_features`) and their weights, fitted by
+# ``benchmarks/click_chooser.py`` on the training splits of ../shared/data (one centred click per object,
+# LiteMedSAM; results and command in benchmarks/results/click_chooser.json).
+FEATURES = ("predicted_iou", "refined_iou", "consistency", "stability", "off_centre", "log_area", "support", "size")
+CHOOSER_WEIGHTS = {"predicted_iou": 0.37, "refined_iou": 0.49, "consistency": 0.70, "stability": 0.57,
+                   "off_centre": -1.17, "log_area": -0.11, "support": 0.97, "size": 0.04}
+
+
 @dataclass
 class ClickConfig:
     """How clicks become boxes.
 
     Attributes:
-        half_sizes: half-sizes of the proposal boxes around the clicks (pixels of a 256² frame).
-        refine: decode the best proposals' own tight boxes once more.
-        refine_top: how many proposals (by predicted IoU and the clicks) are refined (measured on brain MRI: the
-            best 4 of 7 sizes choose as well as refining all of them, in 11 decodes instead of 14).
-        consistency: weight of a proposal's self-consistency (IoU of its mask and its refined mask).
+        half_sizes: half-sizes of the proposal boxes around the first click (pixels of a 256² frame).
+        refine: decode the best proposals' own tight boxes once more (and choose with :data:`FEATURES`).
+        refine_top: how many proposals (by predicted IoU and the clicks) are refined.
+        weights: the chooser's weight per feature (None: :data:`CHOOSER_WEIGHTS`).
         click_weight: weight of the clicks' consistency (foreground inside, background outside).
         with_points: also give the clicks to the decoder beside each box.
-        cut_background: remove the part of the mask nearer to a covered background click than to any
-            foreground click.
+        edit: later clicks edit the first click's box (a missed foreground click grows it, a covered background
+            click moves its nearest edge past the click) instead of choosing among proposals again.
+        edit_margins: a foreground click's margins inside the grown box (fractions of the box's longer side),
+            one candidate edit each.
+        max_edge_cut: a background click moves an edge only when that keeps at least this fraction of the box.
+        stay: weight of a candidate edit's IoU with the previous mask (the edit that changes least, among those
+            the decoder trusts and that agree with the clicks).
+        cut_background: remove, around a background click the final mask still covers, the part nearer to it
+            than to any foreground click (a local cut, see :func:`cut_background`).
+        cut_reach: how far such a cut reaches, as a fraction of the click's distance to the nearest foreground
+            click.
     """
 
     half_sizes: Sequence[float] = HALF_SIZES
     refine: bool = True
-    refine_top: int = 4
-    consistency: float = 1.0
+    refine_top: int = 5
+    weights: Optional[Dict[str, float]] = None
     click_weight: float = 1.0
     with_points: bool = False
+    edit: bool = True
+    edit_margins: Sequence[float] = (0.05, 0.15, 0.3)
+    max_edge_cut: float = 0.5
+    stay: float = 0.5
     cut_background: bool = True
+    cut_reach: float = 0.25
 
 
 def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -96,27 +120,159 @@ def _at(masks: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     return masks[:, yi, xi]
 
 
-def cut_background(mask: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
-    """Removes from an L×L mask the pixels nearer to a covered background click than to every foreground click.
+def cut_background(mask: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, reach: float = 0.5) -> torch.Tensor:
+    """Removes from an L×L mask, around each covered background click, the pixels nearer to it than to every
+    foreground click and within ``reach`` × its distance to the nearest foreground click.
 
     Args:
         mask: L×L bool.
         fg, bg: N×2 and M×2 (x, y) clicks in the same frame.
+        reach: how far a cut reaches, as a fraction of the click's distance to the nearest foreground click
+            (a cut stays local: a background click just outside the object does not halve it).
 
     Returns:
         The edited mask (the input when no background click is covered).
     """
     if len(bg) == 0 or len(fg) == 0:
         return mask
-    covered = bg[_at(mask[None], bg)[0]]
+    covered = bg[_at(mask[None], bg)[0]].float()
     if len(covered) == 0:
         return mask
     L = mask.shape[-1]
     yy, xx = torch.meshgrid(torch.arange(L, dtype=torch.float32), torch.arange(L, dtype=torch.float32), indexing="ij")
     grid = torch.stack([xx, yy], -1).reshape(-1, 2)
     d_fg = torch.cdist(grid, fg.float()).min(1).values
-    d_bg = torch.cdist(grid, covered.float()).min(1).values
-    return mask & (d_fg <= d_bg).reshape(L, L)
+    d_bg = torch.cdist(grid, covered)  # P×M
+    radius = reach * torch.cdist(covered, fg.float()).min(1).values.clamp(min=1.0)  # M
+    cut = ((d_bg < d_fg[:, None]) & (d_bg <= radius[None])).any(1)
+    return mask & ~cut.reshape(L, L)
+
+
+def proposal_features(first: torch.Tensor, first_iou: torch.Tensor, logits: torch.Tensor, iou: torch.Tensor,
+                      centre: torch.Tensor, sizes: torch.Tensor, n_sizes: int) -> torch.Tensor:
+    """The chooser's features of K refined proposals (columns in the order of :data:`FEATURES`).
+
+    Args:
+        first: K×L×L boolean masks of the square proposals, before refinement.
+        first_iou: K predicted IoUs of the square proposals.
+        logits: K×L×L logits of the refined proposals (decoded from their own tight boxes).
+        iou: K predicted IoUs of the refined proposals.
+        centre: (x, y) of the foreground clicks' mean in the logits' frame.
+        sizes: K indices of the proposals' half-sizes.
+        n_sizes: number of half-sizes.
+
+    Returns:
+        K×F float32 features: both predicted IoUs, self-consistency (IoU of the proposal's and the refined
+        mask), stability (area above logit 1 over area above −1), how far the mask's centroid is from the
+        clicks in mask radii (capped at 2), log of the area fraction, support (share of the refined masks with
+        IoU > 0.8 with this one) and the relative half-size.
+    """
+    L = logits.shape[-1]
+    m = logits > 0
+    flat = m.flatten(1).float()
+    area = flat.sum(1)
+    grid = torch.arange(L, dtype=torch.float32)
+    cx = (m.sum(1).float() * grid).sum(1) / area.clamp(min=1)  # column sums weight x, row sums weight y
+    cy = (m.sum(2).float() * grid).sum(1) / area.clamp(min=1)
+    off = torch.sqrt((cx - centre[0]) ** 2 + (cy - centre[1]) ** 2) / torch.sqrt(area.clamp(min=1) / np.pi)
+    stable = (logits > 1).flatten(1).sum(1).float() / (logits > -1).flatten(1).sum(1).clamp(min=1).float()
+    inter = flat @ flat.T
+    pair = inter / (area[:, None] + area[None] - inter).clamp(min=1)
+    return torch.stack([
+        first_iou.float(), iou.float(), _paired_iou(first.flatten(1), m.flatten(1)), stable, off.clamp(max=2.0),
+        torch.log((area / (L * L)).clamp(min=1e-4)), (pair > 0.8).float().mean(1),
+        sizes.float() / max(1, n_sizes - 1)], 1)
+
+
+@dataclass
+class Proposals:
+    """Box proposals around a click, decoded and refined.
+
+    Attributes:
+        logits: K×1×L×L logits of the refined proposals (of the square ones when not refined).
+        iou: K×1 predicted IoUs.
+        boxes: K×4 boxes (model frame) that gave ``logits``.
+        sizes: K indices into the half-sizes.
+        features: K×F chooser features (None when not refined).
+    """
+
+    logits: torch.Tensor
+    iou: torch.Tensor
+    boxes: torch.Tensor
+    sizes: torch.Tensor
+    features: Optional[torch.Tensor]
+
+
+def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg: torch.Tensor, hw: Tuple[int, int],
+            to_low: float, half: torch.Tensor, refine_top: Optional[int], rank: Callable[[torch.Tensor], torch.Tensor],
+            ) -> Proposals:
+    """Square boxes around the foreground clicks, decoded, the best refined with their own tight boxes.
+
+    Args:
+        run: decodes K boxes (K×4, model frame) → (logits K×1×L×L, iou K×1).
+        fg: N×2 foreground clicks (model frame).
+        hw: the image's (height, width) inside the model frame.
+        to_low: logits-frame pixels per model-frame pixel.
+        half: S×1 half-sizes in model-frame pixels.
+        refine_top: how many proposals to refine (None: none).
+        rank: extra score of K masks (the clicks' consistency) added to the predicted IoU to pick which to refine.
+
+    Returns:
+        The proposals.
+    """
+    lo, hi = fg.min(0).values, fg.max(0).values
+    boxes = _clip(torch.cat([lo[None] - half, hi[None] + half], 1), hw)
+    logits, iou = run(boxes)
+    sizes = torch.arange(len(boxes))
+    if not refine_top:
+        return Proposals(logits, iou, boxes, sizes, None)
+    first, first_iou = (logits[:, 0] > 0).cpu(), iou[:, 0].cpu().float()
+    keep = torch.argsort(-(first_iou + rank(first)))[: max(1, refine_top)]
+    tb = _tight_boxes(first[keep]) / to_low
+    tb = torch.where(torch.isnan(tb), boxes[keep], tb)
+    tb = _clip(torch.cat([torch.minimum(tb[:, :2], lo), torch.maximum(tb[:, 2:], hi)], 1), hw)
+    logits, iou = run(tb)
+    feats = proposal_features(first[keep], first_iou[keep], logits[:, 0].cpu().float(), iou[:, 0].cpu(),
+                              fg.float().mean(0) * to_low, keep, len(half))
+    return Proposals(logits, iou, tb, keep, feats)
+
+
+def edit_boxes(box: torch.Tensor, click: torch.Tensor, label: int, fg: torch.Tensor, hw: Tuple[int, int],
+               margins: Sequence[float], max_edge_cut: float) -> torch.Tensor:
+    """Candidate edits of a box by one corrective click: grown to hold a foreground click, or one edge moved
+    past a background click.
+
+    Args:
+        box: (x0, y0, x1, y1) current box.
+        click: (x, y) of the click, same frame.
+        label: 1 foreground (the mask missed it), 0 background (the mask covers it).
+        fg: N×2 every foreground click (a background edit keeps them all inside).
+        hw: (height, width) to clip to.
+        margins: a foreground click's margins inside the grown box, as fractions of the box's longer side (one
+            candidate each; at least 4 px).
+        max_edge_cut: a background edit keeps at least this fraction of the box's area.
+
+    Returns:
+        K×4 candidate boxes (K = 0 when no edge can move past a background click).
+    """
+    x, y = float(click[0]), float(click[1])
+    b = box.clone().float()
+    out = []
+    if label == 1:
+        side = float(max(b[2] - b[0], b[3] - b[1]))
+        for margin in margins:
+            m = max(4.0, margin * side)
+            out.append(torch.tensor([min(float(b[0]), x - m), min(float(b[1]), y - m),
+                                     max(float(b[2]), x + m), max(float(b[3]), y + m)]))
+    else:
+        area = float((b[2] - b[0]) * (b[3] - b[1]))
+        for k, v, ok in ((0, x + 1, bool((fg[:, 0] >= x + 1).all())), (1, y + 1, bool((fg[:, 1] >= y + 1).all())),
+                         (2, x - 1, bool((fg[:, 0] <= x - 1).all())), (3, y - 1, bool((fg[:, 1] <= y - 1).all()))):
+            nb = b.clone()
+            nb[k] = v
+            if ok and nb[2] > nb[0] and nb[3] > nb[1] and float((nb[2] - nb[0]) * (nb[3] - nb[1])) >= max_edge_cut * area:
+                out.append(nb)
+    return _clip(torch.stack(out), hw) if out else torch.zeros(0, 4)
 
 
 @torch.no_grad()
@@ -124,6 +280,13 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                   lowres: int, config: Optional[ClickConfig] = None,
                   box: Optional[np.ndarray] = None) -> Tuple[torch.Tensor, torch.Tensor, Dict]:
     """Answers clicks with the box-prompted decoder.
+
+    The first foreground click chooses among box proposals (:func:`propose`, :data:`FEATURES`). With
+    ``config.edit``, each later click, in the order given, edits the chosen box (:func:`edit_boxes`: the
+    candidate the decoder trusts most, that agrees with the clicks so far and changes the mask least), so the
+    answer to a click sequence only changes where a new click asks for it (3D Slicer sends its foreground and
+    background clicks as two lists: they are then taken in that order). Background clicks the final mask still
+    covers cut it locally (:func:`cut_background`).
 
     Args:
         decode: ``decode(points K×N×2, labels K×N, boxes K×4) → (logits K×1×L×L, iou K×1)`` on one embedding
@@ -139,14 +302,16 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
 
     Returns:
         (logits 1×1×L×L with the choice's mask where logits > 0, predicted IoU 1×1, info dict with the
-        chosen proposal's half-size, its box and the number of proposals).
+        chosen proposal's half-size, its final box, the number of proposals and of box edits).
+
+    Raises:
+        ValueError: neither a foreground click nor a box.
     """
     cfg = config or ClickConfig()
     pts = torch.as_tensor(np.asarray(points, np.float32)).reshape(-1, 2)
     lab = torch.as_tensor(np.asarray(labels, np.int64)).reshape(-1)
     fg, bg = pts[lab == 1], pts[lab == 0]
     to_low = lowres / img_size
-    scale = img_size / REFERENCE_SIZE
     hw = (int(frame_hw[0]), int(frame_hw[1]))
 
     def run(boxes: torch.Tensor):
@@ -157,46 +322,60 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
 
     if box is not None:
         logits, iou = run(torch.as_tensor(np.asarray(box, np.float32)).reshape(1, 4))
-        choice = {"proposal": "box", "box": [round(float(v), 1) for v in np.asarray(box).reshape(-1)]}
-        chosen = 0
+        info = {"proposal": "box", "box": [round(float(v), 1) for v in np.asarray(box).reshape(-1)]}
     else:
         if len(fg) == 0:
             raise ValueError("decode_clicks needs at least one foreground click or a box")
-        lo, hi = fg.min(0).values, fg.max(0).values
-        half = torch.tensor([float(s) * scale for s in cfg.half_sizes])[:, None]
-        boxes = _clip(torch.cat([lo[None] - half, hi[None] + half], 1), hw)
-        logits, iou = run(boxes)
-        low_fg, low_bg = fg * to_low, bg * to_low
+        first = fg[:1] if cfg.edit else fg
+        low_fg, low_bg = first * to_low, (bg if not cfg.edit else bg[:0]) * to_low
 
         def clicks_ok(m: torch.Tensor) -> torch.Tensor:  # +1 all foreground clicks inside, -1 all background ones too
             if not cfg.click_weight:
                 return torch.zeros(len(m))
             hit = _at(m, low_fg).float().mean(1)
-            leak = _at(m, low_bg).float().mean(1) if len(bg) else torch.zeros(len(m))
+            leak = _at(m, low_bg).float().mean(1) if len(low_bg) else torch.zeros(len(m))
             return cfg.click_weight * (hit - leak)
 
-        first = (logits[:, 0] > 0).cpu()
-        if cfg.refine:
-            keep = torch.argsort(-(iou[:, 0].cpu().float() + clicks_ok(first)))[: max(1, cfg.refine_top)]
-            first, boxes = first[keep], boxes[keep]
-            tb = _tight_boxes(first) / to_low
-            tb = torch.where(torch.isnan(tb), boxes, tb)
-            tb = _clip(torch.cat([torch.minimum(tb[:, :2], lo), torch.maximum(tb[:, 2:], hi)], 1), hw)
-            logits, iou = run(tb)
-            boxes = tb
-        else:
-            keep = torch.arange(len(boxes))
-        m = (logits[:, 0] > 0).cpu()
-        flat = m.flatten(1)
-        score = iou[:, 0].cpu().float().clone() + clicks_ok(m)
-        if cfg.refine and cfg.consistency:
-            score += cfg.consistency * _paired_iou(first.flatten(1), flat)
-        score = torch.where(flat.any(1), score, torch.full_like(score, -1e9))
-        chosen = int(torch.argmax(score))
-        choice = {"proposal": "click", "half_size": float(cfg.half_sizes[int(keep[chosen])]),
-                  "box": [round(float(v), 1) for v in boxes[chosen]], "proposals": len(half)}
-    out = logits[chosen : chosen + 1].clone()
+        half = torch.tensor([float(s) * img_size / REFERENCE_SIZE for s in cfg.half_sizes])[:, None]
+        p = propose(run, first, hw, to_low, half, cfg.refine_top if cfg.refine else None, clicks_ok)
+        score = p.iou[:, 0].cpu().float().clone() if p.features is None else p.features @ torch.tensor(
+            [float((cfg.weights or CHOOSER_WEIGHTS).get(f, 0.0)) for f in FEATURES])
+        m = (p.logits[:, 0] > 0).cpu()
+        score = torch.where(m.flatten(1).any(1), score + clicks_ok(m), torch.full_like(score, -1e9))
+        k = int(torch.argmax(score))
+        logits, iou, cur = p.logits[k : k + 1], p.iou[k : k + 1], p.boxes[k]
+        edits = 0
+        if cfg.edit:
+            seen_fg, seen_bg = fg[:1], bg[:0]
+            f0 = int(torch.nonzero(lab == 1)[0, 0])
+            for c, label in [(pts[i], int(lab[i])) for i in range(len(lab)) if i != f0]:
+                if label:
+                    seen_fg = torch.cat([seen_fg, c[None]])
+                else:
+                    seen_bg = torch.cat([seen_bg, c[None]])
+                prev = (logits[0, 0] > 0).cpu()
+                if bool(_at(prev[None], c[None] * to_low)[0, 0]) == bool(label):
+                    continue  # the mask already agrees with this click
+                cands = edit_boxes(cur, c, label, seen_fg, hw, cfg.edit_margins, cfg.max_edge_cut)
+                if not len(cands):
+                    continue
+                lg, io = run(cands)
+                if label == 0 and cfg.cut_background:  # or keep the box and cut around the click
+                    kept = cut_background(prev, seen_fg * to_low, c[None] * to_low, cfg.cut_reach)
+                    low = torch.minimum(logits[0, 0], torch.tensor(-1.0, device=logits.device))
+                    lg = torch.cat([lg, torch.where(kept.to(logits.device), logits[0, 0], low)[None, None]])
+                    io, cands = torch.cat([io, iou[:1]]), torch.cat([cands, cur[None].float()])
+                m = (lg[:, 0] > 0).cpu()
+                hit = _at(m, seen_fg * to_low).float().mean(1)
+                leak = _at(m, seen_bg * to_low).float().mean(1) if len(seen_bg) else torch.zeros(len(m))
+                sc = io[:, 0].cpu().float() + cfg.click_weight * (hit - leak) + cfg.stay * _paired_iou(
+                    m.flatten(1), prev.flatten()[None].expand(len(m), -1))
+                j = int(torch.argmax(sc))
+                cur, logits, iou, edits = cands[j], lg[j : j + 1], io[j : j + 1], edits + 1
+        info = {"proposal": "click", "half_size": float(cfg.half_sizes[int(p.sizes[k])]),
+                "box": [round(float(v), 1) for v in cur], "proposals": len(half), "edits": edits}
+    out = logits[:1].clone()
     if cfg.cut_background and len(bg):
-        inside = cut_background(out[0, 0] > 0, fg * to_low, bg * to_low)
+        inside = cut_background(out[0, 0] > 0, fg * to_low, bg * to_low, cfg.cut_reach)
         out[0, 0] = torch.where(inside, out[0, 0], torch.minimum(out[0, 0], torch.tensor(-1.0)))
-    return out, iou[chosen : chosen + 1], choice
+    return out, iou[:1], info

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from casam.clicks import ClickConfig, cut_background, decode_clicks
+from casam.clicks import FEATURES, ClickConfig, cut_background, decode_clicks, edit_boxes, proposal_features
 from casam.interactive import click_sequence, next_click, summarise
 
 L = 64
@@ -43,7 +43,7 @@ def test_one_click_finds_the_object_through_box_proposals():
     mask = logits[0, 0] > 0
     assert mask[16:41, 20:45].all() and mask.sum() == 25 * 25  # exactly the object
     assert info["proposal"] == "click" and info["proposals"] == 5 and info["half_size"] == 64
-    assert calls == [5, 4]  # the proposals, then the refinement of the best 4, each one batch
+    assert calls == [5, 5]  # the proposals, then their refinement (at most refine_top = 5), each one batch
 
 
 def test_background_click_removes_what_it_was_put_on():
@@ -55,6 +55,44 @@ def test_background_click_removes_what_it_was_put_on():
     m = torch.ones(8, 8, dtype=torch.bool)
     cut = cut_background(m, torch.tensor([[1.0, 1.0]]), torch.tensor([[6.0, 6.0]]))
     assert cut[1, 1] and not cut[6, 6] and cut.sum() < 64
+
+
+def test_later_clicks_edit_the_first_answer_where_they_ask():
+    decode, calls = square_decoder()
+    cfg = ClickConfig(half_sizes=(16, 32, 64, 96, 128))
+    first, _, info = decode_clicks(decode, np.array([[30.0, 30.0]]), np.array([1]), (L, L), L, L, cfg)
+    assert info["edits"] == 0
+    # a foreground click the mask already covers changes nothing
+    same, _, info = decode_clicks(decode, np.array([[30.0, 30.0], [22.0, 18.0]]), np.array([1, 1]), (L, L), L, L, cfg)
+    assert torch.equal(same > 0, first > 0) and info["edits"] == 0
+    # a missed foreground click grows the box to hold it; a covered background click moves an edge past it
+    grown, _, info = decode_clicks(decode, np.array([[30.0, 30.0], [50.0, 30.0]]), np.array([1, 1]), (L, L), L, L, cfg)
+    assert info["edits"] == 1 and info["box"][2] >= 50 and info["box"][:2] == [20.0, 16.0]  # (the stand-in object ends at 44)
+    cut, _, info = decode_clicks(decode, np.array([[30.0, 30.0], [50.0, 30.0], [24.0, 30.0]]), np.array([1, 1, 0]),
+                                 (L, L), L, L, cfg)
+    m = cut[0, 0] > 0
+    assert info["edits"] == 2 and not m[30, 24] and m[30, 30]  # (an edge moved past it, or a cut around it)
+
+
+def test_edit_boxes_keep_every_foreground_click_inside():
+    box, fg = torch.tensor([10.0, 10.0, 50.0, 50.0]), torch.tensor([[30.0, 30.0]])
+    right = edit_boxes(box, torch.tensor([45.0, 30.0]), 0, fg, (L, L), (0.1,), 0.5)
+    assert right.tolist() == [[10.0, 10.0, 44.0, 50.0]]  # only the right edge can move past the click, keeping half
+    assert len(edit_boxes(box, torch.tensor([30.0, 30.5]), 0, fg, (L, L), (0.1,), 0.5)) == 0  # no edge can move
+    grown = edit_boxes(box, torch.tensor([60.0, 30.0]), 1, fg, (L, L), (0.05, 0.3), 0.5)
+    assert len(grown) == 2 and (grown[:, 2] == L - 1).all() and (grown[:, 0] == 10.0).all()  # clipped to the frame
+
+
+def test_chooser_features_prefer_the_object_the_click_is_centred_on():
+    m = torch.full((2, L, L), -5.0)
+    m[0, 20:30, 20:30] = 5.0  # small object, click at its centre
+    m[1, 0:60, 0:60] = 5.0  # large region, click off its centre
+    f = proposal_features(m > 0, torch.tensor([0.9, 0.9]), m, torch.tensor([0.9, 0.9]), torch.tensor([24.5, 24.5]),
+                          torch.tensor([0, 1]), 2)
+    assert f.shape == (2, len(FEATURES))
+    off = FEATURES.index("off_centre")
+    assert f[0, off] < 0.05 < f[1, off]
+    assert torch.allclose(f[:, FEATURES.index("consistency")], torch.ones(2))
 
 
 def test_a_drawn_box_is_the_prompt_and_clicks_only_edit_it():

@@ -1,0 +1,134 @@
+#!/usr/bin/env python
+"""Fits the click chooser's weights (``casam.clicks.CHOOSER_WEIGHTS``) and measures them.
+
+One click at each training object's centre is answered with box proposals of every half-size, all refined
+(:func:`casam.clicks.propose`); the weights of the linear score over :data:`casam.clicks.FEATURES` maximise the
+expected IoU of a softmax choice (L2-regularised). The fit uses the training splits only; the result file
+reports the held-out test splits, and leave-one-task-out fits (each task chosen by weights fitted on the
+others) to show how the weights carry to data they never saw.
+
+Example (the committed result: benchmarks/results/click_chooser.json)::
+
+    python benchmarks/click_chooser.py --train-images 16 --test-images 10 --cache /tmp/exp/cache
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from casam.backbone import load_backbone  # noqa: E402
+from casam.clicks import CHOOSER_WEIGHTS, FEATURES, HALF_SIZES, REFERENCE_SIZE, _paired_iou, propose  # noqa: E402
+from casam.data import discover_tasks, load_cases  # noqa: E402
+from casam.prompts import centroid_point  # noqa: E402
+from casam.preprocess import points_to_model  # noqa: E402
+from casam.training import EmbeddingCache, make_samples  # noqa: E402
+
+
+def spread(items, n):
+    """At most ``n`` items spread evenly over the list."""
+    idx = sorted(set(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int).tolist())) if items else []
+    return [items[i] for i in idx]
+
+
+@torch.no_grad()
+def candidates(backbone, samples):
+    """Per object: (features K×F, IoU of each refined proposal with the truth K)."""
+    half = torch.tensor([float(s) * backbone.img_size / REFERENCE_SIZE for s in HALF_SIZES])[:, None]
+    to_low = backbone.lowres_size / backbone.img_size
+    out = []
+    for s in samples:
+        run = partial(backbone.decode, s.embedding[None], None, None)
+        for t in s.targets:
+            fg = torch.tensor(points_to_model(centroid_point(t.mask), s.geom), dtype=torch.float32)
+            p = propose(run, fg, s.geom.resized_hw, to_low, half, len(HALF_SIZES), lambda m: torch.zeros(len(m)))
+            m = (p.logits[:, 0] > 0).flatten(1)
+            truth = (t.lowres > 0.5).flatten()[None].expand_as(m)
+            out.append((p.features, _paired_iou(m, truth)))
+    return out
+
+
+def choose(w, cands):
+    """Mean IoU of the argmax choice of ``w`` over the objects."""
+    return float(np.mean([float(g[int(torch.argmax(f @ w))]) for f, g in cands])) if cands else float("nan")
+
+
+def fit(cands, reg=1e-2, temp=0.1, steps=400, lr=0.05):
+    """Weights maximising the mean expected IoU of a softmax (temperature ``temp``) over each object's proposals."""
+    w = torch.zeros(len(FEATURES), requires_grad=True)
+    opt = torch.optim.Adam([w], lr=lr)
+    for _ in range(steps):
+        loss = -sum((torch.softmax((f @ w) / temp, 0) * g).sum() for f, g in cands) / len(cands) + reg * (w ** 2).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return w.detach()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--train-images", type=int, default=16, help="training images per task")
+    ap.add_argument("--test-images", type=int, default=10, help="test images per task")
+    ap.add_argument("--cache", default=None, help="embedding cache folder (saves re-encoding)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "click_chooser.json"))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(a.threads)
+    t0 = time.time()
+    bb = load_backbone("litemedsam")
+    cache = EmbeddingCache(bb, a.cache)
+    data = {}
+    for task in discover_tasks(a.data):
+        for split, n in (("train", a.train_images), ("test", a.test_images)):
+            ims, ms, ps = load_cases(spread([c for c in task.split(split) if c.mask is not None], n))
+            data.setdefault(task.name, {})[split] = candidates(bb, make_samples(bb, ims, ms, ps, cache))
+        print(task.name, {k: len(v) for k, v in data[task.name].items()}, flush=True)
+    tasks = list(data)
+    w = fit([c for t in tasks for c in data[t]["train"]])
+    shipped = torch.tensor([CHOOSER_WEIGHTS[f] for f in FEATURES])
+    refined_iou = torch.tensor([1.0 if f == "refined_iou" else 0.0 for f in FEATURES])
+    rows = {}
+    for t in tasks:
+        loto = fit([c for u in tasks if u != t for c in data[u]["train"]])
+        rows[t] = {split: {"objects": len(data[t][split]),
+                           "predicted_iou_only": round(choose(refined_iou, data[t][split]), 4),
+                           "fitted": round(choose(w, data[t][split]), 4),
+                           "shipped": round(choose(shipped, data[t][split]), 4),
+                           "fitted_without_this_task": round(choose(loto, data[t][split]), 4),
+                           "best_proposal": round(float(np.mean([float(g.max()) for _, g in data[t][split]])), 4)}
+                   for split in ("train", "test")}
+    mean = {split: {k: round(float(np.mean([rows[t][split][k] for t in tasks])), 4) for k in rows[tasks[0]][split]
+                    if k != "objects"} for split in ("train", "test")}
+    result = {
+        "what": "first-click IoU (low-res frame) of the proposal chosen by each weighting; one click at the object's "
+                "centre, plain LiteMedSAM, all proposals refined",
+        "command": "python benchmarks/click_chooser.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                    "torch": torch.__version__},
+        "seconds": round(time.time() - t0, 1),
+        "features": list(FEATURES),
+        "fitted_weights": {f: round(float(v), 4) for f, v in zip(FEATURES, w)},
+        "shipped_weights": dict(CHOOSER_WEIGHTS),
+        "tasks": rows,
+        "mean_over_tasks": mean,
+    }
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps({"fitted_weights": result["fitted_weights"], "mean_over_tasks": mean}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
