@@ -276,7 +276,7 @@ def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, laye
 
     With ``val_samples`` (and ``config.select_best``), ``layer`` is validated with box prompts before training
     (epoch 0) and after every epoch, and ends with the weights of its best epoch. (Boxes, because the layer
-    trains on boxes and clicks are answered through boxes; click validation costs ~12 decodes per mask, so it
+    trains on boxes and clicks are answered through boxes; click validation costs ~13 decodes per mask, so it
     runs once, on the chosen epoch, in :func:`train_layer`.)
 
     Args:

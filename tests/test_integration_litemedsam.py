@@ -47,10 +47,10 @@ def test_fresh_install_click_gives_a_useful_mask_on_every_task(litemedsam):
             ious.append(iou(out.mask, truth))
         print(f"{task.name}: fresh-install click IoU {np.mean(ious):.3f} {np.round(ious, 3).tolist()}")
         means[task.name] = np.mean(ious)
-    # measured: dermoscopy, fetal head and two MRI hospitals >= 0.5; TCGA_DU's small tumours 0.35 (the raw point
-    # prompt of plain LiteMedSAM: 0.00-0.01 on every task). Issue 11 asks >= 0.5 on every task: not met for TCGA_DU.
-    assert np.mean(list(means.values())) >= 0.5, means
-    assert min(means.values()) >= 0.3, means
+    # measured: dermoscopy 0.736, TCGA_DU 0.533 (small tumours), fetal head 0.843, TCGA_HT 0.876, TCGA_CS 0.874;
+    # the raw point prompt of plain LiteMedSAM gets 0.00-0.01 on every task. Issue 11: >= 0.5 on every task.
+    assert np.mean(list(means.values())) >= 0.7, means
+    assert min(means.values()) >= 0.5, means
 
 
 def test_layer_gate_and_router_separate_tasks(tmp_path, litemedsam):
