@@ -93,7 +93,8 @@ def test_further_click_decodes_only_what_changed_and_equals_an_uncached_answer(t
         uncached = fresh.predict(img, points=clicks, point_labels=labels)
         # the further click decodes only the prompts the first click did not (a background click: a few at most)
         assert further < sum(rows) and (labels[-1] == 1 or further <= sum(rows) // 4), (further, sum(rows))
-        assert np.array_equal(again.mask, uncached.mask) and again.iou == uncached.iou
+        # (the same prompts, decoded in other batches: float rounding may differ in the last digits)
+        assert np.array_equal(again.mask, uncached.mask) and again.iou == pytest.approx(uncached.iou, abs=1e-5)
         assert again.route["click"] == uncached.route["click"]
         monkeypatch.undo()
 
