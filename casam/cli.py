@@ -39,6 +39,7 @@ def _backbone(args):
 
 def cmd_add_layer(args) -> int:
     from .data import load_cases, read_meta
+    from .online import writer_lock
     from .training import TrainConfig, train_layer
 
     cases = [c for c in read_meta(args.data) if c.mask is not None and (args.split == "all" or c.split == args.split)]
@@ -60,8 +61,9 @@ def cmd_add_layer(args) -> int:
     cfg = TrainConfig(epochs=args.epochs, max_images=args.max_images, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
     for inst, cs in groups.items():
         images, masks, patients = load_cases(cs)
-        info = train_layer(bb, images, masks, patients, reg, inst, args.modality, cfg, cache_dir=args.cache or config.default_cache(),
-                           extra={"source": str(Path(args.data).resolve())})
+        with writer_lock(reg):  # the app's online trainer and a federated sync take the same lock
+            info = train_layer(bb, images, masks, patients, reg, inst, args.modality, cfg,
+                               cache_dir=args.cache or config.default_cache(), extra={"source": str(Path(args.data).resolve())})
         print(json.dumps({k: info.to_dict()[k] for k in ("name", "institution", "n_images", "n_patients", "tau", "val_iou", "zero_shot_val_iou")}))
     return 0
 

@@ -115,6 +115,24 @@ def test_site_skips_with_a_reason_and_sync_is_idempotent(tmp_path, tiny):
     assert first["signature"] == second["signature"] == merged.signature()
 
 
+def test_sync_waits_for_the_registry_writer_lock(tmp_path, tiny):
+    import threading
+
+    from casam.online import writer_lock
+
+    merged = LayerRegistry(tmp_path / "merged")
+    coord.merge(merged, {"a": _layer_payload(tmp_path, tiny, "A")}, tiny.hash, 0.02)
+    site = LayerRegistry(tmp_path / "site")
+    done = []
+    with writer_lock(site):  # e.g. the site's online trainer is writing a layer
+        t = threading.Thread(target=lambda: done.append(sync(site, coord.registry_layers(merged))))
+        t.start()
+        t.join(0.5)
+        assert not done and not site.active()  # nothing written while another writer holds the lock
+    t.join(10)
+    assert done and done[0]["added"] == ["a-v1"]
+
+
 def test_site_reads_a_monai_label_studies_folder(tmp_path, disks):
     from PIL import Image
 

@@ -21,7 +21,7 @@ import numpy as np
 from ..backbone import Backbone
 from ..data import load_cases, read_meta
 from ..errors import CasamError, RegistryError
-from ..online import LabelledItem, load_items, patient_of
+from ..online import LabelledItem, load_items, patient_of, writer_lock
 from ..registry import LayerRegistry
 from ..training import TrainConfig, train_layer
 from .payload import check_outgoing, sanitize_meta
@@ -150,7 +150,8 @@ def train_round(request: Dict[str, Any], backbone: Backbone, source: str | Path,
 
 
 def sync(registry: LayerRegistry, layers: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
-    """Copies the coordinator's merged registry into a site's registry (layers it already holds are left alone).
+    """Copies the coordinator's merged registry into a site's registry (layers it already holds are left alone),
+    holding the registry's writer lock (:func:`casam.online.writer_lock`), so it waits for a running online trainer.
 
     Args:
         registry: the site's registry (the one its MONAI Label app serves).
@@ -163,13 +164,14 @@ def sync(registry: LayerRegistry, layers: Sequence[Dict[str, Any]]) -> Dict[str,
     added: List[str] = []
     conflicts: List[str] = []
     present = 0
-    for entry in layers:
-        try:
-            if registry.put(entry["meta"], entry["files"]):
-                added.append(entry["meta"]["name"])
-            else:
-                present += 1
-        except RegistryError as e:
-            log.warning("sync: %s", e)
-            conflicts.append(str(entry["meta"].get("name")))
+    with writer_lock(registry):  # one writer at a time: the site's online trainer takes the same lock
+        for entry in layers:
+            try:
+                if registry.put(entry["meta"], entry["files"]):
+                    added.append(entry["meta"]["name"])
+                else:
+                    present += 1
+            except RegistryError as e:
+                log.warning("sync: %s", e)
+                conflicts.append(str(entry["meta"].get("name")))
     return {"added": added, "present": present, "conflicts": conflicts, "signature": registry.signature()}
