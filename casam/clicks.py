@@ -148,6 +148,19 @@ def cut_background(mask: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, reach
     return mask & ~cut.reshape(L, L)
 
 
+def _agreement(masks: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
+    """Share of the foreground clicks inside each of K masks minus the share of background clicks inside → K."""
+    hit = _at(masks, fg).float().mean(1) if len(fg) else torch.zeros(len(masks))
+    leak = _at(masks, bg).float().mean(1) if len(bg) else torch.zeros(len(masks))
+    return hit - leak
+
+
+def _cut_logits(logits: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, reach: float) -> torch.Tensor:
+    """L×L logits with the pixels :func:`cut_background` removes lowered to at most −1 (on the logits' device)."""
+    keep = cut_background((logits > 0).cpu(), fg.cpu(), bg.cpu(), reach).to(logits.device)
+    return torch.where(keep, logits, torch.minimum(logits, torch.tensor(-1.0, device=logits.device)))
+
+
 def proposal_features(first: torch.Tensor, first_iou: torch.Tensor, logits: torch.Tensor, iou: torch.Tensor,
                       centre: torch.Tensor, sizes: torch.Tensor, n_sizes: int) -> torch.Tensor:
     """The chooser's features of K refined proposals (columns in the order of :data:`FEATURES`).
@@ -330,11 +343,7 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
         low_fg, low_bg = first * to_low, (bg if not cfg.edit else bg[:0]) * to_low
 
         def clicks_ok(m: torch.Tensor) -> torch.Tensor:  # +1 all foreground clicks inside, -1 all background ones too
-            if not cfg.click_weight:
-                return torch.zeros(len(m))
-            hit = _at(m, low_fg).float().mean(1)
-            leak = _at(m, low_bg).float().mean(1) if len(low_bg) else torch.zeros(len(m))
-            return cfg.click_weight * (hit - leak)
+            return cfg.click_weight * _agreement(m, low_fg, low_bg)
 
         half = torch.tensor([float(s) * img_size / REFERENCE_SIZE for s in cfg.half_sizes])[:, None]
         p = propose(run, first, hw, to_low, half, cfg.refine_top if cfg.refine else None, clicks_ok)
@@ -361,21 +370,17 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                     continue
                 lg, io = run(cands)
                 if label == 0 and cfg.cut_background:  # or keep the box and cut around the click
-                    kept = cut_background(prev, seen_fg * to_low, c[None] * to_low, cfg.cut_reach)
-                    low = torch.minimum(logits[0, 0], torch.tensor(-1.0, device=logits.device))
-                    lg = torch.cat([lg, torch.where(kept.to(logits.device), logits[0, 0], low)[None, None]])
+                    cut = _cut_logits(logits[0, 0], seen_fg * to_low, c[None] * to_low, cfg.cut_reach)
+                    lg = torch.cat([lg, cut[None, None]])
                     io, cands = torch.cat([io, iou[:1]]), torch.cat([cands, cur[None].float()])
                 m = (lg[:, 0] > 0).cpu()
-                hit = _at(m, seen_fg * to_low).float().mean(1)
-                leak = _at(m, seen_bg * to_low).float().mean(1) if len(seen_bg) else torch.zeros(len(m))
-                sc = io[:, 0].cpu().float() + cfg.click_weight * (hit - leak) + cfg.stay * _paired_iou(
-                    m.flatten(1), prev.flatten()[None].expand(len(m), -1))
+                sc = io[:, 0].cpu().float() + cfg.click_weight * _agreement(m, seen_fg * to_low, seen_bg * to_low) \
+                    + cfg.stay * _paired_iou(m.flatten(1), prev.flatten()[None].expand(len(m), -1))
                 j = int(torch.argmax(sc))
                 cur, logits, iou, edits = cands[j], lg[j : j + 1], io[j : j + 1], edits + 1
         info = {"proposal": "click", "half_size": float(cfg.half_sizes[int(p.sizes[k])]),
                 "box": [round(float(v), 1) for v in cur], "proposals": len(half), "edits": edits}
     out = logits[:1].clone()
     if cfg.cut_background and len(bg):
-        inside = cut_background(out[0, 0] > 0, fg * to_low, bg * to_low, cfg.cut_reach)
-        out[0, 0] = torch.where(inside, out[0, 0], torch.minimum(out[0, 0], torch.tensor(-1.0)))
+        out[0, 0] = _cut_logits(out[0, 0], fg * to_low, bg * to_low, cfg.cut_reach)
     return out, iou[:1], info
