@@ -5,8 +5,10 @@ cache, under the same keys a click uses (:func:`image_key`), so the click finds 
 slice being encoded instead of encoding it twice). It never competes with a click: before each slice it
 waits until no request is in flight (:meth:`Prefetcher.foreground`). A newer job replaces a queued one and
 stops the job being encoded after its current slice (the client has moved on). A volume's slices are
-encoded from the middle outwards (where a viewer opens it), at most ``max_slices`` of them and at most half of
-the embedding cache, so it never evicts what a click needs. The caller decides which files a job may read
+encoded from the middle outwards (where a viewer opens it) — or, once a click came, outwards from the clicked
+slice (:meth:`Prefetcher.submit` with ``centre``: a click whose propagation ran out of time finds them next
+time) — at most ``max_slices`` of them and at most half of the embedding cache, so it never evicts what a
+click needs. The caller decides which files a job may read
 (``locate``): the app gives datastore images only.
 """
 
@@ -38,9 +40,10 @@ def image_key(backbone_id: str, path: str) -> str:
     return f"{backbone_id}:{os.path.realpath(path)}:{st.st_mtime_ns}:{st.st_size}"
 
 
-def middle_out(depth: int, n: int) -> List[int]:
-    """The ``n`` slices nearest the middle of a volume of ``depth`` slices, middle first, then alternately outwards."""
-    mid = depth // 2
+def middle_out(depth: int, n: int, centre: Optional[int] = None) -> List[int]:
+    """The ``n`` slices nearest ``centre`` (default: the middle) of a volume of ``depth`` slices, centre first, then
+    alternately outwards."""
+    mid = depth // 2 if centre is None else min(max(0, int(centre)), depth - 1)
     order = [mid]
     for step in range(1, depth):
         order += [i for i in (mid - step, mid + step) if 0 <= i < depth]
@@ -63,6 +66,7 @@ class Prefetcher:
         self.limits, self.max_slices = limits or ImageLimits(), int(max_slices)
         self._cond = threading.Condition()
         self._next: Optional[str] = None  # the one queued job (image id): a newer one replaces it
+        self._centre: Dict[str, int] = {}  # image id → slice to encode outwards from (the latest click's)
         self._busy = 0  # requests in flight
         self._current: Optional[str] = None
         self._closed = False
@@ -71,14 +75,22 @@ class Prefetcher:
         self._thread = threading.Thread(target=self._run, name="casam-prefetch", daemon=True)
         self._thread.start()
 
-    def submit(self, image_id: str) -> None:
-        """Queues an image for encoding (it replaces a queued one and stops the current one after its slice)."""
+    def submit(self, image_id: str, centre: Optional[int] = None) -> None:
+        """Queues an image for encoding (it replaces a queued one and stops the current one after its slice).
+
+        Args:
+            image_id: a datastore image id.
+            centre: a volume's slice to encode outwards from (a clicked slice); the image's job, queued or
+                running, follows it from its next slice on. None: the middle, or the centre given before.
+        """
         if not isinstance(image_id, str) or not image_id:
             return
         with self._cond:
+            if centre is not None:
+                self._centre = {image_id: int(centre)}  # one image at a time: an older image's centre is dropped
             if image_id != self._current:
                 self._next = image_id
-                self._cond.notify_all()
+            self._cond.notify_all()
 
     @contextlib.contextmanager
     def foreground(self) -> Iterator[None]:
@@ -172,10 +184,13 @@ class Prefetcher:
             return 1
         per = 4 * predictor.backbone.embed_dim * predictor.backbone.embed_size ** 2
         fit = predictor.cache_stats()["embeddings"]["max_bytes"] // (2 * per)
-        n = 0
-        for i in middle_out(img.array.shape[0], min(self.max_slices, fit)):
-            if not self._may_continue(image_id):
+        n, depth, window = 0, img.array.shape[0], min(self.max_slices, fit)
+        while n < 2 * window and self._may_continue(image_id):  # 2×: a moved centre; never a loop on evictions
+            with self._cond:
+                centre = self._centre.get(image_id)
+            todo = [i for i in middle_out(depth, window, centre) if not predictor.cached(f"{key}:{i}")]
+            if not todo:
                 break
-            predictor.embed(img.array[i], f"{key}:{i}")
+            predictor.embed(img.array[todo[0]], f"{key}:{todo[0]}")
             n += 1
         return n

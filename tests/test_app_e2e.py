@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +67,7 @@ def server(tmp_path_factory):
     srv = MonaiLabelServer(str(studies), work, conf={
         "backbone": "litemedsam", "registry": str(work / "registry"), "cache": str(work / "cache"),
         "labels": "tumour", "min_images": "5", "epochs": "4", "novelty_max_score": "4",
+        "click_budget_s": "0.01",  # a volume click encodes its own slice only: the rest comes from the background
     })
     srv.start()
     srv.home, srv.other, srv.volume = home, other, vol
@@ -122,6 +124,17 @@ def test_3d_point_propagates_through_the_volume(server):
     gt = read_clinical(str(server.volume).replace("_image", "_label")).array  # D×H×W
     k = int(np.argmax(gt.reshape(gt.shape[0], -1).sum(1)))
     x0, y0, x1, y1 = tight_box(gt[k] > 0).astype(int).tolist()
+    # a click on a volume nobody opened: its time budget spent on its own slice, it says where it stopped...
+    click = {"foreground": [[(x0 + x1) // 2, (y0 + y1) // 2, k]], "background": [[2, 2, k]]}
+    first, pc = _infer(server, image_id, click)
+    assert pc["embedding_cached"] is False and pc["slices"] == [k, k] and pc["pending_slices"] == [k - 1, k + 1], pc
+    assert first[k].any() and "click_budget_s" in " ".join(pc["warnings"])
+    # ...and the background encoder goes on from the clicked slice, so the same click again reaches further
+    end = time.time() + 300
+    while not server.info()["cache"]["prefetch"]["idle"] and time.time() < end:
+        time.sleep(0.5)
+    again, pa = _infer(server, image_id, click)
+    assert pa["slices"][0] < k < pa["slices"][1] and (again[k] == first[k]).all(), pa
     mask, p = _infer(server, image_id, {"roi": [x0, x1, y0, y1, k, k], "result_extension": ".nrrd",
                                         "result_dtype": "uint8"})
     assert mask.shape == gt.shape

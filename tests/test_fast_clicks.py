@@ -140,6 +140,7 @@ def test_repropagation_decodes_nothing_new_and_gives_the_same_volume(tiny, monke
 
 def test_middle_out_order():
     assert middle_out(5, 5) == [2, 1, 3, 0, 4] and middle_out(4, 2) == [2, 1] and middle_out(3, 0) == []
+    assert middle_out(7, 4, centre=5) == [5, 4, 6, 3] and middle_out(4, 2, centre=9) == [3, 2]
 
 
 @pytest.fixture
@@ -181,6 +182,22 @@ def test_background_encoding_fills_the_cache_and_the_click_uses_it(tiny, files, 
         assert enc == []  # the click used the background's embedding
         pf.submit("pic")
         assert pf.wait_idle(60) and p.cached(image_key(tiny.id, str(served["pic"]))) and enc == [1]
+    finally:
+        pf.close()
+
+
+def test_a_click_moves_background_encoding_to_its_slice(tiny, files):
+    served, locate, _ = files
+    p = CASAMPredictor(tiny, None)
+    pf = Prefetcher(lambda: p, locate, max_slices=3)
+    try:
+        pf.submit("vol")
+        assert pf.wait_idle(60)
+        key = image_key(tiny.id, str(served["vol"]))
+        assert [p.cached(f"{key}:{i}") for i in range(7)] == [False, False, True, True, True, False, False]
+        pf.submit("vol", centre=6)  # a click on slice 6 ran out of time: encode from there next
+        assert pf.wait_idle(60)
+        assert [p.cached(f"{key}:{i}") for i in range(7)] == [False, False, True, True, True, True, True]
     finally:
         pf.close()
 

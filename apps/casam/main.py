@@ -94,7 +94,8 @@ class CASAMApp(MONAILabelApp):
         sessions = self.sessions()
         path, name = resolve_image(request.get("image"), datastore or self.datastore(),
                                    getattr(sessions, "store_path", None))
-        request = {**request, "image": path, "image_name": name, "save_label": False}
+        image_id = name if name == request.get("image") else None  # a datastore image (not an upload)
+        request = {**request, "image": path, "image_name": name, "image_id": image_id, "save_label": False}
         request.pop("timeout", None)  # a client's timeout would reach MONAI Label's thread pool unchecked
         try:
             return super().infer(request, datastore)

@@ -25,6 +25,10 @@ prefetch                 encode an image in the background as soon as a client d
                          gets it as next sample (default true; volumes: up to max_propagation_slices slices
                          from the middle out and at most half of cache_mb)
 novelty_max_score        images the novelty strategy scores on the spot when none has a stored score (16)
+click_budget_s           seconds a click on a volume may spend encoding slices for its propagation (default 1.5;
+                         0 = no budget): after that it follows the object only through slices already encoded,
+                         says where it stopped, and the background encoder goes on from the clicked slice, so
+                         the next click reaches further; a 3D roi always propagates through its whole extent
 =======================  =====================================================================================
 
 Limits (a request over one is answered 413 naming the limit and the value; see ``README.md`` for the memory
@@ -100,6 +104,7 @@ class CASAMConfig(TaskConfig):
         self.decode_cache_mb = _number(conf, "decode_cache_mb", DECODE_CACHE_MB, float)
         self.prefetch = str(conf.get("prefetch", "true")).strip().lower() not in ("0", "false", "no", "off")
         self.novelty_max_score = _int(conf, "novelty_max_score", 16)
+        self.click_budget_s = max(0.0, _number(conf, "click_budget_s", 1.5, float))
         self.max_points = _int(conf, "max_points", 64)
         self.max_propagation_slices = _int(conf, "max_propagation_slices", 64)
         self.max_concurrent_infers = max(1, _int(conf, "max_concurrent_infers", 1))
@@ -159,7 +164,7 @@ class CASAMConfig(TaskConfig):
                 "max_image_megapixels": lim.max_pixels / 1e6, "max_upload_mb": lim.max_bytes / 2**20,
                 "max_propagation_slices": self.max_propagation_slices,
                 "max_concurrent_infers": self.max_concurrent_infers, "cache_mb": self.cache_mb,
-                "decode_cache_mb": self.decode_cache_mb}
+                "decode_cache_mb": self.decode_cache_mb, "click_budget_s": self.click_budget_s}
 
     def infer(self):
         from lib.infers.casam import CASAMInfer

@@ -11,6 +11,8 @@ Every parameter is checked before the image is read: a malformed one, or more po
 a 4xx naming it; the image's size is checked from its header (``max_image_voxels`` / ``max_image_megapixels``);
 a 3D ROI may span at most ``max_propagation_slices`` slices, and free propagation stops at half of that each
 way. At most ``max_concurrent_infers`` requests are segmented at once, which bounds the server's memory.
+A click on a volume encodes slices for its propagation for at most ``click_budget_s`` seconds, then follows
+the object only through slices already encoded (``pending_slices`` and a warning say where it stopped).
 """
 
 from __future__ import annotations
@@ -176,13 +178,14 @@ class CASAMInfer(InferTask):
         key = image_key(predictor.backbone.id, path)
         first_key = f"{key}:{p.slice}" if img.is_volume else key
         cached = predictor.cached(first_key)
-        capped = False
+        capped, pending = False, []
         if img.is_volume:
             if _bool(request.get("propagate"), True):
                 rng, capped = self._slice_range(p, img.array.shape[0])
+                budget = self.cfg.click_budget_s if p.box is None and self.cfg.click_budget_s > 0 else None
                 mask, info = segment_volume(predictor, img.array, p.slice, p.points, p.labels, p.box, layer=layer, key=key,
-                                            slice_range=rng)
-                route, slices, iou = info["route"], info["slices"], info["iou"]
+                                            slice_range=rng, budget_s=budget)
+                route, slices, iou, pending = info["route"], info["slices"], info["iou"], info["pending"]
                 capped = capped and (slices[0] == rng[0] > 0 or slices[1] == rng[1] < img.array.shape[0] - 1)
             else:
                 pred = predictor.predict(img.array[p.slice], p.points, p.labels, p.box, layer=layer, key=first_key)
@@ -195,6 +198,11 @@ class CASAMInfer(InferTask):
         out = tempfile.NamedTemporaryFile(suffix=q["ext"], prefix="casam-", delete=False).name
         write_label(mask * np.uint8(q["value"]), img, out, q["dtype"])
         warnings = list(img.notes)
+        if pending:
+            warnings.append(f"slices {slices} in {self.cfg.click_budget_s:g} s (click_budget_s); the object may go on "
+                            f"past slice(s) {pending}, still being encoded in the background: click again to extend")
+            if self.cfg.prefetcher is not None and request.get("image_id"):  # a datastore image, not an upload
+                self.cfg.prefetcher.submit(request["image_id"], centre=p.slice)
         if capped:
             warnings.append(f"propagation stopped at slices {slices} (max_propagation_slices = "
                             f"{self.cfg.max_propagation_slices}); draw a 3D roi or click further slices")
@@ -213,6 +221,7 @@ class CASAMInfer(InferTask):
             "scores": route.get("scores"),
             "slice": p.slice,
             "slices": slices,
+            "pending_slices": pending,
             "predicted_iou": round(float(iou), 4),
             "embedding_cached": cached,
             "ignored_points": p.ignored,
