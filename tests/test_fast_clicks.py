@@ -5,6 +5,7 @@ what the app's ``locate`` serves. (Latency itself is measured by ``benchmarks/la
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 
@@ -164,17 +165,27 @@ def files(tmp_path):
     return served, locate, outside
 
 
+@contextlib.contextmanager
+def _encoding(tiny, files, max_slices):
+    """A predictor, its background encoder and a function listing which of the volume's 7 slices are cached."""
+    served, locate, _ = files
+    p = CASAMPredictor(tiny, None)
+    pf = Prefetcher(lambda: p, locate, max_slices=max_slices)
+    key = image_key(tiny.id, str(served["vol"]))
+    try:
+        yield p, pf, key, lambda: [p.cached(f"{key}:{i}") for i in range(7)]
+    finally:
+        pf.close()
+
+
 def test_background_encoding_fills_the_cache_and_the_click_uses_it(tiny, files, monkeypatch):
     from casam.imageio import read_clinical
 
-    served, locate, _ = files
-    p = CASAMPredictor(tiny, None)
-    pf = Prefetcher(lambda: p, locate, max_slices=5)
-    try:
+    served = files[0]
+    with _encoding(tiny, files, 5) as (p, pf, key, cached):
         pf.submit("vol")
         assert pf.wait_idle(60)
-        key = image_key(tiny.id, str(served["vol"]))
-        assert [p.cached(f"{key}:{i}") for i in range(7)] == [False, True, True, True, True, True, False]
+        assert cached() == [False, True, True, True, True, True, False]
         assert pf.status()["done"] == {"vol": 5}
         enc = _count(monkeypatch, tiny, "encode")
         vol = read_clinical(served["vol"]).array
@@ -182,24 +193,14 @@ def test_background_encoding_fills_the_cache_and_the_click_uses_it(tiny, files, 
         assert enc == []  # the click used the background's embedding
         pf.submit("pic")
         assert pf.wait_idle(60) and p.cached(image_key(tiny.id, str(served["pic"]))) and enc == [1]
-    finally:
-        pf.close()
 
 
 def test_a_click_moves_background_encoding_to_its_slice(tiny, files):
-    served, locate, _ = files
-    p = CASAMPredictor(tiny, None)
-    pf = Prefetcher(lambda: p, locate, max_slices=3)
-    try:
+    with _encoding(tiny, files, 3) as (p, pf, key, cached):
         pf.submit("vol")
-        assert pf.wait_idle(60)
-        key = image_key(tiny.id, str(served["vol"]))
-        assert [p.cached(f"{key}:{i}") for i in range(7)] == [False, False, True, True, True, False, False]
+        assert pf.wait_idle(60) and cached() == [False, False, True, True, True, False, False]
         pf.submit("vol", centre=6)  # a click on slice 6 ran out of time: encode from there next
-        assert pf.wait_idle(60)
-        assert [p.cached(f"{key}:{i}") for i in range(7)] == [False, False, True, True, True, True, True]
-    finally:
-        pf.close()
+        assert pf.wait_idle(60) and cached() == [False, False, True, True, True, True, True]
 
 
 def test_background_encoding_waits_for_requests_and_reads_only_what_locate_serves(tiny, files):
