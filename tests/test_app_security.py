@@ -2,13 +2,20 @@
 
 Only datastore images (or the request's upload) are read, never a server path; every limit answers 413 naming
 itself and the value; malformed parameters are 4xx, never 5xx; messages carry no server path, temporary file
-or traceback; a final label that does not fit its image is refused at save.
+or traceback; a final label that does not fit its image is refused at save; /logs is closed; a request body is bounded as it
+streams, before FastAPI spools it to disk.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
+import select
+import socket
+import sys
+import tempfile
+import time
 
 import numpy as np
 import psutil
@@ -17,6 +24,7 @@ import requests
 import SimpleITK as sitk
 
 from conftest import disk_image
+from mlserver import APP
 from disk_studies import disk_studies, png_bytes as _png
 
 pytestmark = pytest.mark.slow
@@ -60,6 +68,11 @@ def _refused(r, code: int, *words: str) -> str:
     text = r.text
     for w in words:
         assert w in text, (w, text)
+    return _no_leak(text)
+
+
+def _no_leak(text: str) -> str:
+    """The text names no server path, temporary file or traceback."""
     for leak in ("/tmp", "Traceback", str(os.getcwd()), "site-packages"):
         assert leak not in text, (leak, text)
     return text
@@ -186,3 +199,84 @@ def test_20000_points_leave_memory_alone(server):
     grown = proc.memory_info().rss - before
     print(f"RSS {before / 2**20:.0f} MB before, grew by {grown / 2**20:.1f} MB under 20 000 points")
     assert grown < 200 * 2**20
+
+
+def test_logs_are_closed(server):
+    for path in ("/logs/", "/logs", "/logs/?lines=0&text=true", "/logs/gpu"):
+        _refused(requests.get(server.url + path, timeout=60), 403, "expose_logs")
+
+
+def test_logs_open_when_asked():
+    sys.path.insert(0, str(APP))
+    try:
+        from lib.gate import RequestGate
+    finally:
+        sys.path.remove(str(APP))
+    answers = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    async def send(message):
+        if message["type"] == "http.response.start":
+            answers.append(message["status"])
+
+    for closed in [("/logs",), ()]:  # the default, and --conf expose_logs true
+        gate = RequestGate(app, 100, closed=closed, closed_message="closed")
+        for path in ("/logs/", "/logs/gpu", "/logsx", "/info/"):
+            asyncio.run(gate({"type": "http", "path": path, "headers": []}, None, send))
+    assert answers == [403, 403, 200, 200, 200, 200, 200, 200]
+
+
+def _server_temp_bytes(pid: int) -> int:
+    """Bytes of the files the server holds open directly in the temporary folder (named or not)."""
+    tmp, total = tempfile.gettempdir(), 0
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if os.path.dirname(target.removesuffix(" (deleted)")) == tmp:
+                total += os.stat(f"/proc/{pid}/fd/{fd}").st_size
+        except OSError:
+            pass
+    return total
+
+
+def _answer(sock: socket.socket, wait: float) -> str:
+    sock.settimeout(wait)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data or len(data) < 200:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    return data.decode(errors="replace")
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="reads the server's open files from /proc")
+def test_request_body_is_bounded_as_it_streams(server):
+    head = "PUT /session/ HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+    with socket.create_connection(("127.0.0.1", server.port)) as s:  # a declared length over the bound: not read
+        s.sendall(f"{head}Content-Length: {100 * 2**20}\r\n\r\n".encode())
+        t0 = time.time()
+        text = _answer(s, 30)
+    assert text.startswith("HTTP/1.1 413") and "max_upload_mb = 0.05" in text and time.time() - t0 < 30, text
+    _no_leak(text)
+    total, chunk, peak, text = 24 * 2**20, b"\0" * 2**16, 0, ""
+    part = b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.nii"\r\n\r\n'
+    with socket.create_connection(("127.0.0.1", server.port)) as s:  # chunked: cut off at the bound
+        s.sendall(f"{head}Transfer-Encoding: chunked\r\n\r\n".encode() + b"%x\r\n%s\r\n" % (len(part), part))
+        for _ in range(total // len(chunk)):
+            peak = max(peak, _server_temp_bytes(server.proc.pid))
+            if select.select([s], [], [], 0)[0]:
+                break  # the server answered
+            try:
+                s.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            except OSError:
+                break
+        text = _answer(s, 30)
+    print(f"server's temporary files peaked at {peak / 2**20:.2f} MB while a {total / 2**20:.0f} MB body streamed")
+    assert text.startswith("HTTP/1.1 413") and "max_upload_mb = 0.05" in text, text
+    assert peak < 3 * 2**20  # the bound is 0.05 MB + 1 MiB; FastAPI would have spooled all 24 MB

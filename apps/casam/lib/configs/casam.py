@@ -29,6 +29,9 @@ click_budget_s           seconds a click on a volume may spend encoding slices f
                          0 = no budget): after that it follows the object only through slices already encoded,
                          says where it stopped, and the background encoder goes on from the clicked slice, so
                          the next click reaches further; a 3D roi always propagates through its whole extent
+expose_logs              serve MONAI Label's ``/logs`` (the server log, which names server folders, and
+                         ``/logs/gpu``) to clients; default false: 403, as no client needs them (OHIF and the
+                         DSA plugin only link to the log page); an administrator reads ``<app>/logs/app.log``
 =======================  =====================================================================================
 
 Limits (a request over one is answered 413 naming the limit and the value; see ``README.md`` for the memory
@@ -105,6 +108,7 @@ class CASAMConfig(TaskConfig):
         self.prefetch = str(conf.get("prefetch", "true")).strip().lower() not in ("0", "false", "no", "off")
         self.novelty_max_score = _int(conf, "novelty_max_score", 16)
         self.click_budget_s = max(0.0, _number(conf, "click_budget_s", 1.5, float))
+        self.expose_logs = str(conf.get("expose_logs", "false")).strip().lower() in ("1", "true", "yes", "on")
         self.max_points = _int(conf, "max_points", 64)
         self.max_propagation_slices = _int(conf, "max_propagation_slices", 64)
         self.max_concurrent_infers = max(1, _int(conf, "max_concurrent_infers", 1))
