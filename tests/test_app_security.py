@@ -2,8 +2,8 @@
 
 Only datastore images (or the request's upload) are read, never a server path; every limit answers 413 naming
 itself and the value; malformed parameters are 4xx, never 5xx; messages carry no server path, temporary file
-or traceback; a final label that does not fit its image is refused at save; /logs is closed; a request body is bounded as it
-streams, before FastAPI spools it to disk.
+or traceback; a final label that does not fit its image is refused at save; sessions take one bounded image
+(or DICOM series); /logs is closed; a request body is bounded as it streams, before FastAPI spools it to disk.
 """
 
 from __future__ import annotations
@@ -199,6 +199,32 @@ def test_20000_points_leave_memory_alone(server):
     grown = proc.memory_info().rss - before
     print(f"RSS {before / 2**20:.0f} MB before, grew by {grown / 2**20:.1f} MB under 20 000 points")
     assert grown < 200 * 2**20
+
+
+def _session(srv, *files, **query):
+    """``PUT /session/`` as the 3D Slicer plugin sends it (files under ``files``, a ``client_id`` form field)."""
+    return requests.put(f"{srv.url}/session/", params=query, files=[("files", f) for f in files],
+                        data={"client_id": "user-xyz"}, timeout=120)
+
+
+def test_sessions_are_bounded(server):
+    scan = (server.studies / "vol.nii.gz").read_bytes()
+    r = _session(server, ("tmpk2j4h1x9.nii.gz", scan))  # Slicer: one volume saved to a temporary .nii.gz
+    assert r.status_code == 200, r.text
+    sid = _no_leak(r.text) and r.json()["session_id"]
+    r = requests.get(f"{server.url}/session/{sid}", timeout=60)
+    assert r.status_code == 200 and _no_leak(r.text), r.text
+    ok = _infer(server, image="", session_id=sid, params={"foreground": [[24, 24, 5]]})
+    assert ok.status_code == 200, ok.text
+    noise = np.random.default_rng(2).integers(0, 255, (20, 40, 40)).astype(np.int16)  # raw .nii, 64 kB > 0.05 MB
+    _refused(_session(server, ("big.nii", _nifti(server.work / "snoise.nii", noise, compress=False).read_bytes())),
+             413, "max_upload_mb = 0.05")
+    blob = os.urandom(30_000)
+    _refused(_session(server, ("a.dcm", blob), ("b.dcm", blob)), 413, "2 file(s)", "max_upload_mb = 0.05")
+    _refused(_session(server, ("a.png", b"x"), ("b.png", b"x")), 400, "one DICOM series")
+    _refused(_session(server, ("x.mhd", b"ElementDataFile = /etc/passwd")), 400, "unsupported file type")
+    _refused(_session(server, ("a.nii.gz", scan), uncompress="true"), 400, "unpacks no archives")
+    assert len([d for d in (server.work / "sessions").iterdir() if d.is_dir()]) == 1  # nothing refused was stored
 
 
 def test_logs_are_closed(server):

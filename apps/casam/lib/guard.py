@@ -4,9 +4,11 @@ MONAI Label 0.8.5 takes an ``image`` that exists as a path on the server as that
 ``params`` / ``info`` JSON in its endpoint functions (bad JSON → 500) and writes uploads under the id or tag
 the client names. The app closes these holes in two places:
 
-* :func:`install_endpoint_guards` wraps the endpoint functions that parse client input (``/infer``, and the
-  datastore's image and label uploads and info updates): bad JSON, no image, an upload that is too big or of
-  a type no reader takes, a label upload to ``/infer`` → 4xx before anything is written;
+* :func:`install_endpoint_guards` wraps the endpoint functions that parse client input (``/infer``, the
+  datastore's image and label uploads and info updates, and ``PUT /session``): bad JSON, no image, an upload
+  that is too big or of a type no reader takes, a label upload to ``/infer``, an archive to unpack → 4xx
+  before anything is written (:mod:`lib.gate` bounds the request body before FastAPI spools it); session
+  answers name the session's folder and image without their server paths;
 * :class:`GuardedDatastore` (mixed into the app's datastore by :func:`guard_datastore`) refuses ids and tags
   that are not plain names, DICOMweb ids that are not UIDs, and a final label that does not fit its image
   (:func:`casam.imageio.check_label`).
@@ -131,16 +133,43 @@ def _json_dict(text: Any, what: str) -> dict:
     return value
 
 
+def _check_bytes(limits: ImageLimits, what: str, n: int) -> None:
+    try:
+        limits.check_bytes(what, n)
+    except LimitError as e:
+        raise http_error(e) from None
+
+
 def _check_upload(file: Any, limits: ImageLimits, what: str) -> None:
     if file is None:
         return
     upload_suffix(getattr(file, "filename", None), what)
     size = getattr(file, "size", None)
     if size is not None:
-        try:
-            limits.check_bytes(f"{what} {shown(os.path.basename(file.filename or ''))}", int(size))
-        except LimitError as e:
-            raise http_error(e) from None
+        _check_bytes(limits, f"{what} {shown(os.path.basename(file.filename or ''))}", int(size))
+
+
+def _check_session_files(files: Any, limits: ImageLimits) -> None:
+    """A session's upload: one image file, or the ``.dcm`` files of one series; all of them within ``max_upload_mb``.
+
+    Raises:
+        HTTPException: 400 a type no reader takes, several files that are not DICOM; 413 over ``max_upload_mb``.
+    """
+    files = list(files or [])
+    suffixes = {upload_suffix(getattr(f, "filename", None), "session file") for f in files}
+    if len(files) > 1 and suffixes != {".dcm"}:
+        raise HTTPException(400, f"a session takes one image file, or the .dcm files of one DICOM series; got "
+                                 f"{len(files)} files ({', '.join(sorted(suffixes))})")
+    _check_bytes(limits, f"session upload of {len(files)} file(s)", sum(int(getattr(f, "size", 0) or 0) for f in files))
+
+
+def _hide_session_paths(result: Any, **_) -> None:
+    """Names a session's folder and image by their names only, in place (MONAI Label answers their server paths)."""
+    info = result.get("session_info", result) if isinstance(result, dict) else None
+    if isinstance(info, dict):
+        for key in ("path", "image"):
+            if isinstance(info.get(key), str):
+                info[key] = os.path.basename(info[key])
 
 
 def install_endpoint_guards(limits: ImageLimits) -> None:
@@ -151,6 +180,7 @@ def install_endpoint_guards(limits: ImageLimits) -> None:
     """
     from monailabel.endpoints import datastore as ds_ep
     from monailabel.endpoints import infer as infer_ep
+    from monailabel.endpoints import session as session_ep
 
     def wrap(module: Any, name: str, check: Callable[..., None]) -> None:
         wrap_endpoint(module, name, "casam_guarded", before=check)
@@ -182,7 +212,16 @@ def install_endpoint_guards(limits: ImageLimits) -> None:
         if algo not in ("SHA256", "SHA512", "MD5"):
             raise HTTPException(400, f"check_sum algorithm {shown(algo)}: use SHA256, SHA512 or MD5")
 
+    def session_check(uncompress=False, files=None, **_):
+        # MONAI Label would unpack any archive (zip bomb, tar paths); the 3D Slicer plugin sends one image file
+        if uncompress:
+            raise HTTPException(400, "this app unpacks no archives: send the image file itself (uncompress=false)")
+        _check_session_files(files, limits)
+
     wrap(infer_ep, "run_inference", infer_check)
+    wrap(session_ep, "create_session", session_check)
+    for name in ("create_session", "get_session", "remove_session"):
+        wrap_endpoint(session_ep, name, "casam_no_paths", after=_hide_session_paths)
     wrap(ds_ep, "add_image", add_image_check)
     wrap(ds_ep, "save_label", save_label_check)
     wrap(ds_ep, "update_image_info", info_check)

@@ -42,7 +42,8 @@ max_points               foreground + background points in one request (default 
 max_image_voxels         voxels of a volume, read from its header before any pixel (default 67108864 = 64 Mi,
                          e.g. 512×512×256)
 max_image_megapixels     megapixels of a 2D picture (default 50)
-max_upload_mb            bytes of an uploaded image or label and of its decompressed gzip stream (default 512)
+max_upload_mb            bytes of an uploaded image or label (a session's files together) and of its
+                         decompressed gzip stream (default 512); a request body may have 1 MiB more
 max_propagation_slices   slices one 3D request may segment: a 3D ROI spanning more is refused, free
                          propagation stops there (default 64)
 max_concurrent_infers    requests segmented at once; others wait (default 1)
