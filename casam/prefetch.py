@@ -3,7 +3,8 @@
 :class:`Prefetcher` runs one daemon thread that encodes one job at a time into the predictor's embedding
 cache, under the same keys a click uses (:func:`image_key`), so the click finds them there (or waits for the
 slice being encoded instead of encoding it twice). It never competes with a click: before each slice it
-waits until no request is in flight (:meth:`Prefetcher.foreground`). A newer job replaces a queued one and
+waits until no request is in flight (:meth:`Prefetcher.foreground`), and a slice being encoded when a request
+comes pauses between the encoder's blocks until the request ends (:func:`install_pause_points`). A newer job replaces a queued one and
 stops the job being encoded after its current slice (the client has moved on). A volume's slices are
 encoded from the middle outwards (where a viewer opens it) — or, once a click came, outwards from the clicked
 slice (:meth:`Prefetcher.submit` with ``centre``: a click whose propagation ran out of time finds them next
@@ -24,6 +25,39 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 from .imageio import ImageLimits, read_clinical
 
 log = logging.getLogger(__name__)
+_worker = threading.local()  # ``pause``: set in a background encoder's thread only
+
+
+def _pause_point(module: Any, args: Any) -> None:
+    pause = getattr(_worker, "pause", None)
+    if pause is not None:
+        pause()
+
+
+def install_pause_points(encoder: Any) -> int:
+    """Lets a background thread's encode pause between an encoder's blocks (idempotent; other threads never pause).
+
+    A forward pre-hook on every element of the encoder's ``ModuleList`` / ``Sequential`` containers calls the
+    calling thread's pause function, if it has one (:class:`Prefetcher` sets it in its worker).
+
+    Args:
+        encoder: the image encoder (an ``nn.Module``).
+
+    Returns:
+        The number of pause points (0 when they were installed before).
+    """
+    import torch.nn as nn
+
+    if getattr(encoder, "_casam_pause_points", False):
+        return 0
+    n = 0
+    for m in encoder.modules():
+        if isinstance(m, (nn.ModuleList, nn.Sequential)):
+            for child in m:
+                child.register_forward_pre_hook(_pause_point)
+                n += 1
+    encoder._casam_pause_points = True
+    return n
 
 
 def image_key(backbone_id: str, path: str) -> str:
@@ -149,7 +183,14 @@ class Prefetcher:
                 self._cond.wait()
             return not self._closed and self._next is None and self._current == image_id
 
+    def _wait_requests(self) -> None:
+        """Blocks the worker while requests are in flight (called between the encoder's blocks)."""
+        with self._cond:
+            while self._busy and not self._closed:
+                self._cond.wait()
+
     def _run(self) -> None:
+        _worker.pause = self._wait_requests
         while True:
             image_id = self._take()
             if image_id is None:
@@ -177,6 +218,7 @@ class Prefetcher:
             return 0
         path, name = self._locate(image_id)
         predictor = self._predictor()
+        install_pause_points(predictor.backbone.sam.image_encoder)
         img = read_clinical(path, name=name, limits=self.limits)
         key = image_key(predictor.backbone.id, path)
         if not img.is_volume:

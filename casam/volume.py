@@ -46,9 +46,9 @@ def segment_volume(predictor: CASAMPredictor, volume: np.ndarray, slice_index: i
         min_overlap: smallest overlap with the previous slice's mask that continues propagation.
         max_slices: propagate at most this many slices each way (None: to the volume's end).
         slice_range: (first, last) slices propagation may reach (e.g. a 3D ROI's extent); None = the whole volume.
-        budget_s: once this many seconds have passed, no further slice is encoded: propagation goes on only
-            through slices whose embeddings are cached (e.g. encoded in the background) and stops at the first
-            slice that is not. None: no time budget.
+        budget_s: no slice is encoded that would end after this many seconds (judged by the last slice encoded):
+            propagation then goes on only through slices whose embeddings are cached (e.g. encoded in the
+            background) and stops at the first slice that is not. None: no time budget.
 
     Returns:
         (D×H×W uint8 mask, info dict with ``route``, ``slices`` [first, last], ``iou`` of the prompted slice and
@@ -82,18 +82,21 @@ def segment_volume(predictor: CASAMPredictor, volume: np.ndarray, slice_index: i
         return max(0, lo_k) <= i <= min(d - 1, hi_k) and abs(i - s0) <= limit
 
     fronts = {step: (first.mask, s0 + step) for step in (-1, 1) if inside(s0 + step)} if first.mask.sum() >= min_area else {}
-    pending = []
+    pending, slice_s = [], time.monotonic() - t0  # slice_s: the last slice that was not cached took this long
     while fronts:
         ready = [st for st, (_, i) in fronts.items() if key is not None and predictor.cached(k(i))]
         if ready:
             step = ready[0]
-        elif budget_s is None or time.monotonic() - t0 < budget_s:
+        elif budget_s is None or time.monotonic() - t0 + slice_s <= budget_s:  # the next encode ends in time
             step = min(fronts, key=lambda st: abs(fronts[st][1] - s0))
         else:
             pending = sorted(i for _, i in fronts.values())
             break
         prev, i = fronts.pop(step)
+        t1 = time.monotonic()
         p = predictor.predict(vol[i], box=tight_box(prev), key=k(i), route=route)
+        if not ready:
+            slice_s = time.monotonic() - t1
         m = p.mask
         if m.sum() < min_area or p.iou < min_iou or _overlap(m, prev) < min_overlap:
             continue

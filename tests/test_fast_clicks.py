@@ -203,6 +203,28 @@ def test_a_click_moves_background_encoding_to_its_slice(tiny, files):
         assert pf.wait_idle(60) and cached() == [False, False, True, True, True, True, True]
 
 
+def test_a_request_pauses_the_slice_being_encoded_in_the_background(tiny, files):
+    served = files[0]
+    inside, first = threading.Event(), tiny.sam.image_encoder.net[0]
+
+    def slow(module, args):  # the background encode is inside the encoder, between two of its blocks
+        if threading.current_thread().name == "casam-prefetch":
+            inside.set()
+            time.sleep(0.3)
+
+    hook = first.register_forward_pre_hook(slow)
+    try:
+        with _encoding(tiny, files, 3) as (p, pf, key, cached):
+            pf.submit("pic")
+            assert inside.wait(30)
+            with pf.foreground():  # a request came while that encode was running
+                time.sleep(1.0)
+                assert not p.cached(image_key(tiny.id, str(served["pic"])))  # it paused at the next block
+            assert pf.wait_idle(60) and p.cached(image_key(tiny.id, str(served["pic"])))
+    finally:
+        hook.remove()
+
+
 def test_background_encoding_waits_for_requests_and_reads_only_what_locate_serves(tiny, files):
     served, locate, outside = files
     p = CASAMPredictor(tiny, None)
