@@ -54,6 +54,7 @@ class ByteCache:
         self._items: "OrderedDict[Hashable, Tuple[Any, int]]" = OrderedDict()
         self._bytes = 0
         self._pending: Dict[Hashable, threading.Event] = {}
+        self._waiting: Dict[Hashable, int] = {}  # key → threads waiting for another thread's computation of it
         self._lock = threading.Lock()
         self.hits = self.misses = self.evictions = 0
 
@@ -132,8 +133,12 @@ class ByteCache:
                     self._pending[key] = threading.Event()
                     self.misses += 1
                     break
+                self._waiting[key] = self._waiting.get(key, 0) + 1
             event.wait()
             with self._lock:
+                self._waiting[key] -= 1
+                if not self._waiting[key]:
+                    del self._waiting[key]
                 item = self._items.get(key)
             if item is not None:
                 return item[0], True
@@ -144,6 +149,11 @@ class ByteCache:
         finally:
             with self._lock:
                 self._pending.pop(key).set()
+
+    def awaited(self, key: Hashable) -> bool:
+        """True while another thread waits for this key's computation (its computer should not pause)."""
+        with self._lock:
+            return key in self._waiting
 
     def discard(self, match: Callable[[Hashable], bool]) -> int:
         """Removes every entry whose key satisfies ``match``.

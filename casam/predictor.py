@@ -260,6 +260,10 @@ class CASAMPredictor:
         """True when an embedding is cached under ``key``."""
         return ("emb", key) in self._cache
 
+    def awaited(self, key: str) -> bool:
+        """True while a thread waits for another thread's embedding of ``key`` (e.g. a click for the background's)."""
+        return self._cache.awaited(("emb", key))
+
     def cache_stats(self) -> Dict[str, Dict[str, int]]:
         """Entries, bytes, budget, hits, misses and evictions of the embedding and the decode caches."""
         return {"embeddings": self._cache.stats(), "decodes": self._decodes.stats()}

@@ -101,6 +101,7 @@ class Prefetcher:
         self._cond = threading.Condition()
         self._next: Optional[str] = None  # the one queued job (image id): a newer one replaces it
         self._centre: Dict[str, int] = {}  # image id → slice to encode outwards from (the latest click's)
+        self._encoding: Tuple[Optional[str], Any] = (None, None)  # (cache key, predictor) of the slice being encoded
         self._busy = 0  # requests in flight
         self._current: Optional[str] = None
         self._closed = False
@@ -184,10 +185,12 @@ class Prefetcher:
             return not self._closed and self._next is None and self._current == image_id
 
     def _wait_requests(self) -> None:
-        """Blocks the worker while requests are in flight (called between the encoder's blocks)."""
+        """Blocks the worker while requests are in flight (called between the encoder's blocks), unless a request
+        waits for the very slice being encoded (it then finishes it for them)."""
         with self._cond:
-            while self._busy and not self._closed:
-                self._cond.wait()
+            slice_key, predictor = self._encoding
+            while self._busy and not self._closed and not (slice_key and predictor.awaited(slice_key)):
+                self._cond.wait(0.05)  # a request starting to wait for this slice does not notify: look again soon
 
     def _run(self) -> None:
         _worker.pause = self._wait_requests
@@ -213,6 +216,15 @@ class Prefetcher:
                 self._current = None
                 self._cond.notify_all()
 
+    def _embed(self, predictor: Any, image: Any, key: str) -> None:
+        with self._cond:
+            self._encoding = (key, predictor)
+        try:
+            predictor.embed(image, key)
+        finally:
+            with self._cond:
+                self._encoding = (None, None)
+
     def _encode(self, image_id: str) -> int:
         if not self._may_continue(image_id):
             return 0
@@ -222,7 +234,7 @@ class Prefetcher:
         img = read_clinical(path, name=name, limits=self.limits)
         key = image_key(predictor.backbone.id, path)
         if not img.is_volume:
-            predictor.embed(img.array, key)
+            self._embed(predictor, img.array, key)
             return 1
         per = 4 * predictor.backbone.embed_dim * predictor.backbone.embed_size ** 2
         fit = predictor.cache_stats()["embeddings"]["max_bytes"] // (2 * per)
@@ -233,6 +245,6 @@ class Prefetcher:
             todo = [i for i in middle_out(depth, window, centre) if not predictor.cached(f"{key}:{i}")]
             if not todo:
                 break
-            predictor.embed(img.array[todo[0]], f"{key}:{todo[0]}")
+            self._embed(predictor, img.array[todo[0]], f"{key}:{todo[0]}")
             n += 1
         return n

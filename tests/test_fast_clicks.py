@@ -225,6 +225,37 @@ def test_a_request_pauses_the_slice_being_encoded_in_the_background(tiny, files)
         hook.remove()
 
 
+def test_a_request_waiting_for_the_slice_being_encoded_gets_it(tiny, files, monkeypatch):
+    from casam.imageio import read_clinical
+
+    served = files[0]
+    inside, first = threading.Event(), tiny.sam.image_encoder.net[0]
+
+    def slow(module, args):
+        if threading.current_thread().name == "casam-prefetch":
+            inside.set()
+            time.sleep(0.3)
+
+    hook = first.register_forward_pre_hook(slow)
+    try:
+        with _encoding(tiny, files, 3) as (p, pf, key, cached):
+            pf.submit("pic")
+            assert inside.wait(30)
+            enc = _count(monkeypatch, tiny, "encode")
+            done = threading.Event()
+
+            def request():  # a click on the picture the background is encoding: it waits for that encode
+                with pf.foreground():
+                    p.embed(read_clinical(served["pic"]).array, image_key(tiny.id, str(served["pic"])))
+                done.set()
+
+            threading.Thread(target=request, daemon=True).start()
+            assert done.wait(20)  # the paused encode went on for the request waiting on it (no deadlock)
+            assert enc == []  # and encoded once, by the background
+    finally:
+        hook.remove()
+
+
 def test_background_encoding_waits_for_requests_and_reads_only_what_locate_serves(tiny, files):
     served, locate, outside = files
     p = CASAMPredictor(tiny, None)
