@@ -203,57 +203,52 @@ def test_a_click_moves_background_encoding_to_its_slice(tiny, files):
         assert pf.wait_idle(60) and cached() == [False, False, True, True, True, True, True]
 
 
-def test_a_request_pauses_the_slice_being_encoded_in_the_background(tiny, files):
-    served = files[0]
-    inside, first = threading.Event(), tiny.sam.image_encoder.net[0]
-
-    def slow(module, args):  # the background encode is inside the encoder, between two of its blocks
-        if threading.current_thread().name == "casam-prefetch":
-            inside.set()
-            time.sleep(0.3)
-
-    hook = first.register_forward_pre_hook(slow)
-    try:
-        with _encoding(tiny, files, 3) as (p, pf, key, cached):
-            pf.submit("pic")
-            assert inside.wait(30)
-            with pf.foreground():  # a request came while that encode was running
-                time.sleep(1.0)
-                assert not p.cached(image_key(tiny.id, str(served["pic"])))  # it paused at the next block
-            assert pf.wait_idle(60) and p.cached(image_key(tiny.id, str(served["pic"])))
-    finally:
-        hook.remove()
-
-
-def test_a_request_waiting_for_the_slice_being_encoded_gets_it(tiny, files, monkeypatch):
-    from casam.imageio import read_clinical
-
-    served = files[0]
-    inside, first = threading.Event(), tiny.sam.image_encoder.net[0]
+@contextlib.contextmanager
+def _slow_background(tiny):
+    """Makes a background encode stop 0.3 s inside the encoder (between two of its blocks); yields an Event set then."""
+    inside = threading.Event()
 
     def slow(module, args):
         if threading.current_thread().name == "casam-prefetch":
             inside.set()
             time.sleep(0.3)
 
-    hook = first.register_forward_pre_hook(slow)
+    hook = tiny.sam.image_encoder.net[0].register_forward_pre_hook(slow)
     try:
-        with _encoding(tiny, files, 3) as (p, pf, key, cached):
-            pf.submit("pic")
-            assert inside.wait(30)
-            enc = _count(monkeypatch, tiny, "encode")
-            done = threading.Event()
-
-            def request():  # a click on the picture the background is encoding: it waits for that encode
-                with pf.foreground():
-                    p.embed(read_clinical(served["pic"]).array, image_key(tiny.id, str(served["pic"])))
-                done.set()
-
-            threading.Thread(target=request, daemon=True).start()
-            assert done.wait(20)  # the paused encode went on for the request waiting on it (no deadlock)
-            assert enc == []  # and encoded once, by the background
+        yield inside
     finally:
         hook.remove()
+
+
+def test_a_request_pauses_the_slice_being_encoded_in_the_background(tiny, files):
+    served = files[0]
+    with _slow_background(tiny) as inside, _encoding(tiny, files, 3) as (p, pf, key, cached):
+        pf.submit("pic")
+        assert inside.wait(30)
+        with pf.foreground():  # a request came while that encode was running
+            time.sleep(1.0)
+            assert not p.cached(image_key(tiny.id, str(served["pic"])))  # it paused at the next block
+        assert pf.wait_idle(60) and p.cached(image_key(tiny.id, str(served["pic"])))
+
+
+def test_a_request_waiting_for_the_slice_being_encoded_gets_it(tiny, files, monkeypatch):
+    from casam.imageio import read_clinical
+
+    served = files[0]
+    with _slow_background(tiny) as inside, _encoding(tiny, files, 3) as (p, pf, key, cached):
+        pf.submit("pic")
+        assert inside.wait(30)
+        enc = _count(monkeypatch, tiny, "encode")
+        done = threading.Event()
+
+        def request():  # a click on the picture the background is encoding: it waits for that encode
+            with pf.foreground():
+                p.embed(read_clinical(served["pic"]).array, image_key(tiny.id, str(served["pic"])))
+            done.set()
+
+        threading.Thread(target=request, daemon=True).start()
+        assert done.wait(20)  # the paused encode went on for the request waiting on it (no deadlock)
+        assert enc == []  # and encoded once, by the background
 
 
 def test_background_encoding_waits_for_requests_and_reads_only_what_locate_serves(tiny, files):
