@@ -11,7 +11,7 @@ LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone giv
    fitted once on the training splits of the project's public data (``benchmarks/click_chooser.py``), plus
    the clicks (foreground inside, background outside).
 4. **Later clicks edit the chosen box**: a foreground click the mask missed grows the box to hold it (three
-   margins), a background click the mask covers moves one of the box's edges past it, or keeps the box and
+   margins) or joins the mask of a small box around it (a missed part inside the box), a background click the mask covers moves one of the box's edges past it, or keeps the box and
    cuts around the click; the candidate the decoder trusts most, that agrees with the clicks and changes the
    mask least, is kept.
    So a new click changes the answer only where it asks to, and the answer to the first click never changes.
@@ -68,6 +68,10 @@ class ClickConfig:
             than to any foreground click (a local cut, see :func:`cut_background`).
         cut_reach: how far such a cut reaches, as a fraction of the click's distance to the nearest foreground
             click.
+        add_local: a foreground click the mask missed may also add a local mask: square boxes of these
+            half-sizes (multiples of the click's distance to the mask, at least 4 px) around the click, each
+            decoded and joined to the current mask (a missed part inside the box, which growing the box cannot
+            reach).
     """
 
     half_sizes: Sequence[float] = HALF_SIZES
@@ -82,6 +86,7 @@ class ClickConfig:
     stay: float = 0.5
     cut_background: bool = True
     cut_reach: float = 0.25
+    add_local: Sequence[float] = (1.0, 2.0)
 
 
 def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -288,6 +293,31 @@ def edit_boxes(box: torch.Tensor, click: torch.Tensor, label: int, fg: torch.Ten
     return _clip(torch.stack(out), hw) if out else torch.zeros(0, 4)
 
 
+def local_masks(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], click: torch.Tensor, mask: torch.Tensor,
+                to_low: float, hw: Tuple[int, int], scales: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Masks of square boxes around a foreground click the mask missed, sized by the click's distance to the mask.
+
+    Args:
+        run: decodes K boxes (K×4, model frame) → (logits K×1×L×L, iou K×1).
+        click: (x, y) in the model frame.
+        mask: L×L bool current mask (empty: the distance is taken as 8 px).
+        to_low: logits-frame pixels per model-frame pixel.
+        hw: (height, width) to clip to.
+        scales: half-sizes as multiples of the distance (at least 4 px each).
+
+    Returns:
+        (K×4 boxes, K×1×L×L logits).
+    """
+    ys, xs = torch.nonzero(mask, as_tuple=True)
+    if len(xs):
+        d = float(torch.sqrt((xs.float() - click[0] * to_low) ** 2 + (ys.float() - click[1] * to_low) ** 2).min()) / to_low
+    else:
+        d = 8.0
+    half = torch.tensor([max(4.0, s * d) for s in scales])[:, None]
+    boxes = _clip(torch.cat([click[None] - half, click[None] + half], 1), hw)
+    return boxes, run(boxes)[0]
+
+
 @torch.no_grad()
 def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_hw: Tuple[int, int], img_size: int,
                   lowres: int, config: Optional[ClickConfig] = None,
@@ -369,6 +399,11 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                 if not len(cands):
                     continue
                 lg, io = run(cands)
+                if label == 1 and len(cfg.add_local):  # or join a local mask around the click to the current one
+                    lb, ll = local_masks(run, c, prev, to_low, hw, cfg.add_local)
+                    lg = torch.cat([lg, torch.maximum(logits[:1].expand(len(ll), -1, -1, -1), ll)])
+                    io = torch.cat([io, iou[:1].expand(len(ll), -1)])
+                    cands = torch.cat([cands, torch.cat([torch.minimum(lb[:, :2], cur[:2]), torch.maximum(lb[:, 2:], cur[2:])], 1)])
                 if label == 0 and cfg.cut_background:  # or keep the box and cut around the click
                     cut = _cut_logits(logits[0, 0], seen_fg * to_low, c[None] * to_low, cfg.cut_reach)
                     lg = torch.cat([lg, cut[None, None]])

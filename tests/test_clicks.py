@@ -74,6 +74,29 @@ def test_later_clicks_edit_the_first_answer_where_they_ask():
     assert info["edits"] == 2 and not m[30, 24] and m[30, 30]  # (an edge moved past it, or a cut around it)
 
 
+def test_a_missed_part_the_box_cannot_reach_is_joined_from_a_local_mask():
+    a, b = (20, 16, 44, 40), (50, 20, 56, 28)  # the object: a large part, and a small one beside it
+
+    def decode(points, labels, boxes):  # segments the part whose centre the box holds (the large one first)
+        out, ious = torch.full((len(boxes), 1, L, L), -5.0), torch.zeros(len(boxes), 1)
+        for k, bx in enumerate(boxes.tolist()):
+            for part in (a, b):
+                x0, y0, x1, y1 = part
+                if bx[0] <= (x0 + x1) / 2 <= bx[2] and bx[1] <= (y0 + y1) / 2 <= bx[3]:
+                    out[k, 0, max(y0, int(bx[1])):min(y1, int(bx[3])) + 1, max(x0, int(bx[0])):min(x1, int(bx[2])) + 1] = 5.0
+                    ious[k, 0] = 1.0 - sum(abs(u - v) for u, v in zip(bx, part)) / 200.0
+                    break
+        return out, ious
+
+    cfg = ClickConfig(half_sizes=(16, 32, 64, 96, 128))
+    clicks, labels = np.array([[30.0, 30.0], [53.0, 24.0]]), np.array([1, 1])
+    grown_only, _, _ = decode_clicks(decode, clicks, labels, (L, L), L, L, ClickConfig(half_sizes=cfg.half_sizes, add_local=()))
+    assert not grown_only[0, 0, 24, 53] > 0  # any box holding both parts holds the large part's centre: it misses the small
+    joined, _, info = decode_clicks(decode, clicks, labels, (L, L), L, L, cfg)
+    m = joined[0, 0] > 0
+    assert m[16:41, 20:45].all() and m[20:29, 50:57].all() and info["edits"] == 1
+
+
 def test_edit_boxes_keep_every_foreground_click_inside():
     box, fg = torch.tensor([10.0, 10.0, 50.0, 50.0]), torch.tensor([[30.0, 30.0]])
     right = edit_boxes(box, torch.tensor([45.0, 30.0]), 0, fg, (L, L), (0.1,), 0.5)
