@@ -71,7 +71,7 @@ class ClickConfig:
         add_local: a foreground click the mask missed may also add a local mask: square boxes of these
             half-sizes (multiples of the click's distance to the mask, at least 4 px) around the click, each
             decoded and joined to the current mask (a missed part inside the box, which growing the box cannot
-            reach).
+            reach); the join's predicted IoU is the lower of the mask's and the local mask's.
     """
 
     half_sizes: Sequence[float] = HALF_SIZES
@@ -306,7 +306,7 @@ def local_masks(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
         scales: half-sizes as multiples of the distance (at least 4 px each).
 
     Returns:
-        (K×4 boxes, K×1×L×L logits).
+        (K×4 boxes, K×1×L×L logits, K×1 predicted IoUs).
     """
     ys, xs = torch.nonzero(mask, as_tuple=True)
     if len(xs):
@@ -315,7 +315,7 @@ def local_masks(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
         d = 8.0
     half = torch.tensor([max(4.0, s * d) for s in scales])[:, None]
     boxes = _clip(torch.cat([click[None] - half, click[None] + half], 1), hw)
-    return boxes, run(boxes)[0]
+    return (boxes,) + tuple(run(boxes))
 
 
 @torch.no_grad()
@@ -400,9 +400,9 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                     continue
                 lg, io = run(cands)
                 if label == 1 and len(cfg.add_local):  # or join a local mask around the click to the current one
-                    lb, ll = local_masks(run, c, prev, to_low, hw, cfg.add_local)
+                    lb, ll, li = local_masks(run, c, prev, to_low, hw, cfg.add_local)
                     lg = torch.cat([lg, torch.maximum(logits[:1].expand(len(ll), -1, -1, -1), ll)])
-                    io = torch.cat([io, iou[:1].expand(len(ll), -1)])
+                    io = torch.cat([io, torch.minimum(iou[:1].expand(len(ll), -1), li)])  # trusted as the less sure part
                     cands = torch.cat([cands, torch.cat([torch.minimum(lb[:, :2], cur[:2]), torch.maximum(lb[:, 2:], cur[2:])], 1)])
                 if label == 0 and cfg.cut_background:  # or keep the box and cut around the click
                     cut = _cut_logits(logits[0, 0], seen_fg * to_low, c[None] * to_low, cfg.cut_reach)
