@@ -11,8 +11,8 @@ LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone giv
    fitted once on the training splits of the project's public data (``benchmarks/click_chooser.py``), plus
    the clicks (foreground inside, background outside).
 4. **Later clicks edit the chosen box**: a foreground click the mask missed grows the box to hold it (three
-   margins) or joins the mask of a small box around it (a missed part inside the box), a background click the mask covers moves one of the box's edges past it, or keeps the box and
-   cuts around the click; the candidate the decoder trusts most, that agrees with the clicks and changes the
+   margins) or joins the mask of a small box around it (a missed part inside the box); a background click
+   the mask covers moves one of the box's edges past it, or keeps the box and cuts around the click; the candidate the decoder trusts most, that agrees with the clicks and changes the
    mask least, is kept.
    So a new click changes the answer only where it asks to, and the answer to the first click never changes.
 5. **Background clicks** the final mask still covers (no edge could move past them) cut away the part of
@@ -107,6 +107,11 @@ def _tight_boxes(masks: torch.Tensor) -> torch.Tensor:
             ys, xs = idx[rows[i]], idx[cols[i]]
             out[i] = torch.stack([xs.min(), ys.min(), xs.max(), ys.max()])
     return out
+
+
+def _hull(boxes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """K×4 boxes grown to hold the corners ``lo`` = (x0, y0) and ``hi`` = (x1, y1)."""
+    return torch.cat([torch.minimum(boxes[:, :2], lo), torch.maximum(boxes[:, 2:], hi)], 1)
 
 
 def _clip(boxes: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
@@ -248,7 +253,7 @@ def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg
     keep = torch.argsort(-(first_iou + rank(first)))[: max(1, refine_top)]
     tb = _tight_boxes(first[keep]) / to_low
     tb = torch.where(torch.isnan(tb), boxes[keep], tb)
-    tb = _clip(torch.cat([torch.minimum(tb[:, :2], lo), torch.maximum(tb[:, 2:], hi)], 1), hw)
+    tb = _clip(_hull(tb, lo, hi), hw)
     logits, iou = run(tb)
     feats = proposal_features(first[keep], first_iou[keep], logits[:, 0].cpu().float(), iou[:, 0].cpu(),
                               fg.float().mean(0) * to_low, keep, len(half))
@@ -294,7 +299,7 @@ def edit_boxes(box: torch.Tensor, click: torch.Tensor, label: int, fg: torch.Ten
 
 
 def local_masks(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], click: torch.Tensor, mask: torch.Tensor,
-                to_low: float, hw: Tuple[int, int], scales: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+                to_low: float, hw: Tuple[int, int], scales: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masks of square boxes around a foreground click the mask missed, sized by the click's distance to the mask.
 
     Args:
@@ -403,7 +408,7 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                     lb, ll, li = local_masks(run, c, prev, to_low, hw, cfg.add_local)
                     lg = torch.cat([lg, torch.maximum(logits[:1].expand(len(ll), -1, -1, -1), ll)])
                     io = torch.cat([io, torch.minimum(iou[:1].expand(len(ll), -1), li)])  # trusted as the less sure part
-                    cands = torch.cat([cands, torch.cat([torch.minimum(lb[:, :2], cur[:2]), torch.maximum(lb[:, 2:], cur[2:])], 1)])
+                    cands = torch.cat([cands, _hull(lb, cur[:2], cur[2:])])
                 if label == 0 and cfg.cut_background:  # or keep the box and cut around the click
                     cut = _cut_logits(logits[0, 0], seen_fg * to_low, c[None] * to_low, cfg.cut_reach)
                     lg = torch.cat([lg, cut[None, None]])

@@ -4,13 +4,13 @@
 cache, under the same keys a click uses (:func:`image_key`), so the click finds them there (or waits for the
 slice being encoded instead of encoding it twice). It never competes with a click: before each slice it
 waits until no request is in flight (:meth:`Prefetcher.foreground`), and a slice being encoded when a request
-comes pauses between the encoder's blocks until the request ends (:func:`install_pause_points`). A newer job replaces a queued one and
-stops the job being encoded after its current slice (the client has moved on). A volume's slices are
-encoded from the middle outwards (where a viewer opens it) — or, once a click came, outwards from the clicked
-slice (:meth:`Prefetcher.submit` with ``centre``: a click whose propagation ran out of time finds them next
-time) — at most ``max_slices`` of them and at most half of the embedding cache, so it never evicts what a
-click needs. The caller decides which files a job may read
-(``locate``): the app gives datastore images only.
+comes pauses between the encoder's blocks until the request ends (:func:`install_pause_points`). A newer job
+replaces a queued one and stops the job being encoded after its current slice (the client has moved on). A
+volume's slices are encoded from the middle outwards (where a viewer opens it) — or, once a click came,
+outwards from the clicked slice (:meth:`Prefetcher.submit` with ``centre``: a click whose propagation ran
+out of time finds them next time) — at most ``max_slices`` of them and at most half of the embedding cache,
+so it never evicts what a click needs. The caller decides which files a job may read (``locate``): the app
+gives datastore images only.
 """
 
 from __future__ import annotations

@@ -82,6 +82,12 @@ def _int(conf: Dict[str, str], key: str, default: int) -> int:
     return _number(conf, key, default, int)
 
 
+def _flag(conf: Dict[str, str], key: str, default: bool) -> bool:
+    """A yes/no ``--conf`` value (1/true/yes/on, 0/false/no/off); anything else gives ``default``."""
+    value = str(conf.get(key, "")).strip().lower()
+    return True if value in ("1", "true", "yes", "on") else False if value in ("0", "false", "no", "off") else default
+
+
 class CASAMConfig(TaskConfig):
     """Backbone, registry and predictor shared by the infer, train, strategy and scoring tasks."""
 
@@ -106,10 +112,10 @@ class CASAMConfig(TaskConfig):
         self.cache_size = _int(conf, "cache_size", 0) or None
         self.cache_mb = _number(conf, "cache_mb", CACHE_MB, float)
         self.decode_cache_mb = _number(conf, "decode_cache_mb", DECODE_CACHE_MB, float)
-        self.prefetch = str(conf.get("prefetch", "true")).strip().lower() not in ("0", "false", "no", "off")
+        self.prefetch = _flag(conf, "prefetch", True)
         self.novelty_max_score = _int(conf, "novelty_max_score", 16)
         self.click_budget_s = max(0.0, _number(conf, "click_budget_s", 1.5, float))
-        self.expose_logs = str(conf.get("expose_logs", "false")).strip().lower() in ("1", "true", "yes", "on")
+        self.expose_logs = _flag(conf, "expose_logs", False)
         self.max_points = _int(conf, "max_points", 64)
         self.max_propagation_slices = _int(conf, "max_propagation_slices", 64)
         self.max_concurrent_infers = max(1, _int(conf, "max_concurrent_infers", 1))
