@@ -23,6 +23,7 @@ import torch
 import torch.nn as nn
 
 from .errors import BackboneError
+from .decoder import DecoderContext, decode_with_context, decoder_context
 from .preprocess import Geometry, Window, to_model_input
 
 BACKBONES = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
@@ -133,42 +134,43 @@ class Backbone(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         return self.sam.image_encoder(x).float().contiguous()
 
+    def decoder_context(self, embedding: torch.Tensor) -> DecoderContext:
+        """The decoder's image-side work for one embedding (1×256×e×e or 256×e×e), to pass to :meth:`decode`
+        for each of its prompts. See :func:`casam.decoder.decoder_context`."""
+        return decoder_context(self.sam, embedding[None] if embedding.dim() == 3 else embedding)
+
     def decode(
         self,
-        embedding: torch.Tensor,
+        embedding: Optional[torch.Tensor],
         points: Optional[torch.Tensor] = None,
         labels: Optional[torch.Tensor] = None,
         boxes: Optional[torch.Tensor] = None,
+        context: Optional[DecoderContext] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Decodes K prompts on one image embedding (single-mask output). Differentiable in ``embedding``.
 
+        SAM's mask decoder, its image-side work done once per embedding (:mod:`casam.decoder`).
+
         Args:
-            embedding: 1×256×e×e (or 256×e×e) image embedding, possibly after an Alignment Layer.
+            embedding: 1×256×e×e (or 256×e×e) image embedding, possibly after an Alignment Layer (may be None
+                with ``context``).
             points: K×N×2 (x, y) coordinates in the model input frame, or None.
             labels: K×N point labels (1 foreground, 0 background, -1 padding), with ``points``.
             boxes: K×4 (x0, y0, x1, y1) boxes in the model input frame, or None.
+            context: :meth:`decoder_context` of the embedding (saves its image-side work when the same
+                embedding decodes several times).
 
         Returns:
             (logits K×1×L×L, predicted IoU K×1).
         """
-        if embedding.dim() == 3:
-            embedding = embedding[None]
-        pe, md = self.sam.prompt_encoder, self.sam.mask_decoder
-        dev = embedding.device
+        ctx = context if context is not None else self.decoder_context(embedding)
+        dev = ctx.keys.device
         pts = None
         if points is not None:
             pts = (points.to(dev, torch.float32), labels.to(dev, torch.int64))
         if boxes is not None:
             boxes = boxes.to(dev, torch.float32)
-        sparse, dense = pe(points=pts, boxes=boxes, masks=None)
-        logits, iou = md(
-            image_embeddings=embedding,
-            image_pe=pe.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-        )
-        return logits, iou
+        return decode_with_context(self.sam, ctx, pts, boxes)
 
 
 def _sam_parts(encoder: nn.Module, img_size: int, embed_size: int, decoder_depth: int = 2, mlp_dim: int = 2048):

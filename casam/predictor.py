@@ -25,6 +25,7 @@ import torch
 from .alignment import AlignmentLayer
 from .backbone import Backbone
 from .cache import MiB, ByteCache
+from .decoder import DecoderContext
 from .clicks import ClickConfig, decode_clicks
 from .errors import PromptError, UnknownLayerError
 from .preprocess import Geometry, Window, box_to_model, logits_to_image, points_to_model
@@ -32,10 +33,10 @@ from .registry import LayerInfo, LayerRegistry
 from .router import Router, pool_embedding
 
 AUTO, NONE = "auto", "none"
-# SAM's decoder costs more per prompt in large batches on a CPU (LiteMedSAM, 2 cores, a first click's 13 prompts:
-# 940 ms in one batch, 790 ms in batches of 4, 665 ms in batches of 2, 710 ms one by one, same masks): prompts
-# are decoded in batches of at most this many
-CPU_DECODE_BATCH = 2
+# SAM's decoder costs more per prompt in large batches on a CPU. With its image-side work shared (casam.decoder;
+# LiteMedSAM, 2 cores, a click's 13 prompts): ~510 ms one by one, ~540 ms in batches of 2, ~650 ms in batches of
+# 4, same masks. Prompts are decoded in batches of at most this many
+CPU_DECODE_BATCH = 1
 CACHE_MB, DECODE_CACHE_MB = 512, 64
 
 
@@ -280,14 +281,15 @@ class CASAMPredictor:
             return self.layer(layer)(emb.z)
         return self._cache.get_or_compute(("aligned", emb.key, layer), lambda: self.layer(layer)(emb.z))[0]
 
-    def _decode_batches(self, z: torch.Tensor, points=None, labels=None, boxes=None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`casam.backbone.Backbone.decode`, in batches of at most :data:`CPU_DECODE_BATCH` prompts on a CPU."""
+    def _decode_batches(self, z: torch.Tensor, points=None, labels=None, boxes=None,
+                        context: Optional[DecoderContext] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`casam.backbone.Backbone.decode`, in batches of at most :data:`CPU_DECODE_BATCH` prompts on a CPU,
+        on one decoder context of ``z`` (made here when not given)."""
         rows = [t for t in (points, labels, boxes) if t is not None]
+        ctx = context if context is not None else self.backbone.decoder_context(z)
         n, step = len(rows[0]), CPU_DECODE_BATCH if z.device.type == "cpu" else len(rows[0])
-        if n <= step:
-            return self.backbone.decode(z, points, labels, boxes)
-        parts = [self.backbone.decode(z, *[None if t is None else t[i : i + step] for t in (points, labels, boxes)])
-                 for i in range(0, n, step)]
+        parts = [self.backbone.decode(None, *[None if t is None else t[i : i + step] for t in (points, labels, boxes)],
+                                      context=ctx) for i in range(0, n, step)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
     def decoder(self, z: torch.Tensor, key: Optional[Tuple]) -> Callable[..., Tuple[torch.Tensor, torch.Tensor]]:
@@ -306,6 +308,7 @@ class CASAMPredictor:
         """
         if key is None:
             return partial(self._decode_batches, z)
+        ctx: List[DecoderContext] = []  # the decoder's image-side work, done at the first prompt not cached
 
         def decode(points=None, labels=None, boxes=None):
             rows = [t for t in (points, labels, boxes) if t is not None]
@@ -316,7 +319,9 @@ class CASAMPredictor:
             if todo:
                 pick = torch.tensor(todo)
                 sel = [None if t is None else t[pick] for t in (points, labels, boxes)]
-                logits, iou = self._decode_batches(z, *sel)
+                if not ctx:
+                    ctx.append(self.backbone.decoder_context(z))
+                logits, iou = self._decode_batches(z, *sel, context=ctx[0])
                 for j, i in enumerate(todo):
                     out[i] = (logits[j : j + 1].clone(), iou[j : j + 1].clone())
                     self._decodes.put(keys[i], out[i])

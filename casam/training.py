@@ -391,8 +391,9 @@ def predict_sample(backbone: Backbone, layer: Optional[nn.Module], sample: Sampl
 def click_logits(backbone: Backbone, h: torch.Tensor, geom: Geometry, points: np.ndarray, labels: np.ndarray,
                  box: Optional[np.ndarray] = None, config: Optional[ClickConfig] = None) -> torch.Tensor:
     """Logits (1×1×L×L) of clicks (model frame) on an (aligned) embedding ``h``, via :func:`casam.clicks.decode_clicks`."""
-    logits, _, _ = decode_clicks(partial(backbone.decode, h), points, labels, geom.resized_hw, backbone.img_size,
-                                 backbone.lowres_size, config, box)
+    decode = partial(backbone.decode, h, context=backbone.decoder_context(h))  # its image-side work done once
+    logits, _, _ = decode_clicks(decode, points, labels, geom.resized_hw, backbone.img_size, backbone.lowres_size,
+                                 config, box)
     return logits
 
 

@@ -39,3 +39,40 @@ def test_folded_channels_last_encoder_gives_the_same_embedding():
 def test_fuse_leaves_other_modules_alone():
     m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))  # not a Conv2d_BN block (no c/bn)
     assert fuse_conv_bn(m) == 0 and isinstance(m[1], torch.nn.BatchNorm2d)
+
+
+def _sam_decode(bb, z, pts, boxes):
+    """SAM's own MaskDecoder call (single-mask output), as casam made it before casam.decoder."""
+    pe, md = bb.sam.prompt_encoder, bb.sam.mask_decoder
+    sparse, dense = pe(points=pts, boxes=boxes, masks=None)
+    return md(image_embeddings=z, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
+              dense_prompt_embeddings=dense, multimask_output=False)
+
+
+@pytest.mark.parametrize("name", ["tiny", "vit_b"])
+def test_decoder_with_shared_image_work_gives_sams_answer_and_gradient(name):
+    from casam.backbone import load_backbone
+
+    bb = load_backbone(name, random_init=True) if name != "tiny" else load_backbone("tiny")
+    torch.manual_seed(1)
+    for p in bb.sam.mask_decoder.parameters():  # weights unlike an initialisation (LayerNorms included)
+        p.data.add_(0.05 * torch.randn_like(p))
+    e = bb.embed_size
+    z = torch.randn(1, 256, e, e, requires_grad=True)
+    s = bb.img_size
+    boxes = torch.tensor([[0.1, 0.2, 0.5, 0.6], [0.3, 0.3, 0.9, 0.8], [0.0, 0.0, 1.0, 1.0]]) * (s - 1)
+    pts = (torch.rand(3, 2, 2) * (s - 1), torch.tensor([[1, 0], [1, 1], [0, 1]]))
+    for prompt in ({"boxes": boxes}, {"pts": pts}, {"pts": pts, "boxes": boxes}):
+        ref_l, ref_i = _sam_decode(bb, z, prompt.get("pts"), prompt.get("boxes"))
+        p = prompt.get("pts")
+        ctx = bb.decoder_context(z)
+        for out_l, out_i in (bb.decode(z, None if p is None else p[0], None if p is None else p[1], prompt.get("boxes")),
+                             bb.decode(None, None if p is None else p[0], None if p is None else p[1], prompt.get("boxes"),
+                                       context=ctx)):
+            assert out_l.shape == ref_l.shape and out_i.shape == ref_i.shape
+            assert float((out_l - ref_l).abs().max()) < 1e-4 * float(ref_l.abs().max()) + 1e-5
+            assert float((out_i - ref_i).abs().max()) < 1e-5
+    # differentiable in the embedding, with SAM's gradient (the layers train through it)
+    g_ref = torch.autograd.grad(_sam_decode(bb, z, None, boxes)[0].square().mean(), z)[0]
+    g = torch.autograd.grad(bb.decode(z, None, None, boxes)[0].square().mean(), z)[0]
+    assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4
