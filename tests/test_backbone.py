@@ -1,4 +1,5 @@
-"""The backbone's CPU speed-ups keep its function: BatchNorm folded into convolutions, channels-last inputs."""
+"""The backbone's CPU speed-ups keep its function: BatchNorm folded into convolutions, channels-last inputs, and the
+mask decoder with its image-side work done once per embedding (casam.decoder)."""
 
 import copy
 
