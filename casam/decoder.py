@@ -6,7 +6,8 @@ output); only the order of the work changes, so the answer is the same up to flo
 - Without a mask prompt the decoder's image tokens (embedding + "no mask" embedding) and their positional
   encoding are the same for every prompt. So are, in the first two-way attention block, the keys and values of
   the tokens-to-image attention and the queries of the image-to-tokens attention: they are computed once per
-  embedding (:func:`decoder_context`), not once per prompt.
+  embedding (:func:`decoder_context`), not once per prompt. The later blocks, where the image tokens differ per
+  prompt, are SAM's own modules.
 - The transformer's image tokens (N×C) are already an image in channels-last layout; the upscaling runs on
   that layout and the mask is the hypernetwork's product over the channel axis, with no copy back to
   channels-first. Only the single output mask (token 0) is computed.
@@ -67,15 +68,11 @@ def decoder_context(sam: nn.Module, embedding: torch.Tensor) -> DecoderContext:
 
 
 def _attend(attn: nn.Module, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``segment_anything``'s Attention on projected q, k, v (batch dimensions broadcast), then its out_proj."""
-    def heads(x: torch.Tensor) -> torch.Tensor:
-        b, n, c = x.shape
-        return x.reshape(b, n, attn.num_heads, c // attn.num_heads).transpose(1, 2)
-
-    q, k, v = heads(q), heads(k), heads(v)
-    out = torch.softmax((q @ k.transpose(-1, -2)) / math.sqrt(q.shape[-1]), dim=-1) @ v
-    b, nh, n, d = out.shape
-    return attn.out_proj(out.transpose(1, 2).reshape(b, n, nh * d))
+    """``segment_anything``'s Attention on already projected q, k, v (batch dimensions broadcast): its own head
+    split and merge, scaled dot-product, softmax and out_proj."""
+    q, k, v = (attn._separate_heads(x, attn.num_heads) for x in (q, k, v))
+    out = torch.softmax((q @ k.permute(0, 1, 3, 2)) / math.sqrt(q.shape[-1]), dim=-1) @ v
+    return attn.out_proj(attn._recombine_heads(out))
 
 
 def decode_with_context(sam: nn.Module, ctx: DecoderContext, points: Optional[Tuple[torch.Tensor, torch.Tensor]],
@@ -95,23 +92,17 @@ def decode_with_context(sam: nn.Module, ctx: DecoderContext, points: Optional[Tu
     sparse, _ = sam.prompt_encoder(points=points, boxes=boxes, masks=None)
     out_tokens = torch.cat([md.iou_token.weight, md.mask_tokens.weight], dim=0)
     tokens = torch.cat((out_tokens.unsqueeze(0).expand(sparse.size(0), -1, -1), sparse), dim=1)
-    queries, keys, pos = tokens, ctx.keys, ctx.pe
-    for i, layer in enumerate(t.layers):
-        if i == 0:  # SAM skips the positional encoding in the first block's self-attention
-            queries = layer.self_attn(q=queries, k=queries, v=queries)
-        else:
-            q = queries + tokens
-            queries = queries + layer.self_attn(q=q, k=q, v=queries)
-        queries = layer.norm1(queries)
-        a = layer.cross_attn_token_to_image
-        k, v = (ctx.k0, ctx.v0) if i == 0 else (a.k_proj(keys + pos), a.v_proj(keys))
-        queries = layer.norm2(queries + _attend(a, a.q_proj(queries + tokens), k, v))
-        queries = layer.norm3(queries + layer.mlp(queries))
-        b = layer.cross_attn_image_to_token
-        q = ctx.q0 if i == 0 else b.q_proj(keys + pos)
-        keys = layer.norm4(keys + _attend(b, q, b.k_proj(queries + tokens), b.v_proj(queries)))
-    a = t.final_attn_token_to_image
-    queries = t.norm_final_attn(queries + _attend(a, a.q_proj(queries + tokens), a.k_proj(keys + pos), a.v_proj(keys)))
+    first, later = t.layers[0], t.layers[1:]
+    # the first block (SAM skips the positional encoding in its self-attention), with the context's projections
+    queries = first.norm1(first.self_attn(q=tokens, k=tokens, v=tokens))
+    a, b = first.cross_attn_token_to_image, first.cross_attn_image_to_token
+    queries = first.norm2(queries + _attend(a, a.q_proj(queries + tokens), ctx.k0, ctx.v0))
+    queries = first.norm3(queries + first.mlp(queries))
+    keys = first.norm4(ctx.keys + _attend(b, ctx.q0, b.k_proj(queries + tokens), b.v_proj(queries)))
+    for layer in later:  # the image tokens now differ per prompt: SAM's own blocks
+        queries, keys = layer(queries=queries, keys=keys, query_pe=tokens, key_pe=ctx.pe)
+    final = t.final_attn_token_to_image
+    queries = t.norm_final_attn(queries + final(q=queries + tokens, k=keys + ctx.pe, v=keys))
     n = queries.shape[0]
     h, w = ctx.hw
     image = keys.expand(n, -1, -1).reshape(n, h, w, -1).permute(0, 3, 1, 2)  # channels-last view, no copy
