@@ -46,7 +46,7 @@ import torch
 from . import config as casam_config
 from .alignment import describe, fresh_layer
 from .backbone import Backbone, load_backbone
-from .clicks import CHOOSER_WEIGHTS, ClickConfig
+from .clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
 from .data import Case, Task, discover_tasks, load_cases
 from .metrics import boundary_iou, continual_summary, dice, iou
 from .registry import LayerRegistry
@@ -414,8 +414,9 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
     # CA-SAM state: per-layer per-image scores are memoised (layers are immutable once trained)
     reg_dir = tempfile.TemporaryDirectory(prefix="casam-bench-reg-")
     # layers persist beside the embedding cache, so a stopped run resumes where it stopped (same recipe and
-    # click answer only: a layer's click validation decides whether it serves clicks)
-    key = hashlib.sha1(json.dumps([bb.hash, names, cfg.to_dict(), args.max_train_cases, vars(ClickConfig()),
+    # single-click answer only: a layer's click validation, one click per object, decides whether it serves clicks)
+    first_click = {f: getattr(ClickConfig(), f) for f in FIRST_CLICK_FIELDS}
+    key = hashlib.sha1(json.dumps([bb.hash, names, cfg.to_dict(), args.max_train_cases, first_click,
                                    CHOOSER_WEIGHTS], sort_keys=True,
                                   default=str).encode()).hexdigest()[:10]
     registry = LayerRegistry(Path(cache_dir) / "benchmark-registries" / f"{args.name}-{key}" if cache_dir else reg_dir.name)

@@ -15,6 +15,9 @@ LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone giv
    the mask covers moves one of the box's edges past it, or keeps the box and cuts around the click; the candidate the decoder trusts most, that agrees with the clicks and changes the
    mask least, is kept.
    So a new click changes the answer only where it asks to, and the answer to the first click never changes.
+   A background click deep inside the mask (:attr:`ClickConfig.rechoose_depth`) says the first choice took a
+   larger object than meant: the answer is then chosen again among the first click's square proposals that
+   agree with every click so far (:func:`rechoose`).
 5. **Background clicks** the final mask still covers (no edge could move past them) cut away the part of
    the mask around them that is nearer to them than to any foreground click, so a background click always
    removes what it was put on.
@@ -30,6 +33,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from scipy import ndimage
 
 # Half-sizes of the proposal boxes in pixels of a 256² model frame (scaled for other input sizes).
 HALF_SIZES = (16, 24, 32, 44, 60, 80, 104, 128)
@@ -72,6 +76,9 @@ class ClickConfig:
             half-sizes (multiples of the click's distance to the mask, at least 4 px) around the click, each
             decoded and joined to the current mask (a missed part inside the box, which growing the box cannot
             reach); the join's predicted IoU is the lower of the mask's and the local mask's.
+        rechoose_depth: a covered background click at least this deep inside the mask (its distance to the mask's
+            border over the mask's radius √(area/π)) chooses again among the first click's proposals
+            (:func:`rechoose`); None: never.
     """
 
     half_sizes: Sequence[float] = HALF_SIZES
@@ -87,6 +94,12 @@ class ClickConfig:
     cut_background: bool = True
     cut_reach: float = 0.25
     add_local: Sequence[float] = (1.0, 2.0)
+    rechoose_depth: Optional[float] = 0.4
+
+
+# The settings that decide the answer to a single click (what a layer's click validation sees); the others only
+# act on later clicks.
+FIRST_CLICK_FIELDS = ("half_sizes", "refine", "refine_top", "weights", "click_weight", "with_points")
 
 
 def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -217,6 +230,7 @@ class Proposals:
         boxes: K×4 boxes (model frame) that gave ``logits``.
         sizes: K indices into the half-sizes.
         features: K×F chooser features (None when not refined).
+        squares: (logits S×1×L×L, iou S×1, boxes S×4) of every square box, before refinement.
     """
 
     logits: torch.Tensor
@@ -224,6 +238,7 @@ class Proposals:
     boxes: torch.Tensor
     sizes: torch.Tensor
     features: Optional[torch.Tensor]
+    squares: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
 
 
 def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg: torch.Tensor, hw: Tuple[int, int],
@@ -248,7 +263,8 @@ def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg
     logits, iou = run(boxes)
     sizes = torch.arange(len(boxes))
     if not refine_top:
-        return Proposals(logits, iou, boxes, sizes, None)
+        return Proposals(logits, iou, boxes, sizes, None, (logits, iou, boxes))
+    squares = (logits, iou, boxes)
     first, first_iou = (logits[:, 0] > 0).cpu(), iou[:, 0].cpu().float()
     keep = torch.argsort(-(first_iou + rank(first)))[: max(1, refine_top)]
     tb = _tight_boxes(first[keep]) / to_low
@@ -257,7 +273,59 @@ def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg
     logits, iou = run(tb)
     feats = proposal_features(first[keep], first_iou[keep], logits[:, 0].cpu().float(), iou[:, 0].cpu(),
                               fg.float().mean(0) * to_low, keep, len(half))
-    return Proposals(logits, iou, tb, keep, feats)
+    return Proposals(logits, iou, tb, keep, feats, squares)
+
+
+def click_depth(mask: torch.Tensor, click: torch.Tensor) -> float:
+    """How deep a click lies inside a mask: its distance to the mask's border over the mask's radius √(area/π).
+
+    Args:
+        mask: L×L bool.
+        click: (x, y) in the mask's frame.
+
+    Returns:
+        0 outside the mask; about 1 at the centre of a disc.
+    """
+    L = mask.shape[-1]
+    x, y = (int(v) for v in click.round().long().clamp(0, L - 1))
+    if not bool(mask[y, x]):
+        return 0.0
+    inside = np.pad(mask.cpu().numpy(), 1)  # the frame's edge counts as the border
+    edt = ndimage.distance_transform_edt(inside)[1:-1, 1:-1]
+    return float(edt[y, x]) / max(1.0, float(np.sqrt(float(mask.sum()) / np.pi)))
+
+
+def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p: Proposals, fg: torch.Tensor,
+             bg: torch.Tensor, to_low: float, hw: Tuple[int, int]) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """The first click's answer chosen again after a background click showed it took a larger object than meant.
+
+    Among the first click's square proposals whose masks agree with every click (foreground inside, background
+    outside), the one the decoder trusts most is refined once with its own tight box (held to the foreground
+    clicks); the refined mask is kept if it still agrees with the clicks, the square one otherwise.
+
+    Args:
+        run: decodes K boxes (K×4, model frame) → (logits K×1×L×L, iou K×1).
+        p: the first click's proposals (with their squares).
+        fg, bg: N×2 and M×2 clicks so far (model frame).
+        to_low: logits-frame pixels per model-frame pixel.
+        hw: the image's (height, width) inside the model frame.
+
+    Returns:
+        (box 4, logits 1×1×L×L, predicted IoU 1×1), or None when no proposal agrees with the clicks.
+    """
+    if p.squares is None:
+        return None
+    logits, iou, boxes = p.squares
+    m = (logits[:, 0] > 0).cpu()
+    ok = (_agreement(m, fg * to_low, bg * to_low) >= 1.0 - 1e-6) & m.flatten(1).any(1)
+    if not bool(ok.any()):
+        return None
+    i = int(torch.nonzero(ok)[:, 0][torch.argmax(iou[:, 0].cpu()[ok])])
+    tb = _clip(_hull(_tight_boxes(m[i : i + 1]) / to_low, fg.min(0).values, fg.max(0).values), hw)
+    lg, io = run(tb)
+    if float(_agreement((lg[:, 0] > 0).cpu(), fg * to_low, bg * to_low)[0]) >= 1.0 - 1e-6:
+        return tb[0], lg, io
+    return boxes[i], logits[i : i + 1], iou[i : i + 1]
 
 
 def edit_boxes(box: torch.Tensor, click: torch.Tensor, label: int, fg: torch.Tensor, hw: Tuple[int, int],
@@ -388,7 +456,7 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
         score = torch.where(m.flatten(1).any(1), score + clicks_ok(m), torch.full_like(score, -1e9))
         k = int(torch.argmax(score))
         logits, iou, cur = p.logits[k : k + 1], p.iou[k : k + 1], p.boxes[k]
-        edits = 0
+        edits = rechosen = 0
         if cfg.edit:
             seen_fg, seen_bg = fg[:1], bg[:0]
             f0 = int(torch.nonzero(lab == 1)[0, 0])
@@ -400,6 +468,11 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                 prev = (logits[0, 0] > 0).cpu()
                 if bool(_at(prev[None], c[None] * to_low)[0, 0]) == bool(label):
                     continue  # the mask already agrees with this click
+                if label == 0 and cfg.rechoose_depth is not None and click_depth(prev, c * to_low) >= cfg.rechoose_depth:
+                    again = rechoose(run, p, seen_fg, seen_bg, to_low, hw)
+                    if again is not None:  # a deep background click: the first choice took too large an object
+                        (cur, logits, iou), edits, rechosen = again, edits + 1, rechosen + 1
+                        continue
                 cands = edit_boxes(cur, c, label, seen_fg, hw, cfg.edit_margins, cfg.max_edge_cut)
                 if not len(cands):
                     continue
@@ -419,7 +492,7 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                 j = int(torch.argmax(sc))
                 cur, logits, iou, edits = cands[j], lg[j : j + 1], io[j : j + 1], edits + 1
         info = {"proposal": "click", "half_size": float(cfg.half_sizes[int(p.sizes[k])]),
-                "box": [round(float(v), 1) for v in cur], "proposals": len(half), "edits": edits}
+                "box": [round(float(v), 1) for v in cur], "proposals": len(half), "edits": edits, "rechosen": rechosen}
     out = logits[:1].clone()
     if cfg.cut_background and len(bg):
         out[0, 0] = _cut_logits(out[0, 0], fg * to_low, bg * to_low, cfg.cut_reach)

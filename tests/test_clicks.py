@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from casam.clicks import FEATURES, ClickConfig, cut_background, decode_clicks, edit_boxes, proposal_features
+from casam.clicks import FEATURES, ClickConfig, click_depth, cut_background, decode_clicks, edit_boxes, proposal_features
 from casam.interactive import click_sequence, next_click, summarise
 
 L = 64
@@ -95,6 +95,35 @@ def test_a_missed_part_the_box_cannot_reach_is_joined_from_a_local_mask():
     joined, _, info = decode_clicks(decode, clicks, labels, (L, L), L, L, cfg)
     m = joined[0, 0] > 0
     assert m[16:41, 20:45].all() and m[20:29, 50:57].all() and info["edits"] == 1
+
+
+def test_a_deep_background_click_chooses_the_smaller_object_again():
+    def decode(points, labels, boxes):  # boxes of half-size ≥ 12 take the whole organ, smaller ones the lesion in it
+        out, ious = torch.full((len(boxes), 1, L, L), -5.0), torch.zeros(len(boxes), 1)
+        for k, b in enumerate(boxes.tolist()):
+            if (b[2] - b[0]) / 2 >= 12:
+                out[k, 0, 4:61, 4:61], ious[k, 0] = 5.0, 0.95
+            else:
+                out[k, 0, 20:31, 20:31], ious[k, 0] = 5.0, 0.8
+        return out, ious
+
+    cfg = ClickConfig(half_sizes=(16, 32, 64, 96, 128), refine=False)
+    first, _, _ = decode_clicks(decode, np.array([[25.0, 25.0]]), np.array([1]), (L, L), L, L, cfg)
+    assert (first[0, 0] > 0).sum() == 57 * 57  # the first click took the organ (the decoder trusts it more)
+    organ = first[0, 0] > 0
+    assert click_depth(organ, torch.tensor([45.0, 45.0])) > 0.4 > click_depth(organ, torch.tensor([59.0, 59.0]))
+    assert click_depth(organ, torch.tensor([62.0, 62.0])) == 0.0
+    # a background click deep inside the organ: the lesion, the proposal that agrees with both clicks
+    again, _, info = decode_clicks(decode, np.array([[25.0, 25.0], [45.0, 45.0]]), np.array([1, 0]), (L, L), L, L, cfg)
+    m = again[0, 0] > 0
+    assert info["rechosen"] == 1 and m[20:31, 20:31].all() and m.sum() == 11 * 11
+    # one near the organ's border only edits it there
+    edge, _, info = decode_clicks(decode, np.array([[25.0, 25.0], [59.0, 59.0]]), np.array([1, 0]), (L, L), L, L, cfg)
+    m = edge[0, 0] > 0
+    assert info["rechosen"] == 0 and not m[59, 59] and m.sum() > 40 * 40
+    off, _, info = decode_clicks(decode, np.array([[25.0, 25.0], [45.0, 45.0]]), np.array([1, 0]), (L, L), L, L,
+                                 ClickConfig(half_sizes=cfg.half_sizes, refine=False, rechoose_depth=None))
+    assert info["rechosen"] == 0 and (off[0, 0] > 0).sum() > 40 * 40
 
 
 def test_edit_boxes_keep_every_foreground_click_inside():
