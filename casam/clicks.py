@@ -16,8 +16,9 @@ LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone giv
    mask least, is kept.
    So a new click changes the answer only where it asks to, and the answer to the first click never changes.
    A background click deep inside the mask (:attr:`ClickConfig.rechoose_depth`) says the first choice took a
-   larger object than meant: the answer is then chosen again among the first click's square proposals that
-   agree with every click so far (:func:`rechoose`).
+   larger object than meant, a foreground click far from it (:attr:`ClickConfig.rechoose_far`) a smaller one:
+   the answer is then chosen again among the first click's square proposals that agree with every click so
+   far (:func:`rechoose`).
 5. **Background clicks** the final mask still covers (no edge could move past them) cut away the part of
    the mask around them that is nearer to them than to any foreground click, so a background click always
    removes what it was put on.
@@ -77,8 +78,10 @@ class ClickConfig:
             decoded and joined to the current mask (a missed part inside the box, which growing the box cannot
             reach); the join's predicted IoU is the lower of the mask's and the local mask's.
         rechoose_depth: a covered background click at least this deep inside the mask (its distance to the mask's
-            border over the mask's radius √(area/π)) chooses again among the first click's proposals
-            (:func:`rechoose`); None: never.
+            border over the mask's radius √(area/π), :func:`click_depth`) chooses again among the first click's
+            proposals (:func:`rechoose`); None: never.
+        rechoose_far: so does a missed foreground click at least this many mask radii away from the mask (the
+            first choice took a smaller object than meant); None: never.
     """
 
     half_sizes: Sequence[float] = HALF_SIZES
@@ -95,6 +98,7 @@ class ClickConfig:
     cut_reach: float = 0.25
     add_local: Sequence[float] = (1.0, 2.0)
     rechoose_depth: Optional[float] = 0.4
+    rechoose_far: Optional[float] = 1.0
 
 
 # The settings that decide the answer to a single click (what a layer's click validation sees); the others only
@@ -277,27 +281,30 @@ def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg
 
 
 def click_depth(mask: torch.Tensor, click: torch.Tensor) -> float:
-    """How deep a click lies inside a mask: its distance to the mask's border over the mask's radius √(area/π).
+    """How deep a click lies inside a mask, in the mask's radii √(area/π): inside, its distance to the mask's
+    border; outside, minus its distance to the mask.
 
     Args:
         mask: L×L bool.
         click: (x, y) in the mask's frame.
 
     Returns:
-        0 outside the mask; about 1 at the centre of a disc.
+        About 1 at the centre of a disc, 0 on its border, −1 one radius away from it; −inf for an empty mask.
     """
     L = mask.shape[-1]
     x, y = (int(v) for v in click.round().long().clamp(0, L - 1))
-    if not bool(mask[y, x]):
-        return 0.0
-    inside = np.pad(mask.cpu().numpy(), 1)  # the frame's edge counts as the border
-    edt = ndimage.distance_transform_edt(inside)[1:-1, 1:-1]
-    return float(edt[y, x]) / max(1.0, float(np.sqrt(float(mask.sum()) / np.pi)))
+    m = mask.cpu().numpy().astype(bool)
+    if not m.any():
+        return float("-inf")
+    radius = max(1.0, float(np.sqrt(m.sum() / np.pi)))
+    if m[y, x]:  # the frame's edge counts as the border
+        return float(ndimage.distance_transform_edt(np.pad(m, 1))[1:-1, 1:-1][y, x]) / radius
+    return -float(ndimage.distance_transform_edt(~m)[y, x]) / radius
 
 
 def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p: Proposals, fg: torch.Tensor,
              bg: torch.Tensor, to_low: float, hw: Tuple[int, int]) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """The first click's answer chosen again after a background click showed it took a larger object than meant.
+    """The first click's answer chosen again after a click showed it took a larger (or smaller) object than meant.
 
     Among the first click's square proposals whose masks agree with every click (foreground inside, background
     outside), the one the decoder trusts most is refined once with its own tight box (held to the foreground
@@ -468,9 +475,10 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                 prev = (logits[0, 0] > 0).cpu()
                 if bool(_at(prev[None], c[None] * to_low)[0, 0]) == bool(label):
                     continue  # the mask already agrees with this click
-                if label == 0 and cfg.rechoose_depth is not None and click_depth(prev, c * to_low) >= cfg.rechoose_depth:
+                limit = cfg.rechoose_far if label else cfg.rechoose_depth
+                if limit is not None and (1 - 2 * label) * click_depth(prev, c * to_low) >= limit:
                     again = rechoose(run, p, seen_fg, seen_bg, to_low, hw)
-                    if again is not None:  # a deep background click: the first choice took too large an object
+                    if again is not None:  # the first choice took too large (too small) an object
                         (cur, logits, iou), edits, rechosen = again, edits + 1, rechosen + 1
                         continue
                 cands = edit_boxes(cur, c, label, seen_fg, hw, cfg.edit_margins, cfg.max_edge_cut)

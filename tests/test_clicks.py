@@ -97,7 +97,7 @@ def test_a_missed_part_the_box_cannot_reach_is_joined_from_a_local_mask():
     assert m[16:41, 20:45].all() and m[20:29, 50:57].all() and info["edits"] == 1
 
 
-def test_a_deep_background_click_chooses_the_smaller_object_again():
+def test_a_click_far_from_what_the_first_click_took_chooses_again():
     def decode(points, labels, boxes):  # boxes of half-size ≥ 12 take the whole organ, smaller ones the lesion in it
         out, ious = torch.full((len(boxes), 1, L, L), -5.0), torch.zeros(len(boxes), 1)
         for k, b in enumerate(boxes.tolist()):
@@ -112,7 +112,8 @@ def test_a_deep_background_click_chooses_the_smaller_object_again():
     assert (first[0, 0] > 0).sum() == 57 * 57  # the first click took the organ (the decoder trusts it more)
     organ = first[0, 0] > 0
     assert click_depth(organ, torch.tensor([45.0, 45.0])) > 0.4 > click_depth(organ, torch.tensor([59.0, 59.0]))
-    assert click_depth(organ, torch.tensor([62.0, 62.0])) == 0.0
+    assert click_depth(organ, torch.tensor([62.0, 30.0])) == pytest.approx(-2 / np.sqrt(57 * 57 / np.pi))
+    assert click_depth(torch.zeros(L, L, dtype=torch.bool), torch.tensor([5.0, 5.0])) == float("-inf")
     # a background click deep inside the organ: the lesion, the proposal that agrees with both clicks
     again, _, info = decode_clicks(decode, np.array([[25.0, 25.0], [45.0, 45.0]]), np.array([1, 0]), (L, L), L, L, cfg)
     m = again[0, 0] > 0
@@ -124,6 +125,15 @@ def test_a_deep_background_click_chooses_the_smaller_object_again():
     off, _, info = decode_clicks(decode, np.array([[25.0, 25.0], [45.0, 45.0]]), np.array([1, 0]), (L, L), L, L,
                                  ClickConfig(half_sizes=cfg.half_sizes, refine=False, rechoose_depth=None))
     assert info["rechosen"] == 0 and (off[0, 0] > 0).sum() > 40 * 40
+    # the other way round: the first click took the lesion, a foreground click far out in the organ takes the organ
+
+    def prefers_lesion(points, labels, boxes):
+        out, ious = decode(points, labels, boxes)
+        return out, 1.75 - ious  # now the decoder trusts the lesion (0.95) more than the organ (0.8)
+    first, _, _ = decode_clicks(prefers_lesion, np.array([[25.0, 25.0]]), np.array([1]), (L, L), L, L, cfg)
+    assert (first[0, 0] > 0).sum() == 11 * 11
+    grown, _, info = decode_clicks(prefers_lesion, np.array([[25.0, 25.0], [50.0, 50.0]]), np.array([1, 1]), (L, L), L, L, cfg)
+    assert info["rechosen"] == 1 and (grown[0, 0] > 0).sum() == 57 * 57
 
 
 def test_edit_boxes_keep_every_foreground_click_inside():
