@@ -415,7 +415,8 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
     reg_dir = tempfile.TemporaryDirectory(prefix="casam-bench-reg-")
     # layers persist beside the embedding cache, so a stopped run resumes where it stopped (same recipe and
     # single-click answer only: a layer's click validation, one click per object, decides whether it serves clicks)
-    first_click = {f: getattr(ClickConfig(), f) for f in FIRST_CLICK_FIELDS}
+    click_defaults = ClickConfig()
+    first_click = {f: getattr(click_defaults, f) for f in FIRST_CLICK_FIELDS}
     key = hashlib.sha1(json.dumps([bb.hash, names, cfg.to_dict(), args.max_train_cases, first_click,
                                    CHOOSER_WEIGHTS], sort_keys=True,
                                   default=str).encode()).hexdigest()[:10]

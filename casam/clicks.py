@@ -139,6 +139,15 @@ def _clip(boxes: torch.Tensor, hw: Tuple[int, int]) -> torch.Tensor:
     return b
 
 
+def _own_boxes(masks: torch.Tensor, fallback: torch.Tensor, fg: torch.Tensor, to_low: float,
+               hw: Tuple[int, int]) -> torch.Tensor:
+    """The tight boxes (model frame) of K L×L masks, grown to hold the foreground clicks ``fg`` (N×2) and clipped
+    to ``hw``; an empty mask keeps its ``fallback`` box (K×4)."""
+    tb = _tight_boxes(masks) / to_low
+    tb = torch.where(torch.isnan(tb), fallback, tb)
+    return _clip(_hull(tb, fg.min(0).values, fg.max(0).values), hw)
+
+
 def _at(masks: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     """Values of K L×L masks at N (x, y) low-res points → K×N."""
     L = masks.shape[-1]
@@ -242,7 +251,7 @@ class Proposals:
     boxes: torch.Tensor
     sizes: torch.Tensor
     features: Optional[torch.Tensor]
-    squares: Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = None
+    squares: Tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
 def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg: torch.Tensor, hw: Tuple[int, int],
@@ -262,18 +271,14 @@ def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg
     Returns:
         The proposals.
     """
-    lo, hi = fg.min(0).values, fg.max(0).values
-    boxes = _clip(torch.cat([lo[None] - half, hi[None] + half], 1), hw)
+    boxes = _clip(torch.cat([fg.min(0).values[None] - half, fg.max(0).values[None] + half], 1), hw)
     logits, iou = run(boxes)
-    sizes = torch.arange(len(boxes))
+    sizes, squares = torch.arange(len(boxes)), (logits, iou, boxes)
     if not refine_top:
-        return Proposals(logits, iou, boxes, sizes, None, (logits, iou, boxes))
-    squares = (logits, iou, boxes)
+        return Proposals(logits, iou, boxes, sizes, None, squares)
     first, first_iou = (logits[:, 0] > 0).cpu(), iou[:, 0].cpu().float()
     keep = torch.argsort(-(first_iou + rank(first)))[: max(1, refine_top)]
-    tb = _tight_boxes(first[keep]) / to_low
-    tb = torch.where(torch.isnan(tb), boxes[keep], tb)
-    tb = _clip(_hull(tb, lo, hi), hw)
+    tb = _own_boxes(first[keep], boxes[keep], fg, to_low, hw)
     logits, iou = run(tb)
     feats = proposal_features(first[keep], first_iou[keep], logits[:, 0].cpu().float(), iou[:, 0].cpu(),
                               fg.float().mean(0) * to_low, keep, len(half))
@@ -320,17 +325,18 @@ def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p
     Returns:
         (box 4, logits 1×1×L×L, predicted IoU 1×1), or None when no proposal agrees with the clicks.
     """
-    if p.squares is None:
-        return None
+    def agrees(lg: torch.Tensor) -> torch.Tensor:  # every foreground click inside, every background one outside
+        return _agreement((lg[:, 0] > 0).cpu(), fg * to_low, bg * to_low) >= 1.0 - 1e-6
+
     logits, iou, boxes = p.squares
     m = (logits[:, 0] > 0).cpu()
-    ok = (_agreement(m, fg * to_low, bg * to_low) >= 1.0 - 1e-6) & m.flatten(1).any(1)
+    ok = agrees(logits) & m.flatten(1).any(1)
     if not bool(ok.any()):
         return None
     i = int(torch.nonzero(ok)[:, 0][torch.argmax(iou[:, 0].cpu()[ok])])
-    tb = _clip(_hull(_tight_boxes(m[i : i + 1]) / to_low, fg.min(0).values, fg.max(0).values), hw)
+    tb = _own_boxes(m[i : i + 1], boxes[i : i + 1], fg, to_low, hw)
     lg, io = run(tb)
-    if float(_agreement((lg[:, 0] > 0).cpu(), fg * to_low, bg * to_low)[0]) >= 1.0 - 1e-6:
+    if bool(agrees(lg)[0]):
         return tb[0], lg, io
     return boxes[i], logits[i : i + 1], iou[i : i + 1]
 
