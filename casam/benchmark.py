@@ -145,7 +145,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         elif getattr(args, k, None) is None:
             setattr(args, k, v)
     if not hasattr(args, "vae_epochs"):
-        args.vae_epochs = 10
+        args.vae_epochs = casam_config.VAE_EPOCHS
     if args.max_images is not None and args.max_images <= 0:
         args.max_images = None
     if args.device == "auto":

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .config import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_HIDDEN, VAE_LATENT
+from .config import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS, VAE_HIDDEN, VAE_LATENT
 
 
 def pool_embedding(z: torch.Tensor) -> torch.Tensor:
@@ -80,9 +80,10 @@ class FeatureVAE(nn.Module):
         return mse + self.beta * kl
 
 
-def train_vae(features: torch.Tensor, epochs: int = 10, lr: float = 5e-4, batch_size: int = 6, seed: int = 0,
+def train_vae(features: torch.Tensor, epochs: int = VAE_EPOCHS, lr: float = 5e-4, batch_size: int = 6, seed: int = 0,
               beta: float = VAE_BETA) -> FeatureVAE:
-    """Trains a :class:`FeatureVAE` on N×C features (Adam, 10 epochs, batch 6 in CA-SAM's code).
+    """Trains a :class:`FeatureVAE` on N×C features (Adam, batch 6 as in CA-SAM's code; 100 epochs here, 10 there:
+    see ``casam.config.VAE_EPOCHS``).
 
     Args:
         features: N×C float tensor.

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from .alignment import fresh_layer
 from .backbone import Backbone
 from .clicks import ClickConfig, decode_clicks
-from .config import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA
+from .config import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS
 from .errors import ImageError
 from .metrics import iou as iou_metric
 from .preprocess import Geometry, Window, box_to_model, geometry_for, logits_to_image, mask_to_model, points_to_model
@@ -57,7 +57,7 @@ class TrainConfig:
         select_best: validate after every epoch and keep the best one (epoch 0 = plain SAM).
         jitter: box jitter in model-input pixels (±5).
         focal_gamma, focal_alpha: focal loss settings (2, 0.25).
-        vae_epochs, vae_lr, vae_batch_size, vae_beta: router VAE training (10, 5e-4, 6, 16.5).
+        vae_epochs, vae_lr, vae_batch_size, vae_beta: router VAE training (100, 5e-4, 6, 16.5; METHOD's code: 10 epochs).
         tau_folds, tau_percentile: threshold calibration (5-fold CV, 97th percentile).
         window: intensity window for the images (see casam.preprocess.apply_window).
     """
@@ -74,7 +74,7 @@ class TrainConfig:
     jitter: float = 5.0
     focal_gamma: float = 2.0
     focal_alpha: float = 0.25
-    vae_epochs: int = 10
+    vae_epochs: int = VAE_EPOCHS
     vae_lr: float = 5e-4
     vae_batch_size: int = 6
     vae_beta: float = VAE_BETA
