@@ -50,7 +50,7 @@ def replay(tasks, feats, seed: int, vae_epochs: int) -> dict:
     """One stream of routers; returns the new-modality fallback per step and the final routing shares."""
     cfg = TrainConfig(seed=seed, vae_epochs=vae_epochs)
     vaes, taus, steps = [], [], []
-    for k, (t, (train, _)) in enumerate(zip(tasks, feats)):
+    for k, (train, _) in enumerate(feats):
         train_s, _, _ = split_samples([s for s in train if s.targets], cfg)
         vae, tau = fit_router(train_s, cfg)
         vaes.append(vae)

@@ -325,18 +325,18 @@ def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p
     Returns:
         (box 4, logits 1×1×L×L, predicted IoU 1×1), or None when no proposal agrees with the clicks.
     """
-    def agrees(lg: torch.Tensor) -> torch.Tensor:  # every foreground click inside, every background one outside
-        return _agreement((lg[:, 0] > 0).cpu(), fg * to_low, bg * to_low) >= 1.0 - 1e-6
+    def agrees(masks: torch.Tensor) -> torch.Tensor:  # every foreground click inside, every background one outside
+        return _agreement(masks, fg * to_low, bg * to_low) >= 1.0 - 1e-6
 
     logits, iou, boxes = p.squares
     m = (logits[:, 0] > 0).cpu()
-    ok = agrees(logits) & m.flatten(1).any(1)
+    ok = agrees(m) & m.flatten(1).any(1)
     if not bool(ok.any()):
         return None
     i = int(torch.nonzero(ok)[:, 0][torch.argmax(iou[:, 0].cpu()[ok])])
     tb = _own_boxes(m[i : i + 1], boxes[i : i + 1], fg, to_low, hw)
     lg, io = run(tb)
-    if bool(agrees(lg)[0]):
+    if bool(agrees((lg[:, 0] > 0).cpu())[0]):
         return tb[0], lg, io
     return boxes[i], logits[i : i + 1], iou[i : i + 1]
 
