@@ -4,12 +4,13 @@
 One click at each training object's centre is answered with box proposals of every half-size, all refined
 (:func:`casam.clicks.propose`); the weights of the linear score over :data:`casam.clicks.FEATURES` maximise the
 expected IoU of a softmax choice (L2-regularised). The fit uses the training splits only; the result file
-reports the held-out test splits, and leave-one-task-out fits (each task chosen by weights fitted on the
-others) to show how the weights carry to data they never saw.
+reports the held-out test splits, leave-one-task-out fits (each task chosen by weights fitted on the
+others) to show how the weights carry to data they never saw, and ``shipped_fused``: the product's answer,
+the refined proposals averaged by a softmax of the shipped scores (:func:`casam.clicks.fuse_proposals`).
 
 Example (the committed result: benchmarks/results/click_chooser.json)::
 
-    python benchmarks/click_chooser.py --train-images 16 --test-images 10 --cache /tmp/exp/cache
+    python benchmarks/click_chooser.py --train-images 40 --test-images 10 --cache /tmp/exp/cache
 """
 
 from __future__ import annotations
@@ -29,7 +30,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casam.backbone import load_backbone  # noqa: E402
-from casam.clicks import CHOOSER_WEIGHTS, FEATURES, HALF_SIZES, REFERENCE_SIZE, _paired_iou, propose  # noqa: E402
+from casam.clicks import (CHOOSER_WEIGHTS, FEATURES, HALF_SIZES, REFERENCE_SIZE, ClickConfig, _agreement,  # noqa: E402
+                          _paired_iou, fuse_proposals, propose)
 from casam.data import discover_tasks, load_cases  # noqa: E402
 from casam.prompts import centroid_point  # noqa: E402
 from casam.preprocess import points_to_model  # noqa: E402
@@ -44,9 +46,11 @@ def spread(items, n):
 
 @torch.no_grad()
 def candidates(backbone, samples):
-    """Per object: (features K×F, IoU of each refined proposal with the truth K)."""
+    """Per object: (features K×F, IoU of each refined proposal with the truth K, IoU of the shipped chooser's
+    fused answer, :func:`casam.clicks.fuse_proposals` at ``ClickConfig().fuse``)."""
     half = torch.tensor([float(s) * backbone.img_size / REFERENCE_SIZE for s in HALF_SIZES])[:, None]
     to_low = backbone.lowres_size / backbone.img_size
+    shipped, temperature = torch.tensor([CHOOSER_WEIGHTS[f] for f in FEATURES]), ClickConfig().fuse or 0.05
     out = []
     for s in samples:
         run = partial(backbone.decode, s.embedding[None], None, None)
@@ -55,13 +59,16 @@ def candidates(backbone, samples):
             p = propose(run, fg, s.geom.resized_hw, to_low, half, len(HALF_SIZES), lambda m: torch.zeros(len(m)))
             m = (p.logits[:, 0] > 0).flatten(1)
             truth = (t.lowres > 0.5).flatten()[None].expand_as(m)
-            out.append((p.features, _paired_iou(m, truth)))
+            hit = _agreement((p.logits[:, 0] > 0).cpu(), fg * to_low, fg[:0])  # the product adds the click's agreement
+            score = torch.where(m.any(1), p.features @ shipped + hit, torch.full((len(m),), -1e9))
+            fused = fuse_proposals(p, score, temperature, fg, to_low, s.geom.resized_hw)[0][0, 0] > 0
+            out.append((p.features, _paired_iou(m, truth), float(_paired_iou(fused.flatten()[None], truth[:1])[0])))
     return out
 
 
 def choose(w, cands):
     """Mean IoU of the argmax choice of ``w`` over the objects."""
-    return float(np.mean([float(g[int(torch.argmax(f @ w))]) for f, g in cands])) if cands else float("nan")
+    return float(np.mean([float(g[int(torch.argmax(f @ w))]) for f, g, _ in cands])) if cands else float("nan")
 
 
 def fit(cands, reg=1e-2, temp=0.1, steps=400, lr=0.05):
@@ -69,7 +76,7 @@ def fit(cands, reg=1e-2, temp=0.1, steps=400, lr=0.05):
     w = torch.zeros(len(FEATURES), requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr)
     for _ in range(steps):
-        loss = -sum((torch.softmax((f @ w) / temp, 0) * g).sum() for f, g in cands) / len(cands) + reg * (w ** 2).sum()
+        loss = -sum((torch.softmax((f @ w) / temp, 0) * g).sum() for f, g, _ in cands) / len(cands) + reg * (w ** 2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -106,8 +113,9 @@ def main(argv=None) -> int:
                            "predicted_iou_only": round(choose(refined_iou, data[t][split]), 4),
                            "fitted": round(choose(w, data[t][split]), 4),
                            "shipped": round(choose(shipped, data[t][split]), 4),
+                           "shipped_fused": round(float(np.mean([v for _, _, v in data[t][split]])), 4),
                            "fitted_without_this_task": round(choose(loto, data[t][split]), 4),
-                           "best_proposal": round(float(np.mean([float(g.max()) for _, g in data[t][split]])), 4)}
+                           "best_proposal": round(float(np.mean([float(g.max()) for _, g, _ in data[t][split]])), 4)}
                    for split in ("train", "test")}
     mean = {split: {k: round(float(np.mean([rows[t][split][k] for t in tasks])), 4) for k in rows[tasks[0]][split]
                     if k != "objects"} for split in ("train", "test")}

@@ -9,7 +9,9 @@ LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone giv
 3. **Choice**: a linear score of each refined mask's features (:data:`FEATURES`: both predicted IoUs,
    self-consistency, stability, how central the click is, size, agreement between sizes), with weights
    fitted once on the training splits of the project's public data (``benchmarks/click_chooser.py``), plus
-   the clicks (foreground inside, background outside).
+   the clicks (foreground inside, background outside). The answer averages the refined masks' probabilities,
+   weighted by a sharp softmax of these scores (:func:`fuse_proposals`): one clear winner is kept as it is,
+   two sizes that score alike give what both hold.
 4. **Later clicks edit the chosen box**: a foreground click the mask missed grows the box to hold it (three
    margins) or joins the mask of a small box around it (a missed part inside the box); a background click
    the mask covers moves one of the box's edges past it, or keeps the box and cuts around the click; the candidate the decoder trusts most, that agrees with the clicks and changes the
@@ -82,11 +84,14 @@ class ClickConfig:
             proposals (:func:`rechoose`); None: never.
         rechoose_far: so does a missed foreground click at least this many mask radii away from the mask (the
             first choice took a smaller object than meant); None: never.
+        fuse: answer the first click with the refined proposals' probabilities averaged, weighted by a softmax of
+            their chooser scores at this temperature (None: the best-scored proposal alone). Where two sizes
+            score alike, the answer keeps what both agree on instead of staking all on one.
     """
 
     half_sizes: Sequence[float] = HALF_SIZES
     refine: bool = True
-    refine_top: int = 5
+    refine_top: int = 8
     weights: Optional[Dict[str, float]] = None
     click_weight: float = 1.0
     with_points: bool = False
@@ -99,11 +104,12 @@ class ClickConfig:
     add_local: Sequence[float] = (1.0, 2.0)
     rechoose_depth: Optional[float] = 0.4
     rechoose_far: Optional[float] = 1.0
+    fuse: Optional[float] = 0.05
 
 
 # The settings that decide the answer to a single click (what a layer's click validation sees); the others only
 # act on later clicks.
-FIRST_CLICK_FIELDS = ("half_sizes", "refine", "refine_top", "weights", "click_weight", "with_points")
+FIRST_CLICK_FIELDS = ("half_sizes", "refine", "refine_top", "weights", "click_weight", "with_points", "fuse")
 
 
 def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -285,6 +291,34 @@ def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg
     return Proposals(logits, iou, tb, keep, feats, squares)
 
 
+def fuse_proposals(p: Proposals, score: torch.Tensor, temperature: float, fg: torch.Tensor, to_low: float,
+                   hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The refined proposals' answer averaged over their chooser scores.
+
+    Args:
+        p: refined proposals (K).
+        score: K chooser scores (−1e9 for an empty mask: weight 0).
+        temperature: softmax temperature of the weights.
+        fg: N×2 foreground clicks (model frame).
+        to_low: logits-frame pixels per model-frame pixel.
+        hw: the image's (height, width) inside the model frame.
+
+    Returns:
+        (logits 1×1×L×L of the weighted mean probability, its weighted predicted IoU 1×1, the fused mask's own
+        tight box held to the clicks, 4) — the box later clicks edit; the best proposal's own where the average
+        keeps nothing.
+    """
+    w = torch.softmax(score.float() / temperature, 0).to(p.logits.device)
+    prob = (w[:, None, None, None] * torch.sigmoid(p.logits.float())).sum(0, keepdim=True)
+    logits = torch.logit(prob.clamp(1e-6, 1 - 1e-6)).to(p.logits.dtype)
+    iou = (w[:, None] * p.iou.float()).sum(0, keepdim=True).to(p.iou.dtype)
+    k = int(torch.argmax(w))
+    if not bool((logits > 0).any()):  # proposals that share nothing: the best one alone
+        return p.logits[k : k + 1], p.iou[k : k + 1], p.boxes[k]
+    box = _own_boxes((logits[:, 0] > 0).cpu(), p.boxes[k : k + 1].cpu().float(), fg, to_low, hw)[0]
+    return logits, iou, box
+
+
 def click_depth(mask: torch.Tensor, click: torch.Tensor) -> float:
     """How deep a click lies inside a mask, in the mask's radii √(area/π): inside, its distance to the mask's
     border; outside, minus its distance to the mask.
@@ -308,12 +342,15 @@ def click_depth(mask: torch.Tensor, click: torch.Tensor) -> float:
 
 
 def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p: Proposals, fg: torch.Tensor,
-             bg: torch.Tensor, to_low: float, hw: Tuple[int, int]) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+             bg: torch.Tensor, to_low: float, hw: Tuple[int, int], prev: Optional[torch.Tensor] = None,
+             stay: float = 0.0) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The first click's answer chosen again after a click showed it took a larger (or smaller) object than meant.
 
     Among the first click's square proposals whose masks agree with every click (foreground inside, background
-    outside), the one the decoder trusts most is refined once with its own tight box (held to the foreground
-    clicks); the refined mask is kept if it still agrees with the clicks, the square one otherwise.
+    outside), the one the decoder trusts most and that changes the previous answer least (predicted IoU +
+    ``stay`` × IoU with ``prev``: the next larger or smaller object, not the whole organ around it) is refined
+    once with its own tight box (held to the foreground clicks); the refined mask is kept if it still agrees with
+    the clicks, the square one otherwise.
 
     Args:
         run: decodes K boxes (K×4, model frame) → (logits K×1×L×L, iou K×1).
@@ -321,6 +358,8 @@ def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p
         fg, bg: N×2 and M×2 clicks so far (model frame).
         to_low: logits-frame pixels per model-frame pixel.
         hw: the image's (height, width) inside the model frame.
+        prev: L×L bool previous answer (None: the decoder's trust alone).
+        stay: weight of a proposal's IoU with ``prev``.
 
     Returns:
         (box 4, logits 1×1×L×L, predicted IoU 1×1), or None when no proposal agrees with the clicks.
@@ -333,7 +372,10 @@ def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p
     ok = agrees(m) & m.flatten(1).any(1)
     if not bool(ok.any()):
         return None
-    i = int(torch.nonzero(ok)[:, 0][torch.argmax(iou[:, 0].cpu()[ok])])
+    score = iou[:, 0].cpu().float()
+    if prev is not None and stay:
+        score = score + stay * _paired_iou(m.flatten(1), prev.flatten()[None].expand(len(m), -1))
+    i = int(torch.nonzero(ok)[:, 0][torch.argmax(score[ok])])
     tb = _own_boxes(m[i : i + 1], boxes[i : i + 1], fg, to_low, hw)
     lg, io = run(tb)
     if bool(agrees((lg[:, 0] > 0).cpu())[0]):
@@ -469,6 +511,8 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
         score = torch.where(m.flatten(1).any(1), score + clicks_ok(m), torch.full_like(score, -1e9))
         k = int(torch.argmax(score))
         logits, iou, cur = p.logits[k : k + 1], p.iou[k : k + 1], p.boxes[k]
+        if cfg.fuse and p.features is not None and len(score) > 1:
+            logits, iou, cur = fuse_proposals(p, score, cfg.fuse, first, to_low, hw)
         edits = rechosen = 0
         if cfg.edit:
             seen_fg, seen_bg = fg[:1], bg[:0]
@@ -483,7 +527,7 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                     continue  # the mask already agrees with this click
                 limit = cfg.rechoose_far if label else cfg.rechoose_depth
                 if limit is not None and (1 - 2 * label) * click_depth(prev, c * to_low) >= limit:
-                    again = rechoose(run, p, seen_fg, seen_bg, to_low, hw)
+                    again = rechoose(run, p, seen_fg, seen_bg, to_low, hw, prev, cfg.stay)
                     if again is not None:  # the first choice took too large (too small) an object
                         (cur, logits, iou), edits, rechosen = again, edits + 1, rechosen + 1
                         continue

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from casam.clicks import FEATURES, ClickConfig, click_depth, cut_background, decode_clicks, edit_boxes, proposal_features
+from casam.clicks import (FEATURES, ClickConfig, Proposals, click_depth, cut_background, decode_clicks, edit_boxes,
+                          fuse_proposals, proposal_features)
 from casam.interactive import click_sequence, next_click, summarise
 
 L = 64
@@ -43,7 +44,29 @@ def test_one_click_finds_the_object_through_box_proposals():
     mask = logits[0, 0] > 0
     assert mask[16:41, 20:45].all() and mask.sum() == 25 * 25  # exactly the object
     assert info["proposal"] == "click" and info["proposals"] == 5 and info["half_size"] == 64
-    assert calls == [5, 5]  # the proposals, then their refinement (at most refine_top = 5), each one batch
+    assert calls == [5, 5]  # the proposals, then their refinement (at most refine_top), each one batch
+
+
+def test_fused_answer_keeps_what_proposals_that_score_alike_agree_on():
+    logits = torch.full((3, 1, L, L), -5.0)
+    logits[0, 0, 10:30, 10:30] = 5.0  # two proposals that score alike: a smaller and a larger square ...
+    logits[1, 0, 10:40, 10:40] = 5.0
+    logits[2, 0, 0:60, 0:60] = 5.0  # ... and a much worse-scored one
+    p = Proposals(logits, torch.tensor([[0.9], [0.7], [0.5]]), torch.zeros(3, 4), torch.arange(3), None,
+                  (logits, torch.zeros(3, 1), torch.zeros(3, 4)))
+    fg = torch.tensor([[20.0, 20.0]])
+    fused, iou, box = fuse_proposals(p, torch.tensor([1.0, 1.0, -1.0]), 0.05, fg, 1.0, (L, L))
+    m = fused[0, 0] > 0
+    assert m[10:30, 10:30].all() and m.sum() == 20 * 20  # both hold it; what only one holds is a coin toss: out
+    assert abs(float(iou) - 0.8) < 1e-3 and box.tolist() == [10.0, 10.0, 29.0, 29.0]
+    one, iou, _ = fuse_proposals(p, torch.tensor([1.0, 0.5, -1.0]), 0.05, fg, 1.0, (L, L))
+    assert torch.equal(one[0, 0] > 0, logits[0, 0] > 0) and abs(float(iou) - 0.9) < 1e-3  # a clear winner alone
+    apart = logits.clone()
+    apart[1] = -5.0
+    apart[1, 0, 40:50, 40:50] = 5.0  # two that share nothing: not an empty answer, the better-scored one
+    p.logits = apart
+    alone, _, box = fuse_proposals(p, torch.tensor([1.0, 1.0, -1.0]), 0.05, fg, 1.0, (L, L))
+    assert (alone[0, 0] > 0).sum() in (20 * 20, 10 * 10) and len(box) == 4
 
 
 def test_background_click_removes_what_it_was_put_on():
