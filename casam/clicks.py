@@ -69,8 +69,8 @@ class ClickConfig:
         edit_margins: a foreground click's margins inside the grown box (fractions of the box's longer side),
             one candidate edit each.
         max_edge_cut: a background click moves an edge only when that keeps at least this fraction of the box.
-        stay: weight of a candidate edit's IoU with the previous mask (the edit that changes least, among those
-            the decoder trusts and that agree with the clicks).
+        stay: weight of a candidate edit's (and a re-chosen proposal's) IoU with the previous mask (the answer
+            that changes least, among those the decoder trusts and that agree with the clicks).
         cut_background: remove, around a background click the final mask still covers, the part nearer to it
             than to any foreground click (a local cut, see :func:`cut_background`).
         cut_reach: how far such a cut reaches, as a fraction of the click's distance to the nearest foreground
