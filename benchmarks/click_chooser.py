@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casam.backbone import load_backbone  # noqa: E402
 from casam.clicks import (CHOOSER_WEIGHTS, FEATURES, HALF_SIZES, REFERENCE_SIZE, ClickConfig, _agreement,  # noqa: E402
-                          _paired_iou, fuse_proposals, propose)
+                          _paired_iou, fuse_proposals, proposal_scores, propose)
 from casam.data import discover_tasks, load_cases  # noqa: E402
 from casam.prompts import centroid_point  # noqa: E402
 from casam.preprocess import points_to_model  # noqa: E402
@@ -50,7 +50,7 @@ def candidates(backbone, samples):
     fused answer, :func:`casam.clicks.fuse_proposals` at ``ClickConfig().fuse``)."""
     half = torch.tensor([float(s) * backbone.img_size / REFERENCE_SIZE for s in HALF_SIZES])[:, None]
     to_low = backbone.lowres_size / backbone.img_size
-    shipped, temperature = torch.tensor([CHOOSER_WEIGHTS[f] for f in FEATURES]), ClickConfig().fuse or 0.05
+    temperature = ClickConfig().fuse
     out = []
     for s in samples:
         run = partial(backbone.decode, s.embedding[None], None, None)
@@ -59,8 +59,7 @@ def candidates(backbone, samples):
             p = propose(run, fg, s.geom.resized_hw, to_low, half, len(HALF_SIZES), lambda m: torch.zeros(len(m)))
             m = (p.logits[:, 0] > 0).flatten(1)
             truth = (t.lowres > 0.5).flatten()[None].expand_as(m)
-            hit = _agreement((p.logits[:, 0] > 0).cpu(), fg * to_low, fg[:0])  # the product adds the click's agreement
-            score = torch.where(m.any(1), p.features @ shipped + hit, torch.full((len(m),), -1e9))
+            score = proposal_scores(p, None, lambda masks: _agreement(masks, fg * to_low, fg[:0]))  # as the product
             fused = fuse_proposals(p, score, temperature, fg, to_low, s.geom.resized_hw)[0][0, 0] > 0
             out.append((p.features, _paired_iou(m, truth), float(_paired_iou(fused.flatten()[None], truth[:1])[0])))
     return out

@@ -35,13 +35,12 @@ from casam.training import EmbeddingCache, TrainConfig, fit_router, make_samples
 
 def features(tasks, bb, cache_dir, max_train_cases):
     """Training samples and test features per task (through the embedding cache)."""
-    out = []
+    out, cache, window = [], EmbeddingCache(bb, cache_dir), TrainConfig().window
     for t in tasks:
-        cache = EmbeddingCache(bb, cache_dir)
         tr = _spread([c for c in t.split("train") if c.mask is not None], max_train_cases)
         te = [c for c in t.split("test") if c.mask is not None]
-        train = make_samples(bb, *load_cases(tr), cache=cache, window=TrainConfig().window)
-        test = torch.stack([s.feature for s in make_samples(bb, *load_cases(te), cache=cache, window=TrainConfig().window)])
+        train = make_samples(bb, *load_cases(tr), cache=cache, window=window)
+        test = torch.stack([s.feature for s in make_samples(bb, *load_cases(te), cache=cache, window=window)])
         out.append((train, test))
     return out
 

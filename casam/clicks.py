@@ -119,6 +119,11 @@ def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.where(union > 0, inter / union.clamp(min=1), torch.zeros_like(union))
 
 
+def _iou_with(masks: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """IoU of each of K L×L boolean masks with one L×L boolean mask → K."""
+    return _paired_iou(masks.flatten(1), mask.flatten()[None].expand(len(masks), -1))
+
+
 def _tight_boxes(masks: torch.Tensor) -> torch.Tensor:
     """Tight (x0, y0, x1, y1) of K boolean L×L masks (an empty mask gives a NaN box)."""
     k, L, _ = masks.shape
@@ -291,6 +296,24 @@ def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg
     return Proposals(logits, iou, tb, keep, feats, squares)
 
 
+def proposal_scores(p: Proposals, weights: Optional[Dict[str, float]],
+                    clicks_ok: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """The chooser's score of each proposal.
+
+    Args:
+        p: proposals (K).
+        weights: weight per feature (None: :data:`CHOOSER_WEIGHTS`); unrefined proposals score their predicted IoU.
+        clicks_ok: the clicks' agreement with K L×L boolean masks → K, added to the score.
+
+    Returns:
+        K scores; −1e9 for an empty mask.
+    """
+    score = p.iou[:, 0].cpu().float().clone() if p.features is None else p.features @ torch.tensor(
+        [float((weights or CHOOSER_WEIGHTS).get(f, 0.0)) for f in FEATURES])
+    m = (p.logits[:, 0] > 0).cpu()
+    return torch.where(m.flatten(1).any(1), score + clicks_ok(m), torch.full_like(score, -1e9))
+
+
 def fuse_proposals(p: Proposals, score: torch.Tensor, temperature: float, fg: torch.Tensor, to_low: float,
                    hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The refined proposals' answer averaged over their chooser scores.
@@ -313,9 +336,10 @@ def fuse_proposals(p: Proposals, score: torch.Tensor, temperature: float, fg: to
     logits = torch.logit(prob.clamp(1e-6, 1 - 1e-6)).to(p.logits.dtype)
     iou = (w[:, None] * p.iou.float()).sum(0, keepdim=True).to(p.iou.dtype)
     k = int(torch.argmax(w))
-    if not bool((logits > 0).any()):  # proposals that share nothing: the best one alone
+    mask = (logits[:, 0] > 0).cpu()
+    if not bool(mask.any()):  # proposals that share nothing: the best one alone
         return p.logits[k : k + 1], p.iou[k : k + 1], p.boxes[k]
-    box = _own_boxes((logits[:, 0] > 0).cpu(), p.boxes[k : k + 1].cpu().float(), fg, to_low, hw)[0]
+    box = _own_boxes(mask, p.boxes[k : k + 1].cpu().float(), fg, to_low, hw)[0]
     return logits, iou, box
 
 
@@ -342,8 +366,8 @@ def click_depth(mask: torch.Tensor, click: torch.Tensor) -> float:
 
 
 def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p: Proposals, fg: torch.Tensor,
-             bg: torch.Tensor, to_low: float, hw: Tuple[int, int], prev: Optional[torch.Tensor] = None,
-             stay: float = 0.0) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+             bg: torch.Tensor, to_low: float, hw: Tuple[int, int], prev: torch.Tensor,
+             stay: float) -> Optional[Tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """The first click's answer chosen again after a click showed it took a larger (or smaller) object than meant.
 
     Among the first click's square proposals whose masks agree with every click (foreground inside, background
@@ -358,8 +382,8 @@ def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p
         fg, bg: N×2 and M×2 clicks so far (model frame).
         to_low: logits-frame pixels per model-frame pixel.
         hw: the image's (height, width) inside the model frame.
-        prev: L×L bool previous answer (None: the decoder's trust alone).
-        stay: weight of a proposal's IoU with ``prev``.
+        prev: L×L bool previous answer.
+        stay: weight of a proposal's IoU with ``prev`` (0: the decoder's trust alone).
 
     Returns:
         (box 4, logits 1×1×L×L, predicted IoU 1×1), or None when no proposal agrees with the clicks.
@@ -372,9 +396,7 @@ def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p
     ok = agrees(m) & m.flatten(1).any(1)
     if not bool(ok.any()):
         return None
-    score = iou[:, 0].cpu().float()
-    if prev is not None and stay:
-        score = score + stay * _paired_iou(m.flatten(1), prev.flatten()[None].expand(len(m), -1))
+    score = iou[:, 0].cpu().float() + stay * _iou_with(m, prev)
     i = int(torch.nonzero(ok)[:, 0][torch.argmax(score[ok])])
     tb = _own_boxes(m[i : i + 1], boxes[i : i + 1], fg, to_low, hw)
     lg, io = run(tb)
@@ -505,10 +527,7 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
 
         half = torch.tensor([float(s) * img_size / REFERENCE_SIZE for s in cfg.half_sizes])[:, None]
         p = propose(run, first, hw, to_low, half, cfg.refine_top if cfg.refine else None, clicks_ok)
-        score = p.iou[:, 0].cpu().float().clone() if p.features is None else p.features @ torch.tensor(
-            [float((cfg.weights or CHOOSER_WEIGHTS).get(f, 0.0)) for f in FEATURES])
-        m = (p.logits[:, 0] > 0).cpu()
-        score = torch.where(m.flatten(1).any(1), score + clicks_ok(m), torch.full_like(score, -1e9))
+        score = proposal_scores(p, cfg.weights, clicks_ok)
         k = int(torch.argmax(score))
         logits, iou, cur = p.logits[k : k + 1], p.iou[k : k + 1], p.boxes[k]
         if cfg.fuse and p.features is not None and len(score) > 1:
@@ -546,7 +565,7 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                     io, cands = torch.cat([io, iou[:1]]), torch.cat([cands, cur[None].float()])
                 m = (lg[:, 0] > 0).cpu()
                 sc = io[:, 0].cpu().float() + cfg.click_weight * _agreement(m, seen_fg * to_low, seen_bg * to_low) \
-                    + cfg.stay * _paired_iou(m.flatten(1), prev.flatten()[None].expand(len(m), -1))
+                    + cfg.stay * _iou_with(m, prev)
                 j = int(torch.argmax(sc))
                 cur, logits, iou, edits = cands[j], lg[j : j + 1], io[j : j + 1], edits + 1
         info = {"proposal": "click", "half_size": float(cfg.half_sizes[int(p.sizes[k])]),
