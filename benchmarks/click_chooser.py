@@ -23,6 +23,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import Dict, Optional
 
 import numpy as np
 import torch
@@ -42,6 +43,27 @@ def spread(items, n):
     """At most ``n`` items spread evenly over the list."""
     idx = sorted(set(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int).tolist())) if items else []
     return [items[i] for i in idx]
+
+
+def split_samples(data: str, cache: Optional[str], images: Dict[str, int]):
+    """LiteMedSAM and, per split and task, the samples of at most ``images[split]`` annotated images spread over
+    that split → (backbone, {split: {task name: samples}})."""
+    bb = load_backbone("litemedsam")
+    emb = EmbeddingCache(bb, cache)
+    out: Dict[str, Dict[str, list]] = {split: {} for split in images}
+    for task in discover_tasks(data):
+        for split, n in images.items():
+            ims, ms, ps = load_cases(spread([c for c in task.split(split) if c.mask is not None], n))
+            out[split][task.name] = make_samples(bb, ims, ms, ps, emb)
+    return bb, out
+
+
+def run_record(script: str, argv, t0: float) -> dict:
+    """What a result file says of the run that made it: its command, machine and seconds since ``t0``."""
+    return {"command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "torch": torch.__version__},
+            "seconds": round(time.time() - t0, 1)}
 
 
 @torch.no_grad()
@@ -93,15 +115,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     t0 = time.time()
-    bb = load_backbone("litemedsam")
-    cache = EmbeddingCache(bb, a.cache)
-    data = {}
-    for task in discover_tasks(a.data):
-        for split, n in (("train", a.train_images), ("test", a.test_images)):
-            ims, ms, ps = load_cases(spread([c for c in task.split(split) if c.mask is not None], n))
-            data.setdefault(task.name, {})[split] = candidates(bb, make_samples(bb, ims, ms, ps, cache))
-        print(task.name, {k: len(v) for k, v in data[task.name].items()}, flush=True)
+    bb, samples = split_samples(a.data, a.cache, {"train": a.train_images, "test": a.test_images})
+    data = {t: {split: candidates(bb, samples[split][t]) for split in samples} for t in samples["train"]}
     tasks = list(data)
+    print({t: {k: len(v) for k, v in data[t].items()} for t in tasks}, flush=True)
     w = fit([c for t in tasks for c in data[t]["train"]])
     shipped = torch.tensor([CHOOSER_WEIGHTS[f] for f in FEATURES])
     refined_iou = torch.tensor([1.0 if f == "refined_iou" else 0.0 for f in FEATURES])
@@ -121,10 +138,7 @@ def main(argv=None) -> int:
     result = {
         "what": "first-click IoU (low-res frame) of the proposal chosen by each weighting; one click at the object's "
                 "centre, plain LiteMedSAM, all proposals refined",
-        "command": "python benchmarks/click_chooser.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                    "torch": torch.__version__},
-        "seconds": round(time.time() - t0, 1),
+        **run_record("click_chooser.py", argv, t0),
         "features": list(FEATURES),
         "fitted_weights": {f: round(float(v), 4) for f, v in zip(FEATURES, w)},
         "shipped_weights": dict(CHOOSER_WEIGHTS),

@@ -216,7 +216,8 @@ def score_image(backbone: Backbone, layer: Optional[Callable], sample: Sample, r
 
 
 @torch.no_grad()
-def sequences(backbone: Backbone, layer: Optional[Callable], sample: Sample, clicks: int, raw: bool = False) -> List[Dict]:
+def sequences(backbone: Backbone, layer: Optional[Callable], sample: Sample, clicks: int, raw: bool = False,
+              config: Optional[ClickConfig] = None) -> List[Dict]:
     """Click sequences (:func:`casam.interactive.click_sequence`) on every mask of one test image.
 
     Args:
@@ -225,6 +226,7 @@ def sequences(backbone: Backbone, layer: Optional[Callable], sample: Sample, cli
         sample: the test image.
         clicks: clicks per sequence.
         raw: give the clicks to the decoder as raw point prompts (plain LiteMedSAM) instead of casam's answer.
+        config: how casam answers clicks (default :class:`casam.clicks.ClickConfig`).
     """
     z = sample.embedding[None].to(backbone.device)
     h = layer(z) if layer is not None else z
@@ -234,7 +236,7 @@ def sequences(backbone: Backbone, layer: Optional[Callable], sample: Sample, cli
         if raw:
             logits, _ = backbone.decode(h, torch.from_numpy(mp)[None], torch.from_numpy(labs)[None], None)
         else:
-            logits = click_logits(backbone, h, sample.geom, mp, labs)
+            logits = click_logits(backbone, h, sample.geom, mp, labs, config=config)
         return logits_to_image(logits[0, 0].cpu(), sample.geom).numpy() > 0
 
     return [click_sequence(predict, t.mask, clicks) for t in sample.targets]

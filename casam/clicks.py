@@ -14,8 +14,11 @@ LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone giv
    two sizes that score alike give what both hold.
 4. **Later clicks edit the chosen box**: a foreground click the mask missed grows the box to hold it (three
    margins) or joins the mask of a small box around it (a missed part inside the box); a background click
-   the mask covers moves one of the box's edges past it, or keeps the box and cuts around the click; the candidate the decoder trusts most, that agrees with the clicks and changes the
-   mask least, is kept.
+   the mask covers moves one of the box's edges past it, or keeps the box and cuts around the click. Each
+   candidate is scored by the decoder's trust, its agreement with the clicks and how little it changes the
+   mask; the answer averages the candidates' probabilities by a softmax of these scores
+   (:attr:`ClickConfig.edit_fuse`: what edits that score alike agree on), and the best one's box is the one
+   the next click edits.
    So a new click changes the answer only where it asks to, and the answer to the first click never changes.
    A background click deep inside the mask (:attr:`ClickConfig.rechoose_depth`) says the first choice took a
    larger object than meant, a foreground click far from it (:attr:`ClickConfig.rechoose_far`) a smaller one:
@@ -23,7 +26,8 @@ LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone giv
    far (:func:`rechoose`).
 5. **Background clicks** the final mask still covers (no edge could move past them) cut away the part of
    the mask around them that is nearer to them than to any foreground click, so a background click always
-   removes what it was put on.
+   removes what it was put on; **foreground clicks** it still misses add a disc towards the mask
+   (:func:`fill_missed`), so a foreground click always adds what it was put on.
 
 Everything works in the decoder's low-resolution frame and on an embedding that may already have passed
 an Alignment Layer, so the same code serves plain SAM and every layer.
@@ -87,6 +91,13 @@ class ClickConfig:
         fuse: answer the first click with the refined proposals' probabilities averaged, weighted by a softmax of
             their chooser scores at this temperature (None: the best-scored proposal alone). Where two sizes
             score alike, the answer keeps what both agree on instead of staking all on one.
+        edit_fuse: answer a later click with its candidate edits' probabilities averaged, weighted by a softmax of
+            their scores (predicted IoU + the clicks' agreement + ``stay`` × IoU with the previous mask) at this
+            temperature (None: the best candidate alone). The box the next click edits stays the best candidate's.
+        fill: foreground clicks the final mask still misses (no edit could take them in) add a disc around them of
+            this many times their distance to the mask (:func:`fill_missed`); None: never.
+        fill_cap: such a disc's largest radius, in mask radii √(area/π) (at 0.5, a click far from the mask adds
+            at most a quarter of the mask's area; None: no cap).
     """
 
     half_sizes: Sequence[float] = HALF_SIZES
@@ -105,6 +116,9 @@ class ClickConfig:
     rechoose_depth: Optional[float] = 0.4
     rechoose_far: Optional[float] = 1.0
     fuse: Optional[float] = 0.05
+    edit_fuse: Optional[float] = 0.2
+    fill: Optional[float] = 1.0
+    fill_cap: Optional[float] = 0.5
 
 
 # The settings that decide the answer to a single click (what a layer's click validation sees); the others only
@@ -193,6 +207,42 @@ def cut_background(mask: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, reach
     radius = reach * torch.cdist(covered, fg.float()).min(1).values.clamp(min=1.0)  # M
     cut = ((d_bg < d_fg[:, None]) & (d_bg <= radius[None])).any(1)
     return mask & ~cut.reshape(L, L)
+
+
+def fill_missed(logits: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, scale: float = 1.0,
+                cap: Optional[float] = None) -> torch.Tensor:
+    """Raises to at least +1, around each foreground click an L×L answer misses, a disc of ``scale`` × the click's
+    distance to the answer's mask (at most half its distance to the nearest background click, and at most ``cap``
+    × the mask's radius √(area/π)), so a foreground click always adds what it was put on.
+
+    Args:
+        logits: L×L logits (the mask is where they are > 0).
+        fg, bg: N×2 and M×2 (x, y) clicks in the same frame.
+        scale: the disc's radius over the click's distance to the mask (1: it reaches the mask).
+        cap: the largest radius, in mask radii (None: no cap).
+
+    Returns:
+        The edited logits (the input when the mask is empty or holds every foreground click).
+    """
+    mask = (logits > 0).cpu()
+    if len(fg) == 0 or not bool(mask.any()):
+        return logits
+    missed = fg[~_at(mask[None], fg)[0]].float()
+    if len(missed) == 0:
+        return logits
+    L = mask.shape[-1]
+    d_mask = ndimage.distance_transform_edt(~mask.numpy())
+    xi = missed[:, 0].round().long().clamp(0, L - 1)
+    yi = missed[:, 1].round().long().clamp(0, L - 1)
+    radius = scale * torch.as_tensor(d_mask[yi.numpy(), xi.numpy()], dtype=torch.float32)  # N
+    if len(bg):
+        radius = torch.minimum(radius, 0.5 * torch.cdist(missed, bg.float()).min(1).values)
+    if cap is not None:
+        radius = radius.clamp(max=cap * float(np.sqrt(float(mask.sum()) / np.pi)))
+    yy, xx = torch.meshgrid(torch.arange(L, dtype=torch.float32), torch.arange(L, dtype=torch.float32), indexing="ij")
+    grid = torch.stack([xx, yy], -1).reshape(-1, 2)
+    disc = (torch.cdist(grid, missed) <= radius[None]).any(1).reshape(L, L).to(logits.device)
+    return torch.where(disc, logits.clamp(min=1.0), logits)
 
 
 def _agreement(masks: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor) -> torch.Tensor:
@@ -314,6 +364,25 @@ def proposal_scores(p: Proposals, weights: Optional[Dict[str, float]],
     return torch.where(m.flatten(1).any(1), score + clicks_ok(m), torch.full_like(score, -1e9))
 
 
+def soft_average(logits: torch.Tensor, iou: torch.Tensor, score: torch.Tensor,
+                 temperature: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """K candidates' probabilities and predicted IoUs averaged, weighted by a softmax of their scores.
+
+    Args:
+        logits: K×1×L×L logits.
+        iou: K×1 predicted IoUs.
+        score: K scores (−1e9: weight 0).
+        temperature: softmax temperature (small: the best-scored candidate alone).
+
+    Returns:
+        (logits 1×1×L×L of the weighted mean probability, the weighted predicted IoU 1×1).
+    """
+    w = torch.softmax(score.float() / temperature, 0).to(logits.device)
+    prob = (w[:, None, None, None] * torch.sigmoid(logits.float())).sum(0, keepdim=True)
+    out = torch.logit(prob.clamp(1e-6, 1 - 1e-6)).to(logits.dtype)
+    return out, (w[:, None] * iou.float().to(w.device)).sum(0, keepdim=True).to(iou.dtype)
+
+
 def fuse_proposals(p: Proposals, score: torch.Tensor, temperature: float, fg: torch.Tensor, to_low: float,
                    hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The refined proposals' answer averaged over their chooser scores.
@@ -331,11 +400,8 @@ def fuse_proposals(p: Proposals, score: torch.Tensor, temperature: float, fg: to
         tight box held to the clicks, 4) — the box later clicks edit; the best proposal's own where the average
         keeps nothing.
     """
-    w = torch.softmax(score.float() / temperature, 0).to(p.logits.device)
-    prob = (w[:, None, None, None] * torch.sigmoid(p.logits.float())).sum(0, keepdim=True)
-    logits = torch.logit(prob.clamp(1e-6, 1 - 1e-6)).to(p.logits.dtype)
-    iou = (w[:, None] * p.iou.float()).sum(0, keepdim=True).to(p.iou.dtype)
-    k = int(torch.argmax(w))
+    logits, iou = soft_average(p.logits, p.iou, score, temperature)
+    k = int(torch.argmax(score))
     mask = (logits[:, 0] > 0).cpu()
     if not bool(mask.any()):  # proposals that share nothing: the best one alone
         return p.logits[k : k + 1], p.iou[k : k + 1], p.boxes[k]
@@ -568,9 +634,15 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                     + cfg.stay * _iou_with(m, prev)
                 j = int(torch.argmax(sc))
                 cur, logits, iou, edits = cands[j], lg[j : j + 1], io[j : j + 1], edits + 1
+                if cfg.edit_fuse and len(sc) > 1:  # what the candidates that score alike agree on
+                    fused, fused_iou = soft_average(lg, io, sc, cfg.edit_fuse)
+                    if bool((fused[0, 0] > 0).any()):
+                        logits, iou = fused, fused_iou
         info = {"proposal": "click", "half_size": float(cfg.half_sizes[int(p.sizes[k])]),
                 "box": [round(float(v), 1) for v in cur], "proposals": len(half), "edits": edits, "rechosen": rechosen}
     out = logits[:1].clone()
+    if cfg.fill and box is None:
+        out[0, 0] = fill_missed(out[0, 0], fg * to_low, bg * to_low, cfg.fill, cfg.fill_cap)
     if cfg.cut_background and len(bg):
         out[0, 0] = _cut_logits(out[0, 0], fg * to_low, bg * to_low, cfg.cut_reach)
     return out, iou[:1], info

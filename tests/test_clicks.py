@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from casam.clicks import (FEATURES, ClickConfig, Proposals, click_depth, cut_background, decode_clicks, edit_boxes,
-                          fuse_proposals, proposal_features)
+                          fill_missed, fuse_proposals, proposal_features)
 from casam.interactive import click_sequence, next_click, summarise
 
 L = 64
@@ -80,6 +80,40 @@ def test_background_click_removes_what_it_was_put_on():
     assert cut[1, 1] and not cut[6, 6] and cut.sum() < 64
 
 
+def test_a_missed_foreground_click_adds_a_disc_reaching_the_mask():
+    logits = torch.full((L, L), -5.0)
+    logits[10:30, 10:30] = 5.0
+    fg = torch.tensor([[20.0, 20.0], [40.0, 20.0]])  # one inside, one 11 px right of the mask
+    out = fill_missed(logits, fg, torch.zeros(0, 2))
+    assert out[20, 40] >= 1.0 and out[20, 30] >= 1.0 and out[20, 52] < 0 and out[10:30, 10:30].gt(0).all()
+    assert out[20, 35] == 1.0 and ((out > 0) & ~(logits > 0)).sum() < np.pi * 11.5 ** 2  # raised to +1, a disc only
+    near_bg = fill_missed(logits, fg, torch.tensor([[46.0, 20.0]]))  # a background click 6 px away: radius 3
+    assert near_bg[20, 40] > 0 and near_bg[20, 44] < 0 and near_bg[20, 36] < 0
+    capped = fill_missed(logits, fg, torch.zeros(0, 2), cap=0.25)  # at most a quarter of the mask's radius (11.3)
+    assert capped[20, 40] > 0 and capped[20, 36] < 0
+    assert torch.equal(fill_missed(logits, fg[:1], torch.zeros(0, 2)), logits)  # nothing missed: unchanged
+    empty = torch.full((L, L), -5.0)
+    assert torch.equal(fill_missed(empty, fg, torch.zeros(0, 2)), empty)  # no mask to reach
+
+
+def test_a_later_click_keeps_what_its_candidate_edits_agree_on():
+    def decode(points, labels, boxes):  # segments each box's own inside, trusted the more the squarer it is
+        out, ious = torch.full((len(boxes), 1, L, L), -5.0), torch.zeros(len(boxes), 1)
+        for k, b in enumerate(boxes.tolist()):
+            out[k, 0, int(b[1]):int(b[3]) + 1, int(b[0]):int(b[2]) + 1] = 2.0
+            w, h = b[2] - b[0], b[3] - b[1]
+            ious[k, 0] = 0.5 + 0.4 * min(w, h) / max(w, h, 1)
+        return out, ious
+
+    # a background click in the first answer's corner: moving its right or its bottom edge score alike
+    clicks, labels = np.array([[30.0, 30.0], [34.0, 34.0]]), np.array([1, 0])
+    cfg = dict(half_sizes=(32,), refine=False, cut_background=False, rechoose_depth=None, fill=None)
+    one, _, info = decode_clicks(decode, clicks, labels, (L, L), L, L, ClickConfig(edit_fuse=None, **cfg))
+    fused, _, info_f = decode_clicks(decode, clicks, labels, (L, L), L, L, ClickConfig(**cfg))
+    assert info["edits"] == info_f["edits"] == 1 and info["box"] == info_f["box"]  # the next click edits the same box
+    a, b = one[0, 0] > 0, fused[0, 0] > 0
+    assert not a[34, 34] and not b[34, 34]  # both remove what the background click was put on
+    assert a.sum() == 12 * 17 and b.sum() == 12 * 12 and (b & ~a).sum() == 0  # one edit alone, or what both share
 def test_later_clicks_edit_the_first_answer_where_they_ask():
     decode, calls = square_decoder()
     cfg = ClickConfig(half_sizes=(16, 32, 64, 96, 128))
@@ -113,8 +147,11 @@ def test_a_missed_part_the_box_cannot_reach_is_joined_from_a_local_mask():
 
     cfg = ClickConfig(half_sizes=(16, 32, 64, 96, 128))
     clicks, labels = np.array([[30.0, 30.0], [53.0, 24.0]]), np.array([1, 1])
-    grown_only, _, _ = decode_clicks(decode, clicks, labels, (L, L), L, L, ClickConfig(half_sizes=cfg.half_sizes, add_local=()))
+    grown_only, _, _ = decode_clicks(decode, clicks, labels, (L, L), L, L,
+                                     ClickConfig(half_sizes=cfg.half_sizes, add_local=(), fill=None))
     assert not grown_only[0, 0, 24, 53] > 0  # any box holding both parts holds the large part's centre: it misses the small
+    filled, _, _ = decode_clicks(decode, clicks, labels, (L, L), L, L, ClickConfig(half_sizes=cfg.half_sizes, add_local=()))
+    assert filled[0, 0, 24, 53] > 0  # still missed after the edits: a disc around the click takes it in
     joined, _, info = decode_clicks(decode, clicks, labels, (L, L), L, L, cfg)
     m = joined[0, 0] > 0
     assert m[16:41, 20:45].all() and m[20:29, 50:57].all() and info["edits"] == 1
