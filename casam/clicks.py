@@ -181,6 +181,12 @@ def _at(masks: torch.Tensor, pts: torch.Tensor) -> torch.Tensor:
     return masks[:, yi, xi]
 
 
+def _pixel_grid(L: int) -> torch.Tensor:
+    """The (x, y) of every pixel of an L×L frame, row by row → L²×2 float32."""
+    yy, xx = torch.meshgrid(torch.arange(L, dtype=torch.float32), torch.arange(L, dtype=torch.float32), indexing="ij")
+    return torch.stack([xx, yy], -1).reshape(-1, 2)
+
+
 def cut_background(mask: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, reach: float = 0.5) -> torch.Tensor:
     """Removes from an L×L mask, around each covered background click, the pixels nearer to it than to every
     foreground click and within ``reach`` × its distance to the nearest foreground click.
@@ -200,8 +206,7 @@ def cut_background(mask: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, reach
     if len(covered) == 0:
         return mask
     L = mask.shape[-1]
-    yy, xx = torch.meshgrid(torch.arange(L, dtype=torch.float32), torch.arange(L, dtype=torch.float32), indexing="ij")
-    grid = torch.stack([xx, yy], -1).reshape(-1, 2)
+    grid = _pixel_grid(L)
     d_fg = torch.cdist(grid, fg.float()).min(1).values
     d_bg = torch.cdist(grid, covered)  # P×M
     radius = reach * torch.cdist(covered, fg.float()).min(1).values.clamp(min=1.0)  # M
@@ -231,17 +236,13 @@ def fill_missed(logits: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, scale:
     if len(missed) == 0:
         return logits
     L = mask.shape[-1]
-    d_mask = ndimage.distance_transform_edt(~mask.numpy())
-    xi = missed[:, 0].round().long().clamp(0, L - 1)
-    yi = missed[:, 1].round().long().clamp(0, L - 1)
-    radius = scale * torch.as_tensor(d_mask[yi.numpy(), xi.numpy()], dtype=torch.float32)  # N
+    d_mask = torch.as_tensor(ndimage.distance_transform_edt(~mask.numpy()), dtype=torch.float32)
+    radius = scale * _at(d_mask[None], missed)[0]  # N
     if len(bg):
         radius = torch.minimum(radius, 0.5 * torch.cdist(missed, bg.float()).min(1).values)
     if cap is not None:
         radius = radius.clamp(max=cap * float(np.sqrt(float(mask.sum()) / np.pi)))
-    yy, xx = torch.meshgrid(torch.arange(L, dtype=torch.float32), torch.arange(L, dtype=torch.float32), indexing="ij")
-    grid = torch.stack([xx, yy], -1).reshape(-1, 2)
-    disc = (torch.cdist(grid, missed) <= radius[None]).any(1).reshape(L, L).to(logits.device)
+    disc = (torch.cdist(_pixel_grid(L), missed) <= radius[None]).any(1).reshape(L, L).to(logits.device)
     return torch.where(disc, logits.clamp(min=1.0), logits)
 
 
