@@ -114,6 +114,8 @@ def test_a_later_click_keeps_what_its_candidate_edits_agree_on():
     a, b = one[0, 0] > 0, fused[0, 0] > 0
     assert not a[34, 34] and not b[34, 34]  # both remove what the background click was put on
     assert a.sum() == 12 * 17 and b.sum() == 12 * 12 and (b & ~a).sum() == 0  # one edit alone, or what both share
+
+
 def test_later_clicks_edit_the_first_answer_where_they_ask():
     decode, calls = square_decoder()
     cfg = ClickConfig(half_sizes=(16, 32, 64, 96, 128))
