@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import sys
 import time
 from functools import partial
@@ -31,18 +29,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casam.backbone import load_backbone  # noqa: E402
+from casam.benchmark import _spread, machine_info  # noqa: E402
 from casam.clicks import (CHOOSER_WEIGHTS, FEATURES, HALF_SIZES, REFERENCE_SIZE, ClickConfig, _agreement,  # noqa: E402
                           _paired_iou, fuse_proposals, proposal_scores, propose)
 from casam.data import discover_tasks, load_cases  # noqa: E402
 from casam.prompts import centroid_point  # noqa: E402
 from casam.preprocess import points_to_model  # noqa: E402
 from casam.training import EmbeddingCache, make_samples  # noqa: E402
-
-
-def spread(items, n):
-    """At most ``n`` items spread evenly over the list."""
-    idx = sorted(set(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int).tolist())) if items else []
-    return [items[i] for i in idx]
 
 
 def split_samples(data: str, cache: Optional[str], images: Dict[str, int]):
@@ -53,7 +46,7 @@ def split_samples(data: str, cache: Optional[str], images: Dict[str, int]):
     out: Dict[str, Dict[str, list]] = {split: {} for split in images}
     for task in discover_tasks(data):
         for split, n in images.items():
-            ims, ms, ps = load_cases(spread([c for c in task.split(split) if c.mask is not None], n))
+            ims, ms, ps = load_cases(_spread([c for c in task.split(split) if c.mask is not None], n))
             out[split][task.name] = make_samples(bb, ims, ms, ps, emb)
     return bb, out
 
@@ -61,8 +54,7 @@ def split_samples(data: str, cache: Optional[str], images: Dict[str, int]):
 def run_record(script: str, argv, t0: float) -> dict:
     """What a result file says of the run that made it: its command, machine and seconds since ``t0``."""
     return {"command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                        "torch": torch.__version__},
+            "machine": machine_info("cpu"),
             "seconds": round(time.time() - t0, 1)}
 
 
