@@ -122,8 +122,9 @@ class ClickConfig:
 
 
 # The settings that decide the answer to a single click (what a layer's click validation sees); the others only
-# act on later clicks.
-FIRST_CLICK_FIELDS = ("half_sizes", "refine", "refine_top", "weights", "click_weight", "with_points", "fuse")
+# act on later clicks. ``fill`` belongs here: the disc also applies when the first answer misses its own click.
+FIRST_CLICK_FIELDS = ("half_sizes", "refine", "refine_top", "weights", "click_weight", "with_points", "fuse", "fill",
+                      "fill_cap")
 
 
 def _paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
