@@ -29,10 +29,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casam.backbone import load_backbone  # noqa: E402
-from casam.benchmark import _spread, machine_info  # noqa: E402
+from casam.benchmark import machine_info  # noqa: E402
 from casam.clicks import (CHOOSER_WEIGHTS, FEATURES, HALF_SIZES, REFERENCE_SIZE, ClickConfig, _agreement,  # noqa: E402
                           _paired_iou, fuse_proposals, proposal_scores, propose)
-from casam.data import discover_tasks, load_cases  # noqa: E402
+from casam.data import discover_tasks, load_cases, spread  # noqa: E402
 from casam.prompts import centroid_point  # noqa: E402
 from casam.preprocess import points_to_model  # noqa: E402
 from casam.training import EmbeddingCache, make_samples  # noqa: E402
@@ -46,7 +46,7 @@ def split_samples(data: str, cache: Optional[str], images: Dict[str, int]):
     out: Dict[str, Dict[str, list]] = {split: {} for split in images}
     for task in discover_tasks(data):
         for split, n in images.items():
-            ims, ms, ps = load_cases(_spread([c for c in task.split(split) if c.mask is not None], n))
+            ims, ms, ps = load_cases(spread([c for c in task.split(split) if c.mask is not None], n))
             out[split][task.name] = make_samples(bb, ims, ms, ps, emb)
     return bb, out
 

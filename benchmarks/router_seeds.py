@@ -27,8 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casam import config as casam_config  # noqa: E402
 from casam.backbone import load_backbone  # noqa: E402
-from casam.benchmark import _spread, machine_info  # noqa: E402
-from casam.data import discover_tasks, load_cases  # noqa: E402
+from casam.benchmark import machine_info  # noqa: E402
+from casam.data import discover_tasks, load_cases, spread  # noqa: E402
 from casam.router import Router  # noqa: E402
 from casam.training import EmbeddingCache, TrainConfig, fit_router, make_samples, split_samples  # noqa: E402
 
@@ -37,7 +37,7 @@ def features(tasks, bb, cache_dir, max_train_cases):
     """Training samples and test features per task (through the embedding cache)."""
     out, cache, window = [], EmbeddingCache(bb, cache_dir), TrainConfig().window
     for t in tasks:
-        tr = _spread([c for c in t.split("train") if c.mask is not None], max_train_cases)
+        tr = spread([c for c in t.split("train") if c.mask is not None], max_train_cases)
         te = [c for c in t.split("test") if c.mask is not None]
         train = make_samples(bb, *load_cases(tr), cache=cache, window=window)
         test = torch.stack([s.feature for s in make_samples(bb, *load_cases(te), cache=cache, window=window)])

@@ -47,7 +47,7 @@ from . import config as casam_config
 from .alignment import describe, fresh_layer
 from .backbone import Backbone, load_backbone
 from .clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
-from .data import Case, Task, discover_tasks, load_cases
+from .data import Task, discover_tasks, load_cases, spread
 from .metrics import boundary_iou, continual_summary, dice, iou
 from .registry import LayerRegistry
 from .router import Router
@@ -159,13 +159,6 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
 
 
 # ---------------------------------------------------------------------------------------------- data
-def _spread(cases: List[Case], n: Optional[int]) -> List[Case]:
-    if n is None or len(cases) <= n:
-        return cases
-    idx = sorted(set(np.linspace(0, len(cases) - 1, n).round().astype(int).tolist()))
-    return [cases[i] for i in idx]
-
-
 def select_tasks(tasks: List[Task], spec: Optional[str]) -> List[Task]:
     if not spec:
         return tasks
@@ -361,8 +354,8 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
     train_all, train_s, test_s, counts, enc_per_image = [], [], [], [], []
     for t in tasks:
         cache = EmbeddingCache(bb, cache_dir)  # one per task: its in-memory copies are dropped with it
-        tr_cases = _spread([c for c in t.split("train") if c.mask is not None], args.max_train_cases)
-        te_cases = _spread([c for c in t.split("test") if c.mask is not None], args.max_test_cases)
+        tr_cases = spread([c for c in t.split("train") if c.mask is not None], args.max_train_cases)
+        te_cases = spread([c for c in t.split("test") if c.mask is not None], args.max_test_cases)
         imgs, masks, pats = load_cases(tr_cases)
         enc_per_image.append(encode_seconds(bb, imgs))
         tr = make_samples(bb, imgs, masks, pats, cache, cfg.window, progress=args.progress, desc=f"encode {t.name} train")
@@ -584,8 +577,7 @@ def click_sequences(bb: Backbone, test_s: List[List[Sample]], names: List[str], 
         per_task = {}
         for j, te in enumerate(test_s):
             curves = []
-            n = len(te) if max_images is None else min(len(te), max_images)
-            for i in sorted(set(np.linspace(0, len(te) - 1, n).round().astype(int).tolist())) if n else []:
+            for i in spread(range(len(te)), max_images):
                 li = {"zero_shot": None, "fresh_install": None, "casam": final_routes[j][i],
                       "casam_oracle": j if j < len(layers) else None}[m]
                 curves += run_one(li, j, i, raw=(m == "zero_shot"))

@@ -12,7 +12,7 @@ import csv
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, TypeVar
 
 import numpy as np
 
@@ -181,6 +181,24 @@ def discover_tasks(root: str | Path) -> List[Task]:
         return (1, tasks.index(t))
 
     return sorted(tasks, key=rank)
+
+
+T = TypeVar("T")
+
+
+def spread(items: Sequence[T], n: Optional[int]) -> List[T]:
+    """At most ``n`` of ``items``, evenly spaced from the first to the last (all of them when ``n`` is None).
+
+    Args:
+        items: e.g. the cases of one split, in their order.
+        n: how many to keep (0 keeps none).
+
+    Returns:
+        The kept items, in their order.
+    """
+    if n is None or len(items) <= n:
+        return list(items)
+    return [items[i] for i in sorted(set(np.linspace(0, len(items) - 1, n).round().astype(int).tolist()))]
 
 
 def load_cases(cases: Sequence[Case]) -> tuple:

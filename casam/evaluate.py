@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from .data import Case, discover_tasks, load_cases, read_meta
+from .data import Case, discover_tasks, load_cases, read_meta, spread
 from .errors import CasamError
 from .metrics import dice, iou
 from .predictor import NONE, CASAMPredictor
@@ -79,8 +79,7 @@ def evaluate_task(predictor: CASAMPredictor, cases: Sequence[Case], max_images: 
         ``scores[way][prompt] = {"iou", "dice"}`` (means over masks), ``routes`` (layer name or ``fallback`` →
         images), ``fallback_rate``, ``used`` (prompt → layer used → masks), ``images`` and ``masks``.
     """
-    if max_images is not None and len(cases) > max_images:
-        cases = [cases[i] for i in np.linspace(0, len(cases) - 1, max_images).round().astype(int)]
+    cases = spread(cases, max_images)
     vals: Dict[str, Dict[str, Dict[str, List[float]]]] = {w: {p: {"iou": [], "dice": []} for p in PROMPTS} for w in WAYS}
     routes: Counter = Counter()
     used: Dict[str, Counter] = {p: Counter() for p in PROMPTS}

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from casam.cli import main
-from casam.data import discover_tasks, read_image, read_mask, stream_order
+from casam.data import discover_tasks, read_image, read_mask, spread, stream_order
 from casam.errors import ImageError
 import pytest
 
@@ -84,3 +84,11 @@ def test_console_script_help():
     for args in ([], ["add-layer"], ["predict"], ["layers"], ["export-bundle"], ["demo"]):
         r = subprocess.run([str(exe), *args, "--help"], capture_output=True, text=True)
         assert r.returncode == 0 and "usage: casam" in r.stdout, r.stderr
+
+
+def test_spread_keeps_at_most_n_evenly_from_first_to_last():
+    cases = list("abcdefghij")
+    assert spread(cases, None) == cases and spread(cases, 10) == cases and spread(cases, 50) == cases
+    assert spread(cases, 3) == ["a", "e", "j"]  # first, middle (index 4.5 rounds to even), last
+    assert spread(cases, 1) == ["a"] and spread(cases, 0) == [] and spread([], 4) == []
+    assert spread(range(5), 2) == [0, 4]
