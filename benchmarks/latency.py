@@ -33,7 +33,6 @@ import argparse
 import csv
 import json
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -98,14 +97,12 @@ def vm_hwm(pid: int) -> Optional[int]:
 
 
 def machine() -> Dict[str, Any]:
+    """The client machine (here also the server's): :func:`casam.benchmark.machine_info`."""
     import torch
 
-    model = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                  if ln.startswith("model name")), platform.processor())
-    return {"cpu": model, "cores": os.cpu_count(), "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-            "python": platform.python_version(), "platform": platform.platform(),
-            "memory_gb": round(psutil.virtual_memory().total / 2**30, 1)}
+    from casam.benchmark import machine_info
+
+    return machine_info("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def summary(samples: List[Dict[str, Any]]) -> Dict[str, Any]:

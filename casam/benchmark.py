@@ -295,19 +295,31 @@ def _unseen_delta(R_all: List[List[Optional[float]]], zs: List[Optional[float]])
 
 
 # ------------------------------------------------------------------------------------------- machine
+# vector extensions that decide CPU speed here (the 2-core box has come both with AVX2 only and with AVX-512 BF16)
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
+
+
 def machine_info(device: str) -> Dict[str, Any]:
-    cpu = platform.processor() or ""
+    """The machine a result was measured on: CPU model, family/model numbers and vector extensions, cores,
+    torch, platform, device (and GPU), memory."""
+    cpu, fields = platform.processor() or "", {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                if not line.strip():
+                    break  # the first processor is enough
+                key, _, val = line.partition(":")
+                fields[key.strip()] = val.strip()
     except OSError:
         pass
+    cpu = fields.get("model name", cpu)
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "device": device,
             "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None}
+    if "cpu family" in fields:
+        info["cpu_id"] = f"{fields.get('vendor_id', '')} family {fields['cpu family']} model {fields.get('model', '?')}".strip()
+    if "flags" in fields:
+        info["simd"] = [f for f in SIMD_FLAGS if f in fields["flags"].split()]
     try:
         with open("/proc/meminfo") as f:
             info["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
