@@ -288,7 +288,7 @@ def verdicts(results: Dict[str, Any]) -> Dict[str, Any]:
 def markdown(report: Dict[str, Any]) -> str:
     lines = ["# Click latency (benchmarks/latency.py)", "", f"`{report['command']}`", "",
              f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
-             f"{report['machine']['torch']}, GPU: {report['machine']['cuda'] or 'none'}. Load average before / after: "
+             f"{report['machine']['torch']}, GPU: {report['machine'].get('gpu') or 'none'}. Load average before / after: "
              f"{report['load_before']} / {report['load_after']}. Server peak RSS (process + children, sampled): "
              f"{report['server_peak_rss_mb']} MiB (VmHWM of the server process: {report['server_vmhwm_mb']} MiB).", "",
              "| scenario | n | server p50 ms | server p95 ms | client p50 ms | client p95 ms | target | met |",
