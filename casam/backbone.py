@@ -25,6 +25,7 @@ import torch.nn as nn
 from .errors import BackboneError
 from .decoder import DecoderContext, decode_with_context, decoder_context
 from .preprocess import Geometry, Window, to_model_input
+from .runtime import tune_allocator
 
 BACKBONES = ("litemedsam", "vit_b", "vit_l", "vit_h", "tiny")
 
@@ -321,6 +322,7 @@ def load_backbone(name: str = "litemedsam", checkpoint: Optional[str | Path] = N
     Raises:
         BackboneError: unknown name, missing or unfit checkpoint.
     """
+    tune_allocator()  # freed tensor memory is kept for reuse, not page-faulted in again (casam.runtime)
     if name == "litemedsam":
         bb = _build_litemedsam(checkpoint)
     elif name in ("vit_b", "vit_l", "vit_h"):

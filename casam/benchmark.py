@@ -51,6 +51,7 @@ from .data import Task, discover_tasks, load_cases, spread
 from .metrics import boundary_iou, continual_summary, dice, iou
 from .registry import LayerRegistry
 from .router import Router
+from .runtime import allocator_tuned
 from .benchmark_report import _fmt, write_outputs
 from .interactive import click_sequence, summarise
 from .preprocess import logits_to_image, points_to_model
@@ -235,8 +236,9 @@ def sequences(backbone: Backbone, layer: Optional[Callable], sample: Sample, cli
     return [click_sequence(predict, t.mask, clicks) for t in sample.targets]
 
 
-def encode_seconds(backbone: Backbone, images: Sequence[np.ndarray], n: int = 3) -> float:
+def encode_seconds(backbone: Backbone, images: Sequence[np.ndarray], n: int = 8) -> float:
     """Seconds to encode one image (mean over ``n`` images, uncached): what a fresh site pays per labelled image.
+    (Three images gave 1.19 to 1.94 s on one task and the next, of the same kind: too few for 80 × this.)
 
     One untimed encode first: a running server is warm, and the first call of a process also pays for the
     framework's start-up (on a GPU, CUDA's: 0.91 s per image measured for the first task, 0.009 s after).
@@ -301,7 +303,7 @@ SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile"
 
 def machine_info(device: str) -> Dict[str, Any]:
     """The machine a result was measured on: CPU model, family/model numbers and vector extensions, cores,
-    torch, platform, device (and GPU), memory."""
+    torch, platform, device (and GPU), memory, and whether glibc keeps freed memory (:mod:`casam.runtime`)."""
     cpu, fields = platform.processor() or "", {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -315,7 +317,8 @@ def machine_info(device: str) -> Dict[str, Any]:
     cpu = fields.get("model name", cpu)
     info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "platform": platform.platform(), "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None}
+            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None,
+            "malloc_tuned": allocator_tuned()}
     if "cpu family" in fields:
         info["cpu_id"] = f"{fields.get('vendor_id', '')} family {fields['cpu family']} model {fields.get('model', '?')}".strip()
     if "flags" in fields:

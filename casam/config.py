@@ -7,6 +7,8 @@ Environment variables:
     CASAM_DATA: folder of task datasets with a MANIFEST.tsv (default ``../shared/data`` next to the checkout).
     CASAM_SITE_DATA, CASAM_SITE_INSTITUTION: a federated site's labelled data (a dataset folder or a MONAI Label
         studies folder) and the institution it trains a layer for (default: the NVFlare site name).
+    CASAM_MALLOC_KEEP_MB: MiB of freed memory glibc keeps for reuse instead of page-faulting it in again
+        (default 2047; 0 leaves glibc's defaults; see :mod:`casam.runtime`).
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ VAE_EPOCHS = 100
 # far below plain SAM (per prompt type, on the site's validation patients) a returned layer may be and still merge.
 FED_MIN_LABELS = 5
 FED_MAX_VAL_DROP = 0.02
+# glibc keeps this much freed memory for reuse (casam.runtime): no page faults for every large tensor.
+MALLOC_KEEP_MB = 2047
 
 
 def casam_home() -> Path:
@@ -48,6 +52,14 @@ def default_registry() -> Path:
 def default_cache() -> Path:
     """Returns the default embedding cache folder."""
     return Path(os.environ.get("CASAM_CACHE", casam_home() / "cache")).expanduser()
+
+
+def malloc_keep_mb() -> int:
+    """Returns ``$CASAM_MALLOC_KEEP_MB`` (default 2047; 0 or an unreadable value: leave glibc's defaults)."""
+    try:
+        return int(os.environ.get("CASAM_MALLOC_KEEP_MB", MALLOC_KEEP_MB))
+    except ValueError:
+        return 0
 
 
 def default_data() -> Path:

@@ -65,6 +65,7 @@ from casam.imageio import ImageLimits
 from casam.online import remove_incomplete, writer_lock
 from casam.predictor import CACHE_MB, DECODE_CACHE_MB, CASAMPredictor
 from casam.registry import LayerRegistry
+from casam.runtime import tune_allocator
 from casam.training import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,7 @@ class CASAMConfig(TaskConfig):
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
         super().init(name, model_dir, conf, planner, **kwargs)
+        tune_allocator()  # at start-up, before the request and prefetch threads exist (casam.runtime)
         self.backbone_name = conf.get("backbone", "litemedsam")
         self.checkpoint = conf.get("checkpoint") or None
         device = conf.get("device", "auto")
