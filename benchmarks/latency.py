@@ -97,12 +97,17 @@ def vm_hwm(pid: int) -> Optional[int]:
 
 
 def machine() -> Dict[str, Any]:
-    """The client machine (here also the server's): :func:`casam.benchmark.machine_info`."""
+    """The client machine (here also the server's): :func:`casam.benchmark.machine_info`, with the allocator
+    setting the server gets from this environment (``CASAM_MALLOC_KEEP_MB``, :mod:`casam.runtime`)."""
     import torch
 
     from casam.benchmark import machine_info
+    from casam.config import malloc_keep_mb
 
-    return machine_info("cuda" if torch.cuda.is_available() else "cpu")
+    info = machine_info("cuda" if torch.cuda.is_available() else "cpu")
+    info.pop("malloc_tuned", None)  # this client process's, not the server's
+    info["server_malloc_keep_mb"] = malloc_keep_mb()
+    return info
 
 
 def summary(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
@@ -286,8 +291,10 @@ def verdicts(results: Dict[str, Any]) -> Dict[str, Any]:
 
 
 def markdown(report: Dict[str, Any]) -> str:
+    m = report["machine"]
+    cpu = f"{m['cpu']} ({m['cpu_id']}, {'/'.join(m.get('simd', [])).upper()})" if m.get("cpu_id") else m["cpu"]
     lines = ["# Click latency (benchmarks/latency.py)", "", f"`{report['command']}`", "",
-             f"Machine: {report['machine']['cpu']}, {report['machine']['cores']} cores, torch "
+             f"Machine: {cpu}, server CASAM_MALLOC_KEEP_MB={m.get('server_malloc_keep_mb', '?')}, {m['cores']} cores, torch "
              f"{report['machine']['torch']}, GPU: {report['machine'].get('gpu') or 'none'}. Load average before / after: "
              f"{report['load_before']} / {report['load_after']}. Server peak RSS (process + children, sampled): "
              f"{report['server_peak_rss_mb']} MiB (VmHWM of the server process: {report['server_vmhwm_mb']} MiB).", "",
