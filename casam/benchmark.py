@@ -238,10 +238,11 @@ def sequences(backbone: Backbone, layer: Optional[Callable], sample: Sample, cli
 
 def encode_seconds(backbone: Backbone, images: Sequence[np.ndarray], n: int = 8) -> float:
     """Seconds to encode one image (mean over ``n`` images, uncached): what a fresh site pays per labelled image.
-    (Three images gave 1.19 to 1.94 s on one task and the next, of the same kind: too few for 80 × this.)
 
     One untimed encode first: a running server is warm, and the first call of a process also pays for the
     framework's start-up (on a GPU, CUDA's: 0.91 s per image measured for the first task, 0.009 s after).
+    Eight images, not three: three gave 1.19 and 1.94 s on two MRI tasks of the same kind, and the seconds to
+    a served layer multiply this by 80.
     """
     if images:
         backbone.encode(backbone.prepare(images[0])[0])

@@ -40,8 +40,8 @@ _applied: Optional[bool] = None
 def tune_allocator(keep_mb: Optional[int] = None) -> bool:
     """Makes glibc keep freed memory for reuse (see the module docstring). Only the first call acts.
 
-    Call it before the threads that do the work are started (the app does so at start-up; :func:`casam.backbone.
-    load_backbone` calls it too).
+    Call it before the threads that do the work are started: the app does so at start-up, and
+    :func:`casam.backbone.load_backbone` calls it too.
 
     Args:
         keep_mb: MiB kept (default ``CASAM_MALLOC_KEEP_MB``, 2047; 0 leaves glibc's defaults; capped at 2047, the
