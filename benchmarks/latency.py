@@ -295,7 +295,7 @@ def markdown(report: Dict[str, Any]) -> str:
     cpu = f"{m['cpu']} ({m['cpu_id']}, {'/'.join(m.get('simd', [])).upper()})" if m.get("cpu_id") else m["cpu"]
     lines = ["# Click latency (benchmarks/latency.py)", "", f"`{report['command']}`", "",
              f"Machine: {cpu}, server CASAM_MALLOC_KEEP_MB={m.get('server_malloc_keep_mb', '?')}, {m['cores']} cores, torch "
-             f"{report['machine']['torch']}, GPU: {report['machine'].get('gpu') or 'none'}. Load average before / after: "
+             f"{m['torch']}, GPU: {m.get('gpu') or 'none'}. Load average before / after: "
              f"{report['load_before']} / {report['load_after']}. Server peak RSS (process + children, sampled): "
              f"{report['server_peak_rss_mb']} MiB (VmHWM of the server process: {report['server_vmhwm_mb']} MiB).", "",
              "| scenario | n | server p50 ms | server p95 ms | client p50 ms | client p95 ms | target | met |",

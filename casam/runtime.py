@@ -33,8 +33,14 @@ log = logging.getLogger(__name__)
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
+MAX_KEEP_MB = (2**31 - 1) // 2**20  # mallopt takes a C int of bytes: 2047 MiB
 
 _applied: Optional[bool] = None
+
+
+def glibc() -> bool:
+    """Whether this process runs on Linux with glibc, whose allocator :func:`tune_allocator` sets."""
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def tune_allocator(keep_mb: Optional[int] = None) -> bool:
@@ -44,8 +50,8 @@ def tune_allocator(keep_mb: Optional[int] = None) -> bool:
     :func:`casam.backbone.load_backbone` calls it too.
 
     Args:
-        keep_mb: MiB kept (default ``CASAM_MALLOC_KEEP_MB``, 2047; 0 leaves glibc's defaults; capped at 2047, the
-            most ``mallopt``'s int takes).
+        keep_mb: MiB kept (default ``CASAM_MALLOC_KEEP_MB``, 2047; 0 leaves glibc's defaults; capped at
+            ``MAX_KEEP_MB``, the most ``mallopt``'s int takes).
 
     Returns:
         Whether glibc's settings are now changed.
@@ -55,11 +61,11 @@ def tune_allocator(keep_mb: Optional[int] = None) -> bool:
         return _applied
     keep = malloc_keep_mb() if keep_mb is None else keep_mb
     _applied = False
-    if keep <= 0 or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if keep <= 0 or not glibc():
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        value = min(int(keep), 2047) * 2**20
+        value = min(int(keep), MAX_KEEP_MB) * 2**20
         ok = all(libc.mallopt(p, v) == 1 for p, v in
                  ((M_MMAP_THRESHOLD, value), (M_TRIM_THRESHOLD, value), (M_ARENA_MAX, 1)))
     except (OSError, AttributeError) as e:  # no libc or no mallopt: nothing to tune

@@ -3,14 +3,14 @@ them in (what made LiteMedSAM's encoding ~30 % slower); CASAM_MALLOC_KEEP_MB=0 l
 
 import json
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
-pytestmark = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
-                                reason="glibc's allocator only")
+from casam.runtime import glibc
+
+pytestmark = pytest.mark.skipif(not glibc(), reason="glibc's allocator only")
 
 PROBE = """
 import json, resource, threading
