@@ -252,6 +252,32 @@ def encode_seconds(backbone: Backbone, images: Sequence[np.ndarray], n: int = 8)
     return (time.time() - t0) / max(1, min(n, len(images)))
 
 
+def serve_timing(info: Any, encode_per_image: float) -> Dict[str, Any]:
+    """Seconds from an institution's labelled images to its served layer, by stage.
+
+    ``train_layer`` gets the benchmark's already encoded samples, so encoding is counted as ``encode_per_image``
+    (:func:`encode_seconds`) times the labelled images; everything else is the layer's own record: training with
+    its per-epoch box validation, the router's calibration, the click validation of the gate, and whatever runs
+    between them (``after_encode``, the wall time of ``train_layer`` less its encoding).
+
+    Args:
+        info: the layer's LayerInfo (``extra["timing"]`` and ``extra["seconds"]`` as ``train_layer`` stores them).
+        encode_per_image: seconds to encode one image.
+
+    Returns:
+        The stages (``encode``, ``train``, ``calibrate``, ``validate`` where recorded), ``after_encode``,
+        ``encode_per_image``, ``labelled_images`` and ``total``.
+    """
+    timing = dict(info.extra.get("timing", {}))
+    after = float(info.extra.get("seconds", 0.0)) - float(timing.get("encode", 0.0))
+    timing["encode"] = round(encode_per_image * info.n_images, 1)
+    timing["encode_per_image"] = round(encode_per_image, 3)
+    timing["after_encode"] = round(after, 1)
+    timing["total"] = round(timing["encode"] + after, 1)
+    timing["labelled_images"] = info.n_images
+    return timing
+
+
 def aggregate(per_image: Sequence[ImageScores]) -> Dict[str, Dict[str, Optional[float]]]:
     """Mean over every mask of a task (as ``casam.training.evaluate``), per prompt and metric."""
     res: Dict[str, Dict[str, Optional[float]]] = {}
@@ -484,11 +510,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
             else:
                 info = train_layer(bb, [], [], [], registry, task.name, task.modality, cfg, progress=args.progress,
                                    samples=train_all[k])
-            timing = dict(info.extra.get("timing", {}))
-            timing["encode"] = round(enc_per_image[k] * info.n_images, 1)
-            timing["encode_per_image"] = round(enc_per_image[k], 3)
-            timing["total"] = round(timing["encode"] + timing.get("train", 0) + timing.get("calibrate", 0), 1)
-            timing["labelled_images"] = info.n_images
+            timing = serve_timing(info, enc_per_image[k])
             if info.extra.get("n_train") != len(train_s[k]):
                 raise RuntimeError(f"train_layer used {info.extra.get('n_train')} images, the baselines {len(train_s[k])}")
             layer, vae, info = registry.load(info.name, bb)
@@ -761,12 +783,12 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
     v = router.get("new_modality_fallback_min")
     t["new_modality_fallback"] = check(f"images of a modality no layer was trained on fall back >= {TARGET_UNSEEN_FALLBACK:.0%} "
                                        "at every step (the lowest step)", v, v is not None and v >= TARGET_UNSEEN_FALLBACK)
-    # encoding grows with the images; training is capped at max_images, and calibration is seconds
-    serve = [st["seconds_to_serve"]["encode_per_image"] * 80 + st["seconds_to_serve"].get("train", 0)
-             + st["seconds_to_serve"].get("calibrate", 0) for st in router.get("per_step", []) if st.get("seconds_to_serve")]
-    v = max(serve) if serve else None
+    # encoding grows with the images; training is capped at max_images, and calibration and validation are seconds
+    serve = [st["seconds_to_serve"]["encode_per_image"] * 80 + st["seconds_to_serve"]["after_encode"]
+             for st in router.get("per_step", []) if st.get("seconds_to_serve")]
+    v = round(max(serve), 1) if serve else None
     t["seconds_to_serve"] = check(f"labelled images to served layer <= {TARGET_SERVE_SECONDS} s for 80 images (the slowest "
-                                  "task: 80 x encode seconds per image + train + calibrate)", v,
+                                  "task: 80 x encode seconds per image + train + calibrate + validate clicks)", v,
                                   v is not None and v <= TARGET_SERVE_SECONDS)
     cs = (seqs.get("casam") or {}).get("mean")
     v = cs["iou"][-1] if cs else None

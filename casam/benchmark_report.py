@@ -57,7 +57,7 @@ def markdown(res: Dict[str, Any]) -> str:
             L.append(f"| {n} | " + " | ".join(str(r["confusion"][n][c]) for c in r["confusion_columns"]) + " |")
     if r.get("per_step"):
         L += ["", "| after task | router accuracy on seen tasks | fallback on unseen tasks | fallback on new modalities | τ | "
-              "val box (layer / plain) | val click (layer / plain) | layer used for | best epoch | s to serve |",
+              "val box (layer / plain) | val click (layer / plain) | layer used for | best epoch | s to serve its labelled images |",
               "|---|---|---|---|---|---|---|---|---|---|"]
         for s in r["per_step"]:
             val, use = s.get("val") or {}, s.get("use") or {}

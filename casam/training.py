@@ -468,7 +468,9 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
         samples: already prepared samples (skips encoding; images/masks/patients are then ignored).
 
     Returns:
-        The stored LayerInfo.
+        The stored LayerInfo. Its ``extra["timing"]`` has the seconds of each stage before the layer is served:
+        ``encode``, ``train`` (with the box validation after every epoch), ``calibrate`` (router VAE and τ) and
+        ``validate`` (the click validation that decides whether the layer serves clicks).
 
     Raises:
         ValueError: no non-empty mask, or fewer than 2 images.
@@ -494,11 +496,13 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     t3 = time.time()
     per_epoch = report.get("val_history")
     if per_epoch:  # boxes were validated every epoch (epoch 0 = plain SAM): only clicks are left to validate
-        val = {"box": per_epoch[report["best_epoch"]]["box"], "click": evaluate(backbone, layer, val_s, "click")}
         plain = {"box": per_epoch[0]["box"], "click": evaluate(backbone, None, val_s, "click")}
+        best = report["best_epoch"]  # at epoch 0 the layer is its fresh self, gate 0: exactly plain SAM
+        val = {"box": per_epoch[best]["box"], "click": plain["click"] if best == 0 else evaluate(backbone, layer, val_s, "click")}
     else:
         val = validate(backbone, layer, val_s) if val_s else {}
         plain = validate(backbone, None, val_s) if val_s else {}
+    t4 = time.time()
     use = {p: bool(val_s) and val[p] > plain[p] for p in PROMPT_TYPES}
     info = LayerInfo(
         name="", institution=institution, version=0, modality=modality, backbone_id=backbone.id,
@@ -511,7 +515,8 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
                "val_history": [{k: round(v, 4) for k, v in d.items()} for d in report.get("val_history", [])],
                "gate": round(layer.gate.item(), 4),
                "seconds": round(time.time() - t0, 1),
-               "timing": {"encode": round(t_encode, 1), "train": round(t2 - t1, 1), "calibrate": round(t3 - t2, 1)},
+               "timing": {"encode": round(t_encode, 1), "train": round(t2 - t1, 1), "calibrate": round(t3 - t2, 1),
+                          "validate": round(t4 - t3, 1)},
                **(extra or {})},
     )
     return registry.add(layer.cpu(), vae, info)

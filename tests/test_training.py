@@ -6,7 +6,7 @@ from casam.predictor import CASAMPredictor
 from casam.registry import LayerRegistry
 from casam.training import (EmbeddingCache, TrainConfig, casam_loss, evaluate, fit, make_samples, split_by_patient,
                             train_layer)
-from casam.alignment import AlignmentLayer
+from casam.alignment import AlignmentLayer, fresh_layer
 
 CFG = TrainConfig(epochs=2, batch_size=4, vae_epochs=3, tau_folds=3)
 
@@ -67,6 +67,23 @@ def test_earlier_layers_bit_identical_after_adding_a_layer(tmp_path, tiny, disks
     assert np.array_equal(before.mask, after.mask) and before.iou == after.iou
     assert {p.name: p.read_bytes() for p in (tmp_path / "layers" / a.name).iterdir()} == files
     assert [i.name for i in reg.active()] == ["a-v1", "b-v1"]
+
+
+def test_a_layer_that_never_beats_plain_sam_is_plain_sam(tmp_path, tiny, disks):
+    """Epoch 0 (gate 0) is kept when no epoch beats it; its click validation is then plain SAM's, not run again."""
+    imgs, masks = zip(*disks["A"])
+    samples = make_samples(tiny, imgs, masks)
+    fresh = fresh_layer(tiny)
+    for b in fresh.blocks:  # blocks that would change the embedding, were the gate open
+        torch.nn.init.normal_(b.conv2.weight, std=0.1)
+    for prompt in ("box", "click"):
+        assert evaluate(tiny, fresh, samples, prompt) == evaluate(tiny, None, samples, prompt)
+    info = _train(LayerRegistry(tmp_path), tiny, disks["A"], "A", TrainConfig(epochs=1, batch_size=4, lr=0.0, gate_lr=0.0,
+                                                                              vae_epochs=3, tau_folds=3))
+    assert info.extra["best_epoch"] == 0 and info.extra["gate"] == 0.0
+    assert info.extra["val"]["click"]["layer"] == info.extra["val"]["click"]["plain"]
+    assert info.extra["use"] == {"box": False, "click": False}
+    assert set(info.extra["timing"]) == {"encode", "train", "calibrate", "validate"}
 
 
 def test_needs_labels(tmp_path, tiny, disks):
