@@ -497,7 +497,7 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     per_epoch = report.get("val_history")
     if per_epoch:  # boxes were validated every epoch (epoch 0 = plain SAM): only clicks are left to validate
         plain = {"box": per_epoch[0]["box"], "click": evaluate(backbone, None, val_s, "click")}
-        same = float(layer.gate) == 0.0  # gate 0 (the fresh layer, kept when no epoch beat it) is exactly plain SAM
+        same = layer.gate.item() == 0.0  # gate 0 (the fresh layer, kept when no epoch beat it) is exactly plain SAM
         val = {"box": per_epoch[report["best_epoch"]]["box"],
                "click": plain["click"] if same else evaluate(backbone, layer, val_s, "click")}
     else:
