@@ -9,6 +9,9 @@ Reading is defensive (files may come from an untrusted upload): the size is chec
 pixel is read (:class:`ImageLimits`), a gzip stream must be complete and intact, a NIfTI file must hold every
 voxel its header announces, DICOM files every pixel byte, a detached header may only name a data file beside
 it, complex images are refused and non-finite voxels are replaced (and reported in ``ClinicalImage.notes``).
+A file is read only by the reader its name says (a ``.png`` must be a PNG, a ``.nrrd`` a NRRD: never a GIF or
+a DICOM file that another reader would take), and every reader's error (Pillow's decompression-bomb errors,
+warnings turned into errors, decoder and ITK exceptions) becomes an :class:`ImageError` or :class:`LimitError`.
 Messages name the image as the caller calls it (``name``), never its path on the server.
 """
 
@@ -28,6 +31,12 @@ from .data import IMAGE_SUFFIXES, read_image
 from .errors import ImageError, LimitError
 
 VOLUME_SUFFIXES = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
+# the only reader a file of each suffix is read with (Pillow formats; SimpleITK ImageIOs)
+PICTURE_FORMATS = {".png": ("PNG",), ".jpg": ("JPEG",), ".jpeg": ("JPEG",), ".tif": ("TIFF",),
+                   ".tiff": ("TIFF",), ".bmp": ("BMP", "DIB")}
+VOLUME_IOS = {".nii": "NiftiImageIO", ".nii.gz": "NiftiImageIO", ".nrrd": "NrrdImageIO", ".nhdr": "NrrdImageIO",
+              ".mha": "MetaImageIO", ".mhd": "MetaImageIO", ".dcm": "GDCMImageIO"}
+_BOMB_SIZE = re.compile(r"\((\d+) pixels\)")  # Pillow's DecompressionBombError/Warning: "Image size (N pixels) ..."
 
 
 @dataclass
@@ -134,6 +143,8 @@ def _nifti_expected(header: bytes) -> Optional[Tuple[int, int, Tuple[int, ...]]]
     """(voxel offset, data bytes, dimensions) a NIfTI-1/2 header announces; None when it is not one."""
     for endian in "<>":
         size = struct.unpack(endian + "i", header[:4])[0] if len(header) >= 4 else 0
+        if (size == 348 and header[344:348] != b"n+1\0") or (size == 540 and header[4:8] != b"n+2\0"):
+            return None  # an Analyze header, or a .hdr/.img pair's: not a single-file NIfTI
         if size == 348 and len(header) >= 348:
             dim = struct.unpack(endian + "8h", header[40:56])
             bitpix = struct.unpack(endian + "h", header[72:74])[0]
@@ -161,7 +172,7 @@ def _check_nifti(path: Path, name: str, limits: ImageLimits) -> None:
     except (OSError, EOFError, zlib.error) as e:
         raise ImageError(f"cannot read image {name}: truncated or corrupt gzip file ({_clean(e, path, name)})") from e
     if expected is None:
-        raise ImageError(f"cannot read image {name}: not a NIfTI file (no NIfTI header)")
+        raise ImageError(f"cannot read image {name}: not a NIfTI file (no single-file NIfTI header, magic n+1 or n+2)")
     offset, nbytes, dims = expected
     if nbytes < 0:
         raise ImageError(f"cannot read image {name}: corrupt NIfTI header (impossible dimensions)")
@@ -186,6 +197,69 @@ def _check_detached(path: Path, name: str) -> None:
         return
     if ref.upper().startswith("LIST") or "/" in ref or "\\" in ref or ".." in ref or "%" in ref or " " in ref:
         raise ImageError(f"cannot read image {name}: its header names a data file outside its folder ({ref!r})")
+
+
+_META_BYTES = {"MET_CHAR": 1, "MET_UCHAR": 1, "MET_SHORT": 2, "MET_USHORT": 2, "MET_INT": 4, "MET_UINT": 4,
+               "MET_FLOAT": 4, "MET_LONG_LONG": 8, "MET_ULONG_LONG": 8, "MET_DOUBLE": 8}
+_META_LOCAL = re.compile(rb"^[ \t]*ElementDataFile[ \t]*=[ \t]*LOCAL[ \t]*\r?\n", re.IGNORECASE | re.MULTILINE)
+
+
+def _inflate_size(path: Path, offset: int, name: str, max_bytes: int) -> int:
+    """Inflates the zlib stream from ``offset`` of a file to nowhere; returns its size (at most ``max_bytes`` + 1 MiB).
+
+    Raises:
+        ImageError: a corrupt stream.
+    """
+    d, n = zlib.decompressobj(), 0
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            while n <= max_bytes and not d.eof:
+                chunk = d.unconsumed_tail or f.read(1 << 20)
+                if not chunk:
+                    break
+                n += len(d.decompress(chunk, 1 << 20))
+    except zlib.error as e:
+        raise ImageError(f"cannot read image {name}: corrupt compressed data ({e})") from e
+    return n
+
+
+def _check_meta(path: Path, name: str, limits: ImageLimits) -> None:
+    """A MetaImage file holding its data (``ElementDataFile = LOCAL``) must be within the limits and hold every
+    byte its header announces; compressed, as an intact zlib stream that inflates to them.
+
+    Raises:
+        ImageError: impossible dimensions, truncated data, a corrupt stream.
+        LimitError: over ``limits`` (from the header).
+    """
+    with open(path, "rb") as f:
+        head = f.read(1 << 16)
+    end = _META_LOCAL.search(head)
+    if end is None and not _DATA_FILE.search(head):
+        raise ImageError(f"cannot read image {name}: not a MetaImage file (no ElementDataFile in its header)")
+    if end is None:
+        return  # data in a file beside it (see _check_detached)
+    fields = {k.strip().lower(): v.strip() for k, eq, v in (line.partition(b"=") for line in head[:end.start()].splitlines()) if eq}
+    try:
+        dims = [int(d) for d in fields.get(b"dimsize", b"").split()]
+        channels = int(fields.get(b"elementnumberofchannels", b"1"))
+    except ValueError:
+        dims, channels = [], 0
+    if not dims or any(d < 1 for d in dims) or channels < 1:
+        raise ImageError(f"cannot read image {name}: corrupt MetaImage header (impossible DimSize)")
+    voxels = int(np.prod(dims, dtype=np.float64))
+    limits.check(name, voxels, volume=len(dims) > 2 and dims[2] > 1)
+    size = _META_BYTES.get(fields.get(b"elementtype", b"").decode(errors="replace").upper())
+    if size is None:
+        return  # an element type ITK knows better: its reader checks it
+    need = voxels * channels * size
+    if fields.get(b"compresseddata", b"").lower() == b"true":
+        got = _inflate_size(path, end.end(), name, need)
+    else:
+        got = path.stat().st_size - end.end()
+    if got < need:
+        raise ImageError(f"cannot read image {name}: truncated, {got} bytes of data where its MetaImage header "
+                         f"announces {need}")
 
 
 def _check_dicom_files(files: List[Path], name: str) -> None:
@@ -225,14 +299,28 @@ def _finite(arr: np.ndarray, name: str, notes: List[str]) -> np.ndarray:
 
 
 def _picture_size(path: Path) -> int:
-    """Pixels of a 2D picture from its header (PIL opens lazily; a .npy is memory-mapped)."""
+    """Pixels of a 2D picture from its header (PIL opens lazily; a .npy is memory-mapped).
+
+    Only the Pillow format its suffix names opens it (a GIF named ``.png`` is refused). A size Pillow refuses as
+    a decompression bomb (its error above twice ``Image.MAX_IMAGE_PIXELS``, its warning above it, raised when
+    warnings are errors) is still returned, for the caller's limit to name.
+
+    Raises:
+        Exception: whatever Pillow or NumPy raise for a file they cannot take.
+    """
     if path.suffix.lower() == ".npy":
         shape = np.load(path, mmap_mode="r", allow_pickle=False).shape
         return int(np.prod(shape[:2], dtype=np.int64)) if shape else 0
     from PIL import Image
 
-    with Image.open(path) as im:
-        return int(im.size[0]) * int(im.size[1])
+    try:
+        with Image.open(path, formats=PICTURE_FORMATS.get(path.suffix.lower())) as im:
+            return int(im.size[0]) * int(im.size[1])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        found = _BOMB_SIZE.search(str(e))
+        if found is None:
+            raise
+        return int(found.group(1))
 
 
 def read_clinical(path: str | Path, name: Optional[str] = None, limits: Optional[ImageLimits] = None) -> ClinicalImage:
@@ -263,10 +351,11 @@ def read_clinical(path: str | Path, name: Optional[str] = None, limits: Optional
         try:
             limits.check(name, _picture_size(path), volume=False)
             arr = read_image(path)
-        except (ImageError, OSError, ValueError, SyntaxError) as e:
-            if isinstance(e, LimitError):
-                raise
-            raise ImageError(f"cannot read image {name}: {_clean(e, path, name)}") from e
+        except LimitError:
+            raise
+        except Exception as e:  # any decoder's error (Pillow, NumPy, a warning turned into an error)
+            cause = e.__cause__ if isinstance(e, ImageError) and e.__cause__ is not None else e  # read_image's own
+            raise ImageError(f"cannot read image {name}: {_clean(cause, path, name)}") from e
         if arr.ndim not in (2, 3) or (arr.ndim == 3 and arr.shape[-1] not in (1, 3, 4)):
             raise ImageError(f"{name}: expected a grey or RGB picture, got shape {arr.shape}")
         return ClinicalImage(_finite(arr, name, notes), False, path, notes=notes)
@@ -292,10 +381,14 @@ def read_clinical(path: str | Path, name: Optional[str] = None, limits: Optional
                 _check_nifti(path, name, limits)
             if suffix in (".nrrd", ".nhdr", ".mha", ".mhd"):
                 _check_detached(path, name)
+            if suffix in (".mha", ".mhd"):
+                _check_meta(path, name, limits)
             if suffix == ".dcm":
                 _check_dicom_files([path], name)
             reader = sitk.ImageFileReader()
             reader.SetFileName(str(path))
+            if suffix in VOLUME_IOS:
+                reader.SetImageIO(VOLUME_IOS[suffix])  # the reader its name says, not whichever takes the bytes
             reader.ReadImageInformation()
             size = reader.GetSize()
             limits.check(name, int(np.prod(size, dtype=np.int64)), volume=len(size) > 2 and size[2] > 1)

@@ -175,3 +175,31 @@ def test_training_skips_labels_that_do_not_fit(tmp_path):
     reasons = {s["image"]: s["reason"] for s in skipped}
     assert "shape" in reasons["shape"] and "empty" in reasons["empty"] and "non-integer" in reasons["frac"]
     assert str(tmp_path) not in " ".join(reasons.values())
+
+
+def test_crafted_files_raise_casam_errors_only(tmp_path):
+    """Every crafted header (declared sizes far beyond the data, wrong magic, mismatched formats) is an
+    ImageError (400) or a LimitError (413) naming the image, never another exception (a 500 in the app)."""
+    from crafted import corpus
+
+    limits = ImageLimits(max_voxels=64 * 2**20, max_pixels=50_000_000, max_bytes=512 * 2**20)
+    for case, filename, data in corpus():
+        (tmp_path / filename).write_bytes(data)
+        with pytest.raises((ImageError, LimitError), match="image crafted") as e:
+            read_clinical(tmp_path / filename, name="crafted", limits=limits)
+        assert str(tmp_path) not in str(e.value) and filename not in str(e.value), (case, str(e.value))
+
+
+def test_decompression_bombs_name_the_limit(tmp_path):
+    """Pillow raises DecompressionBombError above twice its pixel limit: the size is still read and refused by
+    max_image_megapixels; a GIF named .png is not read as a GIF."""
+    from crafted import gif_header, png
+
+    (tmp_path / "bomb.png").write_bytes(png(60000, 60000))
+    with pytest.raises(LimitError, match="3600.0 megapixels: 3600.0 is over the limit max_image_megapixels = 50"):
+        read_clinical(tmp_path / "bomb.png", limits=ImageLimits(max_pixels=50_000_000))
+    with pytest.raises(ImageError, match="cannot read image bomb.png: Image size .3600000000 pixels."):
+        read_clinical(tmp_path / "bomb.png")  # no limit of ours: Pillow's refusal, as an ImageError
+    (tmp_path / "gif.png").write_bytes(gif_header() + png(8, 8, b"\0" * 72))
+    with pytest.raises(ImageError, match="cannot identify image file 'gif.png'"):
+        read_clinical(tmp_path / "gif.png")
