@@ -5,7 +5,8 @@ be trained now: an institution with at least ``min_images`` labelled images and 
 layer; an institution whose newest layer was trained before ``retrain_after`` further images were labelled
 gets a new version (the old one stays in the registry for rollback). :func:`train_institution` reads the
 labelled images (2D pictures, or the labelled slices of volumes), and appends the layer with
-:func:`casam.training.train_layer`; earlier layers are never touched.
+:func:`casam.training.train_layer`; earlier layers are never touched. A :class:`TrainingMonitor` given to it
+reports the training's stage and epoch and stops it, with nothing stored, once its wall-time limit has passed.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import logging
 import shutil
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
+import torch
 
 from .backbone import Backbone
 from .errors import CasamError
@@ -150,9 +153,108 @@ def load_items(items: Sequence[LabelledItem], max_slices_per_volume: int = 8, li
     return images, masks, patients, used, skipped
 
 
+class TrainingStopped(CasamError, RuntimeError):
+    """A training was stopped before its layer was stored (its wall-time limit passed, or it was asked to stop)."""
+
+
+class TrainingMonitor:
+    """Follows an online training through the backbone calls it makes, and stops it at a deadline.
+
+    :func:`casam.training.train_layer` encodes each image once (``backbone.encode``), decodes with gradients
+    while it trains an epoch and without while it validates (boxes before training and after every epoch,
+    clicks once at the end). The backbone :meth:`wrap` returns therefore tells the stage (``encode``,
+    ``train``, ``validate``) and the epoch, and raises :class:`TrainingStopped` at the first call past the
+    deadline (or once :meth:`stop` was called). The layer is written after the last backbone call
+    (:meth:`casam.registry.LayerRegistry.add` makes none, and writes atomically), so a stopped training stores
+    nothing; only the router's calibration (seconds, no backbone call) may run past the deadline.
+
+    Args:
+        deadline: ``time.time()`` after which the training stops; None: no limit.
+        limit: the limit's name and value for messages, e.g. ``"max_train_minutes = 30"``.
+        on_progress: called with :meth:`state` whenever the stage or epoch changes, else at most every
+            ``period`` seconds; its errors are logged, never raised into the training.
+        period: seconds between progress calls within one stage.
+    """
+
+    def __init__(self, deadline: Optional[float] = None, limit: str = "", on_progress: Optional[Callable[[Dict], None]] = None,
+                 period: float = 2.0):
+        self.deadline, self.limit, self.on_progress, self.period = deadline, limit, on_progress, period
+        self.t0 = time.time()
+        self._stop = threading.Event()
+        self._last = 0.0
+        self.progress: Dict[str, Any] = {"stage": "load", "epoch": 0, "encoded": 0}
+
+    def stop(self) -> None:
+        """Stops the training at its next backbone call."""
+        self._stop.set()
+
+    def check(self) -> None:
+        """Raises TrainingStopped when the deadline has passed or :meth:`stop` was called."""
+        if self._stop.is_set():
+            raise TrainingStopped(f"training stopped after {time.time() - self.t0:.0f} s")
+        if self.deadline is not None and time.time() > self.deadline:
+            raise TrainingStopped(f"time limit {self.limit or 'reached'}: stopped after {time.time() - self.t0:.0f} s")
+
+    def state(self) -> Dict[str, Any]:
+        """The stage, epoch, images encoded and seconds so far.
+
+        The epoch is the number of training epochs begun, told by the validation between them: a training
+        without validation patients stays at epoch 1.
+        """
+        return {**self.progress, "seconds": round(time.time() - self.t0, 1)}
+
+    def update(self, force: bool = False, **changes: Any) -> None:
+        """Records progress (e.g. ``institution``, ``stage``) and reports it (on a change of stage or epoch,
+        ``force``, or ``period`` seconds after the last report)."""
+        moved = any(self.progress.get(k) != v for k, v in changes.items() if k in ("stage", "epoch", "institution"))
+        self.progress.update(changes)
+        now = time.time()
+        if self.on_progress is not None and (force or moved or now - self._last >= self.period):
+            self._last = now
+            try:
+                self.on_progress(self.state())
+            except Exception as e:  # progress never fails the training
+                log.warning("training progress report failed: %s", e)
+
+    def wrap(self, backbone: Backbone) -> "_MonitoredBackbone":
+        """The backbone, its ``encode`` and ``decode`` watched by this monitor (everything else passed through)."""
+        return _MonitoredBackbone(backbone, self)
+
+    def _encoded(self) -> None:
+        self.check()
+        self.update(stage="encode", encoded=self.progress["encoded"] + 1)
+
+    def _decoded(self) -> None:
+        self.check()
+        if torch.is_grad_enabled():  # an optimisation step: a new epoch begins after a validation (or encoding)
+            if self.progress["stage"] != "train":
+                self.update(stage="train", epoch=self.progress["epoch"] + 1)
+        elif self.progress["stage"] != "validate":
+            self.update(stage="validate")
+
+
+class _MonitoredBackbone:
+    """A backbone whose ``encode`` / ``decode`` calls report to a :class:`TrainingMonitor` first."""
+
+    def __init__(self, backbone: Backbone, monitor: TrainingMonitor):
+        self._backbone, self._monitor = backbone, monitor
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backbone, name)
+
+    def encode(self, *args, **kwargs):
+        self._monitor._encoded()
+        return self._backbone.encode(*args, **kwargs)
+
+    def decode(self, *args, **kwargs):
+        self._monitor._decoded()
+        return self._backbone.decode(*args, **kwargs)
+
+
 def train_institution(backbone: Backbone, registry: LayerRegistry, p: Plan, config: Optional[TrainConfig] = None,
                       modality: str = "", cache_dir: Optional[str | Path] = None, max_slices_per_volume: int = 8,
-                      progress: bool = False, limits: Optional[ImageLimits] = None) -> Dict:
+                      progress: bool = False, limits: Optional[ImageLimits] = None,
+                      monitor: Optional[TrainingMonitor] = None) -> Dict:
     """Trains and appends a layer for one planned institution.
 
     Args:
@@ -165,17 +267,26 @@ def train_institution(backbone: Backbone, registry: LayerRegistry, p: Plan, conf
         max_slices_per_volume: labelled slices taken from each volume.
         progress: show progress bars.
         limits: size limits for reading the images and labels.
+        monitor: follows the training (stage, epoch) and stops it at its deadline.
 
     Returns:
         A report: institution, layer (name or None), images, skipped, val_iou, zero_shot_val_iou, seconds,
         warning (when the layer does not beat plain SAM on validation), error.
+
+    Raises:
+        TrainingStopped: the monitor stopped the training; nothing was stored.
     """
+    if monitor is not None:
+        monitor.update(institution=p.institution, stage="load", epoch=0, encoded=0)
     images, masks, patients, used, skipped = load_items(p.items, max_slices_per_volume, limits)
     report = {"institution": p.institution, "reason": p.reason, "images": len(used), "slices": len(images),
               "patients": len(set(patients)), "skipped": skipped, "layer": None}
     if len(images) < 2:
         report["error"] = f"{len(images)} usable labelled images (2 needed)"
         return report
+    if monitor is not None:
+        monitor.check()
+        backbone = monitor.wrap(backbone)  # type: ignore[assignment]
     try:
         info = train_layer(backbone, images, masks, patients, registry, p.institution, modality, config, cache_dir,
                            progress=progress, extra={"image_ids": used, "source": "online"})

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 
 from casam.errors import ImageError, PromptError
 from casam.imageio import read_clinical, read_label, write_label
-from casam.online import LabelledItem, institution_of, label_slices, load_items, patient_of, plan, train_institution
+from casam.online import (LabelledItem, TrainingMonitor, TrainingStopped, institution_of, label_slices, load_items,
+                          patient_of, plan, train_institution)
 from casam.prompts import voxel_prompts
 from casam.registry import LayerRegistry
 from casam.training import TrainConfig
@@ -85,12 +88,16 @@ def test_institution_and_patient_resolution(tmp_path):
     assert pydicom is not None
 
 
+def _labelled(tmp_path, pairs, institution="A", n=6):
+    """Saved labels of ``n`` (image, mask) pairs, two images per patient."""
+    p = institution.lower()
+    return [LabelledItem(f"{p}{i}", _save_png(tmp_path / f"{p}{i}.png", img), _save_png(tmp_path / f"{p}{i}_l.png", mask),
+                         institution, f"p{p}{i // 2}") for i, (img, mask) in enumerate(pairs[:n])]
+
+
 def test_plan_first_layer_and_retraining(tmp_path, tiny, disks):
     reg = LayerRegistry(tmp_path / "reg")
-    items = []
-    for i, (img, mask) in enumerate(disks["A"][:6]):
-        items.append(LabelledItem(f"a{i}", _save_png(tmp_path / f"a{i}.png", img), _save_png(tmp_path / f"a{i}_l.png", mask),
-                                  "A", f"pa{i // 2}"))
+    items = _labelled(tmp_path, disks["A"])
     items.append(LabelledItem("b0", _save_png(tmp_path / "b0.png", disks["B"][0][0]),
                               _save_png(tmp_path / "b0_l.png", disks["B"][0][1]), "B", "pb"))
     items.append(LabelledItem("e0", items[0].image_path, _save_png(tmp_path / "e0_l.png", np.zeros((48, 64), np.uint8)), "A", "pe"))
@@ -105,6 +112,30 @@ def test_plan_first_layer_and_retraining(tmp_path, tiny, disks):
     pa = {p.institution: p for p in plan(more, reg, 4, 3)}["A"]
     assert pa.train and len(pa.new_items) == 4  # e0 (empty, skipped before) counts as unseen too
     assert {p.institution for p in plan(more, reg, 4, 3, only=["B"])} == {"B"}
+
+
+def test_monitor_follows_a_training_and_stops_it_with_nothing_stored(tmp_path, tiny, disks):
+    reg = LayerRegistry(tmp_path / "reg")
+    (p,) = plan(_labelled(tmp_path, disks["A"]), reg, min_images=4)
+    seen = []
+    monitor = TrainingMonitor(on_progress=seen.append, period=3600)
+    rep = train_institution(tiny, reg, p, TrainConfig(epochs=2, vae_epochs=2), monitor=monitor)
+    assert rep["layer"] == "a-v1"
+    steps = [(s["stage"], s["epoch"]) for s in seen]  # reported on every change of stage or epoch
+    assert steps == [("load", 0), ("encode", 0), ("validate", 0), ("train", 1), ("validate", 1), ("train", 2),
+                     ("validate", 2)], steps
+    assert monitor.state()["encoded"] == 6 and seen[0]["institution"] == "A"
+    # stopped in its second epoch (as a wall-time limit stops it): TrainingStopped, the registry as it was
+    files = sorted(str(f.relative_to(reg.root)) for f in reg.root.rglob("*"))
+    stopper = TrainingMonitor(on_progress=lambda s: s["epoch"] == 2 and stopper.stop())
+    with pytest.raises(TrainingStopped, match="stopped after"):
+        train_institution(tiny, reg, p, TrainConfig(epochs=3, vae_epochs=2), monitor=stopper)
+    assert stopper.state()["stage"] == "train" and stopper.state()["epoch"] == 2
+    assert sorted(str(f.relative_to(reg.root)) for f in reg.root.rglob("*")) == files
+    assert [i.name for i in reg.list()] == ["a-v1"]
+    late = TrainingMonitor(deadline=time.time() - 1, limit="max_train_minutes = 0.5")
+    with pytest.raises(TrainingStopped, match=r"time limit max_train_minutes = 0.5: stopped after \d+ s"):
+        train_institution(tiny, reg, p, TrainConfig(epochs=1, vae_epochs=2), monitor=late)
 
 
 def test_volume_labels_become_slices(tmp_path):
