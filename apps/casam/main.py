@@ -25,7 +25,8 @@ from casam.errors import CasamError
 from casam.prefetch import Prefetcher
 from lib.configs.casam import CASAMConfig
 from lib.gate import install_request_gate
-from lib.guard import guard_datastore, http_error, install_endpoint_guards, resolve_image
+from lib.guard import (guard_datastore, guard_sessions, http_error, install_endpoint_guards, removed_if_refused,
+                       resolve_image)
 from lib.hooks import install_open_hooks
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,10 @@ class CASAMApp(MONAILabelApp):
         )
 
     def init_datastore(self):
-        return guard_datastore(super().init_datastore(), self.cfg.limits)
+        return guard_datastore(super().init_datastore(), self.cfg.limits, self.cfg.max_datastore_upload_bytes)
+
+    def _load_sessions(self, load=False):
+        return guard_sessions(super()._load_sessions(load), self.cfg.limits, self.cfg.max_sessions)
 
     def init_infers(self):
         return self.cfg.infer()
@@ -90,6 +94,10 @@ class CASAMApp(MONAILabelApp):
 
     # --- clear 4xx errors instead of MONAI Label's 500 for a bad request; datastore images only ------------
     def infer(self, request, datastore=None):
+        with removed_if_refused(request.get("image")):  # an upload's temporary file: no clean-up runs after an error
+            return self._infer(request, datastore)
+
+    def _infer(self, request, datastore=None):
         model = request.get("model")
         if model not in self._infers:
             raise HTTPException(404, f"unknown model {model!r}; available: {', '.join(self._infers)}")

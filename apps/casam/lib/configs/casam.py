@@ -32,6 +32,9 @@ click_budget_s           seconds a click on a volume may spend encoding slices f
 expose_logs              serve MONAI Label's ``/logs`` (the server log, which names server folders, and
                          ``/logs/gpu``) to clients; default false: 403, as no client needs them (OHIF and the
                          DSA plugin only link to the log page); an administrator reads ``<app>/logs/app.log``
+conf_file                a JSON object of further options, read at start-up and again at every ``POST /reload``
+                         (limits change without a restart); its values win over the command line's; a file that
+                         cannot be read is logged and ignored (``lib/conffile.py``)
 =======================  =====================================================================================
 
 Limits (a request over one is answered 413 naming the limit and the value; see ``README.md`` for the memory
@@ -47,6 +50,13 @@ max_upload_mb            bytes of an uploaded image or label (a session's files 
 max_propagation_slices   slices one 3D request may segment: a 3D ROI spanning more is refused, free
                          propagation stops there (default 64)
 max_concurrent_infers    requests segmented at once; others wait (default 1)
+max_sessions             sessions (``PUT /session``) kept at once, expired ones removed first (default 32; 0 = no
+                         limit); one more is answered 429. With ``max_upload_mb`` this bounds the session folder
+                         (32 × 512 MB by default)
+max_datastore_upload_mb  MB of images and labels clients may keep in a local datastore (``PUT /datastore/image``,
+                         ``PUT /datastore/label``), as the datastore's index records them: the studies' own files
+                         do not count, a replaced image or label counts once, a removed one no more (default 20480
+                         = 20 GiB; 0 = no limit; a DICOMweb datastore stores in the PACS: not counted); over → 413
 =======================  =====================================================================================
 """
 
@@ -67,6 +77,7 @@ from casam.predictor import CACHE_MB, DECODE_CACHE_MB, CASAMPredictor
 from casam.registry import LayerRegistry
 from casam.runtime import tune_allocator
 from casam.training import TrainConfig
+from lib.conffile import with_conf_file
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +104,7 @@ class CASAMConfig(TaskConfig):
     """Backbone, registry and predictor shared by the infer, train, strategy and scoring tasks."""
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
+        conf = with_conf_file(conf)  # read anew at every POST /reload (lib/conffile.py)
         super().init(name, model_dir, conf, planner, **kwargs)
         tune_allocator()  # at start-up, before the request and prefetch threads exist (casam.runtime)
         self.backbone_name = conf.get("backbone", "litemedsam")
@@ -121,6 +133,8 @@ class CASAMConfig(TaskConfig):
         self.max_points = _int(conf, "max_points", 64)
         self.max_propagation_slices = _int(conf, "max_propagation_slices", 64)
         self.max_concurrent_infers = max(1, _int(conf, "max_concurrent_infers", 1))
+        self.max_sessions = max(0, _int(conf, "max_sessions", 32)) or None
+        self.max_datastore_upload_bytes = int(max(0.0, _number(conf, "max_datastore_upload_mb", 20480, float)) * 2**20) or None
         self.limits = ImageLimits(max_voxels=_int(conf, "max_image_voxels", 64 * 2**20),
                                   max_pixels=int(_number(conf, "max_image_megapixels", 50, float) * 1e6),
                                   max_bytes=int(_number(conf, "max_upload_mb", 512, float) * 2**20))
@@ -177,7 +191,9 @@ class CASAMConfig(TaskConfig):
                 "max_image_megapixels": lim.max_pixels / 1e6, "max_upload_mb": lim.max_bytes / 2**20,
                 "max_propagation_slices": self.max_propagation_slices,
                 "max_concurrent_infers": self.max_concurrent_infers, "cache_mb": self.cache_mb,
-                "decode_cache_mb": self.decode_cache_mb, "click_budget_s": self.click_budget_s}
+                "decode_cache_mb": self.decode_cache_mb, "click_budget_s": self.click_budget_s,
+                "max_sessions": self.max_sessions, "max_datastore_upload_mb":
+                    self.max_datastore_upload_bytes / 2**20 if self.max_datastore_upload_bytes else None}
 
     def infer(self):
         from lib.infers.casam import CASAMInfer
