@@ -6,6 +6,8 @@
 # Environment knobs:
 #   PYTHON=python3.11       interpreter used to create .venv (default: python3; must be >= 3.10)
 #   CASAM_SKIP_APT=1        skip the Debian packages (orthanc, orthanc-dicomweb)
+#   CASAM_SKIP_SELF=1       skip the editable install of casam itself (docker/Dockerfile installs the
+#                           dependencies first, in a layer that code changes do not invalidate)
 #
 # After installing, start MONAI Label with the venv interpreter (NOT the `monailabel` console script,
 # which runs whatever `python` is first on PATH):
@@ -161,7 +163,9 @@ ensure "nvflare (federated CA-SAM)" "nvflare==2.9.0"
 # ---------------------------------------------------------------------------------------------
 # 6. the project itself (editable)
 # ---------------------------------------------------------------------------------------------
-if [[ -f "$ROOT/pyproject.toml" ]]; then
+if [[ "${CASAM_SKIP_SELF:-0}" == "1" ]]; then
+    say "casam: skipped (CASAM_SKIP_SELF=1)"
+elif [[ -f "$ROOT/pyproject.toml" ]]; then
     if "$VPY" -I - "$ROOT" <<'EOF'
 import json, sys
 from importlib import metadata
