@@ -231,6 +231,37 @@ def test_storage_is_bounded_and_limits_follow_reload(server):
     assert call(server, "GET", "/info/").json()["limits"]["max_sessions"] == 32
 
 
+@pytest.mark.slow
+def test_infer_leaves_the_server_answering(server):
+    """A segmentation runs in a worker thread: /info answers while a slow one (a 25-megapixel picture) runs."""
+    rng = np.random.default_rng(5)
+    (server.studies / "large.png").write_bytes(png_bytes((rng.random((5000, 5000)) * 255).astype(np.uint8)))
+    assert not _wait_listed(server, {"large"})
+    done: dict = {}
+
+    def click() -> None:
+        t0 = time.time()
+        done["answer"] = call(server, "POST", "/infer/casam", params={"image": "large", "output": "json"},
+                              data={"params": json.dumps({"foreground": [[2500, 2500]]})})
+        done["seconds"], done["end"] = time.time() - t0, time.time()
+
+    worker = threading.Thread(target=click)
+    worker.start()
+    answered = []
+    while worker.is_alive():
+        t0 = time.time()
+        r = requests.get(server.url + "/info/", timeout=300)
+        if worker.is_alive() and r.status_code == 200:
+            answered.append(time.time() - t0)
+        time.sleep(0.05)
+    worker.join()
+    print(f"\n25 MP click: {done['seconds']:.2f} s; /info answered {len(answered)} times meanwhile "
+          f"(slowest {max(answered, default=0):.2f} s)")
+    assert done["answer"].status_code == 200, done["answer"].text
+    assert answered, f"/info did not answer during a {done['seconds']:.2f} s segmentation"
+    (server.studies / "large.png").unlink()
+
+
 def test_watcher_survives_concurrent_writes_in_process(tmp_path):
     """MONAI Label's LocalDatastore, guarded: two threads add images while files appear in its folder; its
     watcher (watchdog) stays alive and lists a file added afterwards (unguarded, ``_remove_non_existing``

@@ -24,7 +24,7 @@ import casam
 from casam.errors import CasamError
 from casam.prefetch import Prefetcher
 from lib.configs.casam import CASAMConfig
-from lib.gate import install_request_gate
+from lib.gate import install_request_gate, install_threaded_infer
 from lib.guard import (guard_datastore, guard_sessions, http_error, install_endpoint_guards, removed_if_refused,
                        resolve_image)
 from lib.hooks import install_open_hooks
@@ -43,6 +43,7 @@ class CASAMApp(MONAILabelApp):
         self._count_lock = threading.Lock()
         install_endpoint_guards(self.cfg.limits)
         install_request_gate(self.cfg.limits.max_bytes, self.cfg.expose_logs)
+        install_threaded_infer()  # a segmentation no longer holds up every other request (lib/gate.py)
         self.cfg.remove_incomplete_layers()
         # encodes what a client opens (download, upload, next sample) before its first click; datastore images only
         self.cfg.prefetcher = Prefetcher(lambda: self.cfg.predictor, lambda i: resolve_image(i, self.datastore()),

@@ -10,10 +10,16 @@ endpoints (``/logs``: the server log names server folders) with 403.
 MONAI Label builds the app's middleware stack when the server starts, before it creates the
 :class:`MONAILabelApp` (in the startup event), and Starlette refuses ``add_middleware`` from then on:
 :func:`install_request_gate` adds the gate to the app's middleware list and rebuilds the stack instead.
+
+MONAI Label's endpoints are ``async`` functions that call its blocking code, so a segmentation ran on the
+server's event loop, which answered nothing else meanwhile (not ``/info``, not an upload, not another
+click). :func:`install_threaded_infer` serves ``POST /infer/{model}`` from Starlette's thread pool instead;
+``max_concurrent_infers`` still bounds how many are segmented at once.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 from typing import Any, Optional, Sequence
 
@@ -124,3 +130,43 @@ def install_request_gate(max_upload_bytes: int, expose_logs: bool = False) -> bo
     if app.middleware_stack is not None:
         app.middleware_stack = app.build_middleware_stack()
     return True
+
+
+def install_threaded_infer() -> bool:
+    """Serves MONAI Label's ``POST /infer/{model}`` from Starlette's thread pool, not the event loop (idempotent).
+
+    The route's endpoint (``api_run_inference``) is replaced by a plain function with the same parameters (so
+    the same form fields, query and authentication) that calls ``monailabel.endpoints.infer.run_inference``
+    as MONAI Label's ``async`` one does: FastAPI runs plain functions in its thread pool. The route is replaced
+    in the infer router (FastAPI >= 0.16x reads included routers' routes from them) and in the app's routes
+    (older FastAPI copied them there).
+
+    Returns:
+        False when MONAI Label's server app is not loaded or no route was found.
+    """
+    server = sys.modules.get("monailabel.app")
+    if server is None:
+        return False
+    from fastapi.routing import APIRoute
+    from monailabel.endpoints import infer as infer_ep
+
+    def threaded(background_tasks, model, image="", session_id="", params="{}", file=None, label=None,
+                 output=None, user=None):
+        return infer_ep.run_inference(background_tasks, model, image, session_id, params, file, label, output)
+
+    threaded.__signature__ = inspect.signature(infer_ep.api_run_inference)  # FastAPI reads the parameters here
+    threaded.casam_threaded = True
+    found = False
+    for router in (infer_ep.router, server.app.router):
+        for i, route in enumerate(router.routes):
+            if isinstance(route, APIRoute) and getattr(route.endpoint, "casam_threaded", False):
+                found = True
+            elif isinstance(route, APIRoute) and route.endpoint is infer_ep.api_run_inference:
+                router.routes[i] = APIRoute(route.path, threaded, methods=list(route.methods), name=route.name,
+                                            summary=route.summary, tags=route.tags, dependencies=route.dependencies,
+                                            responses=route.responses, response_class=route.response_class,
+                                            include_in_schema=route.include_in_schema)
+                found = True
+                if hasattr(router, "_mark_routes_changed"):  # FastAPI caches what it derived from the routes
+                    router._mark_routes_changed()
+    return found
