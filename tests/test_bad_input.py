@@ -144,6 +144,8 @@ def test_crafted_files_are_4xx_wherever_they_are_sent(server):
     ok = call(server, "POST", "/infer/casam", params={"image": "disk0", "output": "json"},
               data={"params": json.dumps({"foreground": [[40, 30]]})})
     assert ok.status_code == 200, ok.text  # the server still segments
+    print(f"\ncrafted corpus: {len(corpus())} files, {sum(v for k, v in STATS.items() if k.endswith('xx'))} requests "
+          f"{dict((k, v) for k, v in STATS.items() if k.endswith('xx'))}, server peak RSS {STATS['peak_rss'] / 2**20:.0f} MiB")
 
 
 @pytest.mark.slow
