@@ -23,10 +23,16 @@ REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "casam"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(ports: Optional[range] = None) -> int:
+    """A free loopback port: any (the system's choice), or the first free one of ``ports``."""
+    for port in ports or [0]:
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return s.getsockname()[1]
+    raise RuntimeError(f"no free port in {ports}")
 
 
 class MonaiLabelServer:
@@ -37,12 +43,15 @@ class MonaiLabelServer:
         workdir: a temporary folder (app copy, logs, caches).
         conf: ``--conf`` options.
         env: extra environment variables.
+        ports: the ports it may take (default: any free one).
     """
 
-    def __init__(self, studies: str, workdir: Path, conf: Optional[Dict[str, str]] = None, env: Optional[Dict[str, str]] = None):
+    def __init__(self, studies: str, workdir: Path, conf: Optional[Dict[str, str]] = None, env: Optional[Dict[str, str]] = None,
+                 ports: Optional[range] = None):
         self.studies, self.workdir = str(studies), Path(workdir)
-        self.conf, self.extra_env = dict(conf or {}), dict(env or {})
-        self.port = free_port()
+        # the app trains by itself after 5 labels; a test server trains only when a test asks (by request or conf)
+        self.conf, self.extra_env = {"train_after_labels": "0", **(conf or {})}, dict(env or {})
+        self.port = free_port(ports)
         self.url = f"http://127.0.0.1:{self.port}"
         self.app_dir = self.workdir / "app"
         self.log_path = self.workdir / "server.log"

@@ -38,7 +38,7 @@ def work(tmp_path_factory):
 def _server(work, name: str) -> MonaiLabelServer:
     return MonaiLabelServer(str(work / "studies"), work / name, conf={
         "backbone": "tiny", "registry": str(work / "registry"), "cache": str(work / "cache"), "min_images": "4",
-        "default_institution": "A"}).start(timeout=600)
+        "default_institution": "A", "max_train_epochs": "100000"}).start(timeout=600)  # a training to kill mid-way
 
 
 @pytest.fixture(scope="module")

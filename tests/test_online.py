@@ -16,6 +16,9 @@ from casam.registry import LayerRegistry
 from casam.training import TrainConfig
 
 
+SHORT = {k: v for k, v in (("vae_epochs", 2), ("head_steps", 0)) if hasattr(TrainConfig(), k)}  # a short recipe
+
+
 def _save_png(path, arr):
     from PIL import Image
 
@@ -103,7 +106,7 @@ def test_plan_first_layer_and_retraining(tmp_path, tiny, disks):
     items.append(LabelledItem("e0", items[0].image_path, _save_png(tmp_path / "e0_l.png", np.zeros((48, 64), np.uint8)), "A", "pe"))
     ps = {p.institution: p for p in plan(items, reg, min_images=4, retrain_after=3)}
     assert ps["A"].train and not ps["B"].train and "4 needed" in ps["B"].reason
-    rep = train_institution(tiny, reg, ps["A"], TrainConfig(epochs=1, vae_epochs=2))
+    rep = train_institution(tiny, reg, ps["A"], TrainConfig(epochs=1, **SHORT))
     assert rep["layer"] == "a-v1" and rep["images"] == 6 and rep["skipped"] == [{"image": "e0", "reason": "empty label"}]
     assert reg.get("a-v1").extra["image_ids"] == [f"a{i}" for i in range(6)]
     # nothing new: no retraining; three new labels: a new version, the old one kept
@@ -119,7 +122,7 @@ def test_monitor_follows_a_training_and_stops_it_with_nothing_stored(tmp_path, t
     (p,) = plan(_labelled(tmp_path, disks["A"]), reg, min_images=4)
     seen = []
     monitor = TrainingMonitor(on_progress=seen.append, period=3600)
-    rep = train_institution(tiny, reg, p, TrainConfig(epochs=2, vae_epochs=2), monitor=monitor)
+    rep = train_institution(tiny, reg, p, TrainConfig(epochs=2, **SHORT), monitor=monitor)
     assert rep["layer"] == "a-v1"
     steps = [(s["stage"], s["epoch"]) for s in seen]  # reported on every change of stage or epoch
     assert steps == [("load", 0), ("encode", 0), ("validate", 0), ("train", 1), ("validate", 1), ("train", 2),
@@ -129,13 +132,13 @@ def test_monitor_follows_a_training_and_stops_it_with_nothing_stored(tmp_path, t
     files = sorted(str(f.relative_to(reg.root)) for f in reg.root.rglob("*"))
     stopper = TrainingMonitor(on_progress=lambda s: s["epoch"] == 2 and stopper.stop())
     with pytest.raises(TrainingStopped, match="stopped after"):
-        train_institution(tiny, reg, p, TrainConfig(epochs=3, vae_epochs=2), monitor=stopper)
+        train_institution(tiny, reg, p, TrainConfig(epochs=3, **SHORT), monitor=stopper)
     assert stopper.state()["stage"] == "train" and stopper.state()["epoch"] == 2
     assert sorted(str(f.relative_to(reg.root)) for f in reg.root.rglob("*")) == files
     assert [i.name for i in reg.list()] == ["a-v1"]
     late = TrainingMonitor(deadline=time.time() - 1, limit="max_train_minutes = 0.5")
     with pytest.raises(TrainingStopped, match=r"time limit max_train_minutes = 0.5: stopped after \d+ s"):
-        train_institution(tiny, reg, p, TrainConfig(epochs=1, vae_epochs=2), monitor=late)
+        train_institution(tiny, reg, p, TrainConfig(epochs=1, **SHORT), monitor=late)
 
 
 def test_volume_labels_become_slices(tmp_path):

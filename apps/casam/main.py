@@ -13,7 +13,6 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import threading
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
@@ -23,6 +22,7 @@ from monailabel.tasks.activelearning.random import Random
 import casam
 from casam.errors import CasamError
 from casam.prefetch import Prefetcher
+from lib.autotrain import AutoTrainer, install_train_guard
 from lib.configs.casam import CASAMConfig
 from lib.gate import install_request_gate, install_threaded_infer
 from lib.guard import (guard_datastore, guard_sessions, http_error, install_endpoint_guards, removed_if_refused,
@@ -39,8 +39,7 @@ class CASAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.cfg = CASAMConfig()
         self.cfg.init(MODEL, os.path.join(app_dir, "model"), conf or {}, None)
-        self._labels_since_train = 0
-        self._count_lock = threading.Lock()
+        self.autotrainer = None  # lib.autotrain.AutoTrainer, started with the server (on_init_complete)
         install_endpoint_guards(self.cfg.limits)
         install_request_gate(self.cfg.limits.max_bytes, self.cfg.expose_logs)
         install_threaded_infer()  # a segmentation no longer holds up every other request (lib/gate.py)
@@ -137,16 +136,14 @@ class CASAMApp(MONAILabelApp):
             raise HTTPException(404, f"unknown scoring method {method!r}; available: {', '.join(self._scoring_methods)}")
         return super().scoring(request, datastore)
 
+    def on_init_complete(self):
+        super().on_init_complete()
+        # in the server only (MONAI Label's task runner builds the app too, to run a training)
+        install_train_guard(lambda: self._trainers)
+        if self.cfg.train_after_labels > 0 and MODEL in self._trainers:
+            self.autotrainer = AutoTrainer(self._trainers[MODEL], self.datastore, MODEL).start()
+
     def on_save_label(self, image_id, label_id):
         super().on_save_label(image_id, label_id)
-        n = self.cfg.train_after_labels
-        if n <= 0:
-            return
-        with self._count_lock:
-            self._labels_since_train += 1
-            start = self._labels_since_train >= n
-            if start:
-                self._labels_since_train = 0
-        if start:
-            log.info("%d new labels since the last automatic training: starting %s training", n, MODEL)
-            self.async_training(MODEL, enqueue=True)
+        if self.autotrainer is not None:  # it counts each institution's new final labels (lib/autotrain.py)
+            self.autotrainer.notify()

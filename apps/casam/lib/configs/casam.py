@@ -12,7 +12,13 @@ labels                   comma-separated label names (default ``object``)
 default_institution      institution of images with neither DICOM InstitutionName nor an ``institution`` field
 min_images               labelled images an institution needs for its first layer (default 5)
 retrain_after            new labelled images that give an institution a new layer version (default 0 = never)
-train_after_labels       start training by itself after this many saved final labels (default 0 = off)
+train_after_labels       train an institution's next layer by itself, in the background, once it has this many
+                         final labels that its newest layer has not seen (a first layer: also min_images);
+                         default 5, 0 = off (train by hand: ``POST /train/casam``). One training at a time: an
+                         institution that becomes due while one runs is trained after it; one whose training
+                         failed or was stopped is tried again after its next label
+train_threads            torch threads of a background training (default 1; 0 = torch's default)
+train_nice               niceness added to a background training's process (default 10; 0 = the server's)
 epochs / max_images      training recipe (default 24 epochs, all images: CA-SAM's; lower on a CPU)
 max_slices_per_volume    labelled slices of each 3D label used for training (default 8)
 cache_mb                 MiB of image embeddings and Alignment Layer outputs kept for further clicks (default
@@ -57,7 +63,18 @@ max_datastore_upload_mb  MB of images and labels clients may keep in a local dat
                          ``PUT /datastore/label``), as the datastore's index records them: the studies' own files
                          do not count, a replaced image or label counts once, a removed one no more (default 20480
                          = 20 GiB; 0 = no limit; a DICOMweb datastore stores in the PACS: not counted); over → 413
+max_train_epochs         ``epochs`` of a train request (default 50)
+max_train_images         ``max_images``, ``min_images`` and ``retrain_after`` of a train request (default 500); a
+                         training uses at most this many training images
+max_train_minutes        wall time of one training (default 30; 0 = none): it stops at its first backbone call
+                         after that (a background training in a stage without one, such as the refinement
+                         head's, has its process ended 60 s after the limit), stores nothing for the
+                         institution it was training, and says so in its report and in ``/info`` (``train_stats``)
 =======================  =====================================================================================
+
+A train request (``POST /train/casam``) over a training limit is answered 413 naming the limit, one with a value
+that is not a whole number 400, and one that comes while a training runs 409 naming the running one
+(``lib/autotrain.py``), before anything starts.
 """
 
 from __future__ import annotations
@@ -121,7 +138,12 @@ class CASAMConfig(TaskConfig):
         self.default_institution = conf.get("default_institution", "default")
         self.min_images = _int(conf, "min_images", 5)
         self.retrain_after = _int(conf, "retrain_after", 0)
-        self.train_after_labels = _int(conf, "train_after_labels", 0)
+        self.train_after_labels = max(0, _int(conf, "train_after_labels", 5))
+        self.train_threads = max(0, _int(conf, "train_threads", 1))
+        self.train_nice = max(0, _int(conf, "train_nice", 10))
+        self.max_train_epochs = _int(conf, "max_train_epochs", 50)
+        self.max_train_images = _int(conf, "max_train_images", 500)
+        self.max_train_minutes = max(0.0, _number(conf, "max_train_minutes", 30, float))
         self.max_slices_per_volume = _int(conf, "max_slices_per_volume", 8)
         self.cache_size = _int(conf, "cache_size", 0) or None
         self.cache_mb = _number(conf, "cache_mb", CACHE_MB, float)
@@ -141,6 +163,11 @@ class CASAMConfig(TaskConfig):
         max_images = _int(conf, "max_images", 0)
         self.train_config = TrainConfig(epochs=_int(conf, "epochs", 24), max_images=max_images or None,
                                         seed=_int(conf, "seed", 0))
+        bounded = {"epochs": (self.train_config.epochs, "max_train_epochs"), "max_images": (max_images, "max_train_images"),
+                   **{k: (getattr(self, k), "max_train_images") for k in ("min_images", "retrain_after", "train_after_labels")}}
+        for key, (value, limit) in bounded.items():  # the server's own defaults stay within its request limits
+            if value > getattr(self, limit):
+                raise ValueError(f"--conf {key} {value} is over --conf {limit} {getattr(self, limit)}")
         self.registry = LayerRegistry(self.registry_dir)
         self._predictor: Optional[CASAMPredictor] = None
         self.prefetcher: Optional[Any] = None  # casam.prefetch.Prefetcher, set by the app
