@@ -285,7 +285,7 @@ def test_watcher_survives_concurrent_writes_in_process(tmp_path):
     errors: list = []
 
     def add(k: int) -> None:
-        for i in range(60):
+        for i in range(40):
             src = os.path.join(tmp, f"tmp{k:04d}{i:04d}.png")  # named like MONAI Label's temporary uploads
             with open(src, "wb") as f:
                 f.write(picture)
@@ -298,7 +298,7 @@ def test_watcher_survives_concurrent_writes_in_process(tmp_path):
         threads = [threading.Thread(target=add, args=(k,)) for k in range(2)]
         for t in threads:
             t.start()
-        for j in range(60):
+        for j in range(40):
             (studies / f"w{j}.png").write_bytes(picture)
         for t in threads:
             t.join()
@@ -307,6 +307,6 @@ def test_watcher_survives_concurrent_writes_in_process(tmp_path):
         while "late" not in ds.list_images() and time.time() - t0 < 30:
             time.sleep(0.2)
         assert not errors and ds._observer.is_alive()
-        assert set(ds.list_images()) >= {"late"} | {f"w{j}" for j in range(60)} | {f"up{k}-{i}" for k in range(2) for i in range(60)}
+        assert set(ds.list_images()) >= {"late"} | {f"w{j}" for j in range(40)} | {f"up{k}-{i}" for k in range(2) for i in range(40)}
     finally:
         ds._observer.stop()
