@@ -197,7 +197,8 @@ def write_override(workdir: Path, realm_dir: Path, tag: str) -> Path:
             # stand-in for Keycloak: serves http://keycloak:8080/realms/monailabel (the compose file's default)
             "keycloak": {"image": f"casam:{tag}", "networks": ["pacs"], "user": "casam",
                          "command": ["python", "-m", "http.server", "8080", "--directory", "/realm"],
-                         "volumes": [f"{realm_dir}:/realm:ro"], "cap_drop": ["ALL"]},
+                         "volumes": [f"{realm_dir}:/realm:ro"], "cap_drop": ["ALL"],
+                         "healthcheck": {"disable": True}},
         }
     }
     path = workdir / "compose.smoke.yaml"

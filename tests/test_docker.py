@@ -107,7 +107,7 @@ def test_dockerfile_pip_ca_stays_in_the_build_stage():
     assert any(i == "COPY" and a.startswith("docker/ca ") for i, a in build)
     run = " ".join(a for i, a in build if i == "RUN")
     assert "PIP_CERT=/tmp/pip-ca/pip-ca.crt" in run and "rm -rf /tmp/pip-ca" in run
-    assert not any("pip-ca" in a or "PIP_CERT" in a or a.startswith("docker/") for _, a in final)
+    assert not any("pip-ca" in a or "PIP_CERT" in a or a.split()[0] == "docker/ca" for _, a in final)
     assert [a for i, a in final if i == "COPY" and a.startswith("--from")] == ["--from=build /opt/casam/.venv /opt/casam/.venv"]
     assert (DOCKER / "ca" / ".gitignore").read_text().split() == ["*.crt"]  # never committed
 
@@ -170,6 +170,49 @@ def test_cmd_is_the_documented_one():
     assert c[c.index("--app") + 1] == APP_IN_IMAGE and c[c.index("--studies") + 1] == "/data"
     readme = (DOCKER / "README.md").read_text()
     assert shlex.join(c) in readme, "docker/README.md must show the image's command"
+
+
+def test_dockerfile_installs_the_auth_hook():
+    """The image runs casam.monailabel_auth.install() whenever MONAI Label's auth module is imported."""
+    final = stages()[-1]
+    run = " ".join(a for i, a in final if i == "RUN")
+    assert ["docker/casam_auth_hook.py /tmp/casam_auth_hook.py"] == [a for i, a in final if i == "COPY" and "hook" in a]
+    assert 'echo "import casam_auth_hook" > "$SITE/casam_auth_hook.pth"' in run and "_PinnedJWT" in run
+
+
+def test_monailabel_auth_accepts_realm_tokens_only(monkeypatch):
+    """MONAI Label 0.8.5 + PyJWT 2 refuse every token; after install() a token of the realm's key passes, others not."""
+    pytest.importorskip("monailabel")
+    jwt = pytest.importorskip("jwt")
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt import InvalidTokenError
+    from monailabel.config import settings
+    from monailabel.endpoints.user import auth
+
+    import casam.monailabel_auth as mlauth
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    monkeypatch.setattr(settings, "MONAI_LABEL_AUTH_ENABLE", True)
+    monkeypatch.setattr(auth, "get_public_key", lambda uri: pem.decode())
+    monkeypatch.setattr(auth, "jwt", auth.jwt)  # restored after the test
+    claims = {"preferred_username": "ann", "realm_access": {"roles": ["monailabel-user"]}, "exp": int(time.time()) + 60}
+    good = jwt.encode(claims, key, algorithm="RS256")
+    if not isinstance(auth.jwt, mlauth._PinnedJWT):
+        with pytest.raises(InvalidTokenError):  # what the server does without it: 401 for a valid token
+            auth.from_token(good)
+    mlauth.install()
+    assert mlauth.install() is False  # idempotent
+    user = auth.from_token(good)
+    assert user.username == "ann" and user.roles == ["monailabel-user"]
+    other = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    for bad in (jwt.encode(claims, other, algorithm="RS256"),                                 # another key
+                jwt.encode(dict(claims, exp=int(time.time()) - 10), key, algorithm="RS256")):  # expired
+        with pytest.raises(InvalidTokenError):
+            auth.from_token(bad)
+    monkeypatch.setenv(mlauth.ALGORITHMS_ENV, "RS256, RS512")
+    assert mlauth.algorithms_from_env() == ["RS256", "RS512"]
 
 
 # ---------------------------------------------------------------------------------------------- compose
