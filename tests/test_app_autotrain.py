@@ -198,12 +198,14 @@ def test_labels_start_a_training_whose_layer_is_served_without_restart(server):
             assert _training(server) == {}  # four labels: nothing started
         c.save_label(r["case"], str(server.task / "masks" / f"{r['case']}.png"), tag="final",
                      params={"institution": HOME, "patient": r["patient"]})
-    status = _wait(server, lambda s: s.get("state") == "running", "an automatic training started", 60)
+    status = _wait(server, lambda s: s.get("state") in ("starting", "running"), "an automatic training began", 60)
+    assert status["auto"] is True, status  # shown as starting while its process loads the app
+    status = _wait(server, lambda s: s.get("state") == "running", "the automatic training's process ran", 600)
     assert status["auto"] is True and status["request"]["institution"] == HOME
     assert status["priority"] == {"torch_threads": 1, "nice": min(19, os.nice(0) + 10)}, status
     r = _post_train(server, {})  # one training at a time
     assert r.status_code == 409 and "a training is running" in r.json()["detail"] and "automatic" in r.json()["detail"]
-    status = _wait(server, lambda s: s.get("state") != "running", "the automatic training ended")
+    status = _wait(server, lambda s: s.get("state") not in ("starting", "running"), "the automatic training ended", 1200)
     assert status["state"] == "done" and status["new_layers"] == ["tcga-du-v1"], status
     (result,) = status["results"]
     assert result["val_iou"] is not None and result["zero_shot_val_iou"] is not None and status["seconds"] > 0
@@ -220,13 +222,19 @@ def test_killed_training_leaves_the_registry_as_it_was(server):
     assert before and [i["name"] for i in layers] == ["tcga-du-v1"]
     r = _post_train(server, {"institution": HOME, "force": True, "epochs": 4})
     assert r.status_code == 200, r.text
-    status = _wait(server, lambda s: s.get("state") == "running" and s.get("stage") == "train", "training began", 300)
+    # a busy box may take minutes to start the training's process: kill it once it encodes or trains
+    status = _wait(server, lambda s: s.get("state") == "running" and s.get("stage") in ("encode", "train", "validate"),
+                   "the training began", 900)
     os.kill(status["pid"], signal.SIGKILL)  # the training subprocess, mid-way
     status = _wait(server, lambda s: s.get("state") != "running", "the killed training was seen", 60)
     assert status["state"] == "killed" and status["new_layers"] == [], status
     assert _registry_files(server) == before and server.info()["layers"] == layers
     assert "tcga-du-v1" in _click(server, server.cases[0]["case"])["scores"]
-    # its writer lock died with it: the next training runs
+    # its writer lock died with it: the next training runs (once MONAI Label has seen its task end)
+    end = time.time() + 60
+    while requests.get(f"{server.url}/train/", params={"check_if_running": "true"}, timeout=30).status_code == 200:
+        assert time.time() < end, "MONAI Label did not see the killed task end"
+        time.sleep(0.5)
     assert _post_train(server, {"institution": HOME, "force": True, "epochs": 1}).status_code == 200
-    status = _wait(server, lambda s: s.get("state") not in ("running", "killed"), "the next training ended")
+    status = _wait(server, lambda s: s.get("state") not in ("starting", "running", "killed"), "the next training ended", 1200)
     assert status["state"] == "done" and status["new_layers"] == ["tcga-du-v2"], status

@@ -26,9 +26,9 @@ from fastapi import HTTPException
 from casam.errors import LimitError
 from casam.online import plan, writer_lock
 from lib.hooks import wrap_endpoint
+from lib.trainers.casam import ACTIVE, active_task, labelled_items
 
 log = logging.getLogger(__name__)
-ACTIVE = ("SUBMITTED", "RUNNING")  # MONAI Label's states of a background task that has not ended
 POLL_S = 1.0
 
 
@@ -38,14 +38,14 @@ def running_training(trainer: Any) -> Optional[str]:
     A background task of this server that has not ended, a training whose status says it is running (a
     ``run_sync`` one, or one of another process), or another process holding the registry's writer lock.
     """
-    from monailabel.utils.async_tasks.utils import tasks
-
-    task = next((t for t in tasks("train") if t.get("status") in ACTIVE), None)
+    task = active_task()
     status = trainer.running()
     if task is None and status is None:
         with writer_lock(trainer.cfg.registry, wait=False) as free:
             return None if free else "another process is writing the layer registry (holds its writer lock)"
     words = [f"task {task['id']} started {task.get('start_ts')}" if task else None]
+    if task and not status:  # its process is still loading the app
+        words += ["automatic" if str(task["request"].get("auto")).lower() == "true" else "requested", "starting"]
     if status:
         progress = ", ".join(f"{k} {status[k]}" for k in ("institution", "stage") if status.get(k))
         epoch = f"epoch {status.get('epoch')}/{status.get('epochs')}" if status.get("stage") in ("train", "validate") else ""
@@ -121,8 +121,6 @@ class AutoTrainer:
 
     def due(self) -> Optional[Dict[str, Any]]:
         """The request of the next automatic training, or None when no institution is due."""
-        from lib.trainers.casam import labelled_items
-
         n = self.cfg.train_after_labels
         opts = {"min_images": max(self.cfg.min_images, n), "retrain_after": n}
         for p in plan(labelled_items(self.datastore(), self.cfg.default_institution), self.cfg.registry, **opts):

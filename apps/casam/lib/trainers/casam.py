@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 REPORT = "train_report.json"
 STATUS = "train_status.json"
 TASK_RUNNER = "monailabel.interfaces.utils.app"  # the module MONAI Label runs a background training with
+ACTIVE = ("SUBMITTED", "RUNNING")  # MONAI Label's states of a background task that has not ended
 GRACE_S = 60  # seconds past max_train_minutes after which a background training's process is ended
 # request option -> (the --conf limit bounding it, its lowest value)
 BOUNDS = {"epochs": ("max_train_epochs", 1), "max_images": ("max_train_images", 0),
@@ -124,6 +125,13 @@ def lower_priority(threads: int, nice: int) -> Dict[str, int]:
     if nice > 0:
         os.nice(nice)
     return {"torch_threads": torch.get_num_threads(), "nice": os.nice(0)}
+
+
+def active_task() -> Optional[Dict[str, Any]]:
+    """This server's background training task (MONAI Label's) that has not ended, else None."""
+    from monailabel.utils.async_tasks.utils import tasks
+
+    return next((t for t in tasks("train") if t.get("status") in ACTIVE), None)
 
 
 def _alive(pid: Any) -> bool:
@@ -226,11 +234,18 @@ class CASAMTrainer(TrainTask):
         """The running or last training's progress (``train_status.json``), None before the first.
 
         A training whose process died without finishing (killed) shows ``state: killed``: it stored nothing
-        (layers are written whole, :meth:`casam.registry.LayerRegistry.add`).
+        (layers are written whole, :meth:`casam.registry.LayerRegistry.add`). A background task of this server
+        whose process has not written its status yet (it is loading the app) shows ``state: starting``.
         """
         try:
             status = json.loads(self.status_path.read_text())
         except (OSError, ValueError):
+            status = None
+        task = active_task()
+        if task is not None and (status is None or str(status.get("started")).replace("T", " ") < task.get("start_ts", "")):
+            return {"state": "starting", "task": task["id"], "submitted": task.get("start_ts"),
+                    "auto": _yes(task["request"].get("auto"))}
+        if status is None:
             return None
         if status.get("state") == "running" and not _alive(status.get("pid")):
             status.update(state="killed", error="the training process ended before it finished (killed?); it stored "
