@@ -73,6 +73,15 @@ def http_error(e: CasamError) -> HTTPException:
     return HTTPException(code, str(e))
 
 
+@contextlib.contextmanager
+def answered() -> Iterator[None]:
+    """A casam error raised in the block becomes its HTTP answer (:func:`http_error`)."""
+    try:
+        yield
+    except CasamError as e:
+        raise http_error(e) from None
+
+
 def check_name(value: Any, what: str) -> str:
     """A plain name (image id, label tag): letters, digits, ``_.+ -``, no path, not hidden.
 
@@ -325,10 +334,8 @@ class GuardedDatastore:
             if image_id:
                 check_name(image_id, "image id")
             name = image_id or "the uploaded image"
-            try:
+            with answered():
                 read_clinical(image_filename, name=name, limits=self.casam_limits)
-            except CasamError as e:
-                raise http_error(e) from None
             size = os.path.getsize(image_filename)
             with self.casam_lock:
                 obj = self._objects().get(image_id)
@@ -378,11 +385,9 @@ class GuardedDatastore:
         """
         if final:
             return self.check_final_label(image_id, label_path)
-        try:
-            shown_id = image_id if isinstance(image_id, str) and _NAME.fullmatch(image_id) else shown(image_id, 40)
+        shown_id = image_id if isinstance(image_id, str) and _NAME.fullmatch(image_id) else shown(image_id, 40)
+        with answered():
             read_label(label_path, name=f"of image {shown_id}", limits=self.casam_limits)
-        except CasamError as e:
-            raise http_error(e) from None
 
     def check_final_label(self, image_id: str, label_path: str) -> None:
         """A final label must fit its image (shape, geometry, integer classes) and not be empty.
@@ -391,11 +396,9 @@ class GuardedDatastore:
             HTTPException: 404 unknown image; 400 a bad label; 413 over a size limit.
         """
         path, name = resolve_image(image_id, self)
-        try:
+        with answered():
             img = read_clinical(path, name=name, limits=self.casam_limits)
             check_label(label_path, img, name=f"of image {name}", limits=self.casam_limits)
-        except CasamError as e:
-            raise http_error(e) from None
 
     def _objects(self) -> dict:
         """The local datastore's index (image id → images and labels); empty for a DICOMweb datastore."""
@@ -518,10 +521,8 @@ class GuardedSessions:
                     raise HTTPException(429, f"{self.count()} sessions are open: the limit max_sessions = {limit} "
                                              f"(--conf max_sessions); remove one (DELETE /session/<id>) or wait "
                                              f"for one to expire")
-            try:
+            with answered():
                 read_clinical(data_file, name="the session's image", limits=self.casam_limits)
-            except CasamError as e:
-                raise http_error(e) from None
             return super().add_session(data_file, expiry, uncompress, session_id)  # type: ignore[misc]
 
 
