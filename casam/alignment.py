@@ -10,12 +10,13 @@ at 64×64.
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
 
 from .config import ALIGN_BLOCKS
+from .refine import HEAD_PREFIX, RefineHead, split_head_state
 
 
 class LayerNorm2d(nn.Module):
@@ -101,11 +102,38 @@ class AlignmentLayer(nn.Module):
             h = self.norm(block(h))
         return z + self.gate * (h - z)
 
+    @property
+    def head(self) -> Optional[RefineHead]:
+        """The institution's refinement head (:mod:`casam.refine`) stored with this layer, or None."""
+        return self._modules.get("refine")
+
+    def attach_head(self, head: Optional[RefineHead]) -> "AlignmentLayer":
+        """Appends a refinement head to this layer (saved in the same file as ``head.*`` weights); None removes it."""
+        if head is None:
+            self._modules.pop("refine", None)
+        else:
+            self.add_module("refine", head)
+        return self
+
+    def state_dict(self, *args, **kwargs):
+        """The layer's weights; a head's are under ``head.*`` (none without a head, so older files are unchanged)."""
+        state = super().state_dict(*args, **kwargs)
+        head = {k: state.pop(k) for k in [k for k in state if k.startswith("refine.")]}
+        state.update({HEAD_PREFIX + k[len("refine."):]: v for k, v in head.items()})
+        return state
+
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads weights; a layer saved before the gate existed (no ``gate`` entry) loads as METHOD's ``g = 1``."""
+        """Loads weights (with a head when the file has ``head.*`` weights); a layer saved before the gate existed
+        (no ``gate`` entry) loads as METHOD's ``g = 1``."""
+        state_dict, head = split_head_state(dict(state_dict))
+        self.attach_head(head)
         if "gate" not in state_dict:
             state_dict = {**state_dict, "gate": torch.ones(1)}
-        return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        head_state = self._modules.pop("refine", None)  # loaded already: load the layer's own weights alone
+        try:
+            return super().load_state_dict(state_dict, strict=strict, assign=assign)
+        finally:
+            self.attach_head(head_state)
 
     @torch.no_grad()
     def init_norm(self, weight: torch.Tensor, bias: torch.Tensor) -> "AlignmentLayer":

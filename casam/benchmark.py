@@ -55,7 +55,8 @@ from .runtime import allocator_tuned
 from .benchmark_report import _fmt, write_outputs
 from .interactive import click_sequence, summarise
 from .preprocess import logits_to_image, points_to_model
-from .training import (EmbeddingCache, Sample, TrainConfig, click_logits, fit, make_samples, predict_sample,
+from .refine import refine
+from .training import (EmbeddingCache, Sample, TrainConfig, click_logits, fit, head_of, make_samples, predict_sample,
                        split_samples, train_layer)
 
 METHODS = ("zero_shot", "fresh_install", "seq_decoder", "seq_layer", "casam", "casam_oracle", "joint")
@@ -201,7 +202,7 @@ def score_image(backbone: Backbone, layer: Optional[Callable], sample: Sample, r
     h = layer(z) if layer is not None else z
     for prompt in prompts:
         kind = "point" if prompt == "click" and raw_click else prompt
-        preds = predict_sample(backbone, lambda _z, h=h: h, sample, kind)
+        preds = predict_sample(backbone, layer, sample, kind, aligned=h)
         for t, m in zip(sample.targets, preds):
             out[prompt]["iou"].append(iou(m, t.mask))
             out[prompt]["dice"].append(dice(m, t.mask))
@@ -231,7 +232,10 @@ def sequences(backbone: Backbone, layer: Optional[Callable], sample: Sample, cli
             logits, _ = backbone.decode(h, torch.from_numpy(mp)[None], torch.from_numpy(labs)[None], None)
         else:
             logits = click_logits(backbone, h, sample.geom, mp, labs, config=config)
-        return logits_to_image(logits[0, 0].cpu(), sample.geom).numpy() > 0
+        full = logits_to_image(logits[0, 0].cpu(), sample.geom)
+        if not raw and sample.image is not None:
+            full = refine(head_of(layer), sample.image.float(), full)
+        return full.numpy() > 0
 
     return [click_sequence(predict, t.mask, clicks) for t in sample.targets]
 

@@ -58,7 +58,8 @@ def cmd_add_layer(args) -> int:
         raise CasamError(f"no labelled images in {args.data} (split {args.split})")
     bb = _backbone(args)
     reg = _registry(args)
-    cfg = TrainConfig(epochs=args.epochs, max_images=args.max_images, seed=args.seed, batch_size=args.batch_size, lr=args.lr)
+    cfg = TrainConfig(epochs=args.epochs, max_images=args.max_images, seed=args.seed, batch_size=args.batch_size, lr=args.lr,
+                      head_steps=args.head_steps)
     for inst, cs in groups.items():
         images, masks, patients = load_cases(cs)
         with writer_lock(reg):  # the app's online trainer and a federated sync take the same lock
@@ -153,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=6)
     a.add_argument("--lr", type=float, default=1e-4)
     a.add_argument("--max-images", type=int, default=None, help="cap on training images (faster on CPU)")
+    a.add_argument("--head-steps", type=int, default=config.HEAD_STEPS,
+                   help=f"steps of the institution's refinement head at the image's resolution (default "
+                        f"{config.HEAD_STEPS}; 0: the Alignment Layer alone)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--cache", default=None, help="embedding cache folder (default $CASAM_CACHE)")
     _backbone_args(a)

@@ -35,6 +35,13 @@ VAE_EPOCHS = 100
 # far below plain SAM (per prompt type, on the site's validation patients) a returned layer may be and still merge.
 FED_MIN_LABELS = 5
 FED_MAX_VAL_DROP = 0.02
+# The gate serves a layer for a prompt type only on evidence (casam.evidence): on the layer's validation masks
+# the mean paired IoU gain over plain SAM is at least GATE_MIN_GAIN and more than GATE_SE times its standard
+# error. (A 0.0001 gain on three images is noise, not a reason to serve a layer.)
+GATE_MIN_GAIN = 0.005
+GATE_SE = 2.0
+# Optimiser steps of an institution's refinement head (casam.refine); 0 trains none.
+HEAD_STEPS = 400
 # glibc keeps this much freed memory for reuse (casam.runtime): no page faults for every large tensor.
 MALLOC_KEEP_MB = 2047
 

@@ -29,6 +29,7 @@ from .decoder import DecoderContext
 from .clicks import ClickConfig, decode_clicks
 from .errors import PromptError, UnknownLayerError
 from .preprocess import Geometry, Window, box_to_model, logits_to_image, points_to_model
+from .refine import image_tensor, refine
 from .registry import LayerInfo, LayerRegistry
 from .router import Router, pool_embedding
 
@@ -69,12 +70,14 @@ class Embedding:
         geom: geometry of the image in the model input.
         feature: pooled router feature (C).
         key: the cache key it was stored under (or None).
+        image: the image as a refinement head reads it (:func:`casam.refine.image_tensor`, float16), or None.
     """
 
     z: torch.Tensor
     geom: Geometry
     feature: torch.Tensor
     key: Optional[str] = None
+    image: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -251,7 +254,7 @@ class CASAMPredictor:
         def compute() -> Embedding:
             x, geom = self.backbone.prepare(image, self.window)
             z = self.backbone.encode(x)
-            return Embedding(z, geom, pool_embedding(z)[0].cpu(), key)
+            return Embedding(z, geom, pool_embedding(z)[0].cpu(), key, image_tensor(image, self.window).half())
 
         if key is None:
             return compute()
@@ -406,6 +409,8 @@ class CASAMPredictor:
                                                     self.backbone.lowres_size, self.clicks,
                                                     None if tb is None else tb.numpy())
         full = logits_to_image(logits[0, 0].cpu(), emb.geom)
+        if r["used"] is not None and emb.image is not None:  # the institution's refinement head, if it has one
+            full = refine(self.layer(r["used"]).head, emb.image.float(), full)
         return Prediction((full > 0).numpy().astype(np.uint8), float(iou[0, 0]), r)
 
     def gate(self, route: Dict[str, Any], prompt: str) -> Dict[str, Any]:

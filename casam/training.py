@@ -32,11 +32,13 @@ import torch.nn.functional as F
 from .alignment import fresh_layer
 from .backbone import Backbone
 from .clicks import ClickConfig, decode_clicks
-from .config import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS
+from .config import HEAD_STEPS, TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS
 from .errors import ImageError
+from .evidence import decide
 from .metrics import iou as iou_metric
 from .preprocess import Geometry, Window, box_to_model, geometry_for, logits_to_image, mask_to_model, points_to_model
 from .prompts import binary_masks, central_pixels, centroid_point, jittered_box, tight_box
+from .refine import HeadConfig, HeadExample, image_tensor, refine, to_head_resolution, train_head
 from .registry import LayerInfo, LayerRegistry
 from .router import FeatureVAE, calibrate_tau, pool_embedding, train_vae
 
@@ -60,6 +62,9 @@ class TrainConfig:
         vae_epochs, vae_lr, vae_batch_size, vae_beta: router VAE training (100, 5e-4, 6, 16.5; METHOD's code: 10 epochs).
         tau_folds, tau_percentile: threshold calibration (5-fold CV, 97th percentile).
         window: intensity window for the images (see casam.preprocess.apply_window).
+        head_steps: optimiser steps of the institution's refinement head (casam.refine), trained after the layer
+            on the layer's answers; 0 trains none.
+        head_lr, head_crop, head_batch_size: its Adam learning rate, crop side and crops per step.
     """
 
     epochs: int = 24
@@ -81,6 +86,10 @@ class TrainConfig:
     tau_folds: int = TAU_FOLDS
     tau_percentile: float = TAU_PERCENTILE
     window: Window = "auto"
+    head_steps: int = HEAD_STEPS
+    head_lr: float = 3e-3
+    head_crop: int = 160
+    head_batch_size: int = 8
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -155,6 +164,7 @@ class Sample:
     targets: List[Target]
     patient: str
     key: str = ""
+    image: Optional[torch.Tensor] = None  # the refinement head's view (casam.refine.image_tensor), float16
 
 
 def make_samples(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequence[Optional[np.ndarray]],
@@ -196,7 +206,8 @@ def make_samples(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequen
             for c, m in binary_masks(lab):
                 targets.append(Target(c, mask_to_model(m, geom, L), box_to_model(tight_box(m), geom),
                                       points_to_model(central_pixels(m), geom), m))
-        out.append(Sample(z, geom, pool_embedding(z[None])[0], targets, patients[i], cache.key(img, window)))
+        out.append(Sample(z, geom, pool_embedding(z[None])[0], targets, patients[i], cache.key(img, window),
+                          image_tensor(img, window).half()))
     return out
 
 
@@ -361,19 +372,10 @@ def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, laye
     return history
 
 
-@torch.no_grad()
-def predict_sample(backbone: Backbone, layer: Optional[nn.Module], sample: Sample, prompt: str = "box") -> List[np.ndarray]:
-    """Predicts every target of a sample from its tight box (``box``), one click at its centroid pixel answered
-    the way the product answers clicks (``click``, :func:`casam.clicks.decode_clicks`), or that click as a raw
-    point prompt of the decoder (``point``).
-
-    Returns:
-        One H×W bool mask per target, at the original image size.
-    """
-    if not sample.targets:
-        return []
-    z = sample.embedding[None].to(backbone.device)
-    h = layer(z) if layer is not None else z
+def sample_logits(backbone: Backbone, h: torch.Tensor, sample: Sample, prompt: str = "box") -> torch.Tensor:
+    """SAM's logits (K×L×L, model frame) for every target of a sample on an (aligned) embedding ``h``: its tight
+    box (``box``), one click at its centroid pixel answered as the product answers clicks (``click``), or that
+    click as a raw point prompt of the decoder (``point``)."""
     if prompt == "click":
         logits = torch.cat([click_logits(backbone, h, sample.geom, points_to_model(centroid_point(t.mask), sample.geom),
                                          np.ones(1, np.int64)) for t in sample.targets])
@@ -384,7 +386,33 @@ def predict_sample(backbone: Backbone, layer: Optional[nn.Module], sample: Sampl
         logits, _ = backbone.decode(h, *_prompt_tensors("point", pts))
     else:
         raise ValueError(f"unknown prompt kind {prompt!r}")
-    full = logits_to_image(logits[:, 0].cpu(), sample.geom)
+    return logits[:, 0]
+
+
+def head_of(layer: Optional[nn.Module]):
+    """The refinement head a layer carries (:mod:`casam.refine`), or None."""
+    return getattr(layer, "head", None) if layer is not None else None
+
+
+@torch.no_grad()
+def predict_sample(backbone: Backbone, layer: Optional[nn.Module], sample: Sample, prompt: str = "box",
+                   aligned: Optional[torch.Tensor] = None) -> List[np.ndarray]:
+    """Predicts every target of a sample (prompts as in :func:`sample_logits`), through the layer and its
+    refinement head when it has one (not for the raw ``point`` prompt, which is plain LiteMedSAM's answer).
+
+    Args:
+        aligned: the layer's output on the sample's embedding, when already computed.
+
+    Returns:
+        One H×W bool mask per target, at the original image size.
+    """
+    if not sample.targets:
+        return []
+    z = sample.embedding[None].to(backbone.device)
+    h = aligned if aligned is not None else (layer(z) if layer is not None else z)
+    full = logits_to_image(sample_logits(backbone, h, sample, prompt).cpu(), sample.geom)
+    if prompt != "point":
+        full = refine(head_of(layer), None if sample.image is None else sample.image.float(), full)
     return [m.numpy() > 0 for m in full]
 
 
@@ -397,12 +425,14 @@ def click_logits(backbone: Backbone, h: torch.Tensor, geom: Geometry, points: np
     return logits
 
 
+def mask_scores(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample], prompt: str = "box") -> List[float]:
+    """IoU of every target of the samples, in order (see :func:`predict_sample`)."""
+    return [iou_metric(m, t.mask) for s in samples for t, m in zip(s.targets, predict_sample(backbone, layer, s, prompt))]
+
+
 def evaluate(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample], prompt: str = "box") -> float:
     """Mean IoU over every target of the samples (per mask, then averaged). NaN when there is none."""
-    scores = []
-    for s in samples:
-        for t, m in zip(s.targets, predict_sample(backbone, layer, s, prompt)):
-            scores.append(iou_metric(m, t.mask))
+    scores = mask_scores(backbone, layer, samples, prompt)
     return float(np.mean(scores)) if scores else float("nan")
 
 
@@ -449,6 +479,59 @@ def split_samples(labelled: Sequence[Sample], config: TrainConfig) -> Tuple[List
     return train_s, val_s, split if val_s else "none"
 
 
+def fit_head(backbone: Backbone, layer: nn.Module, train_s: Sequence[Sample], val_s: Sequence[Sample],
+             config: TrainConfig, report: Optional[Dict] = None, progress: bool = False):
+    """Trains an institution's refinement head (:mod:`casam.refine`) on its layer's answers.
+
+    The head learns from the layer's answer to each training mask's tight box and to one click at its centroid
+    (answered as the product answers clicks), and keeps its best step by box IoU on the validation masks
+    (step 0: the layer alone).
+
+    Args:
+        backbone: frozen backbone.
+        layer: the institution's trained Alignment Layer (its answers are the head's input).
+        train_s, val_s: training and validation samples (with :attr:`Sample.image`).
+        config: ``head_steps``, ``head_lr``, ``head_crop``, ``head_batch_size`` and ``seed`` are used.
+        report: filled as :func:`casam.refine.train_head` fills it.
+        progress: show a progress bar.
+
+    Returns:
+        The head (gate 0, i.e. the layer alone, when no step beat it), or None without validation images.
+    """
+    dev = backbone.device
+
+    @torch.no_grad()
+    def examples(samples: Sequence[Sample], prompts: Sequence[str]) -> List[HeadExample]:
+        out = []
+        for s in samples:
+            if s.image is None or not s.targets:
+                continue
+            img = s.image.float()
+            h = layer(s.embedding[None].to(dev))
+            for prompt in prompts:
+                full = logits_to_image(sample_logits(backbone, h, s, prompt).cpu(), s.geom)
+                for t, lg in zip(s.targets, full):
+                    b, truth = to_head_resolution(img, lg, t.mask)
+                    ys, xs = np.nonzero(truth[0, 0].numpy())
+                    region = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())) if len(xs) else (0, 0, 0, 0)
+                    out.append(HeadExample(img, b.half(), truth, region))
+        return out
+
+    val_ex = examples(val_s, ["box"])
+    if not val_ex:
+        return None
+    train_ex = examples(train_s, ["box", "click"])
+
+    @torch.no_grad()
+    def score(head) -> float:
+        return float(np.mean([iou_metric((head(e.image, e.logits.float())[0, 0] > 0).numpy(), e.truth[0, 0].numpy() > 0)
+                              for e in val_ex]))
+
+    cfg = HeadConfig(steps=config.head_steps, batch_size=config.head_batch_size, crop=config.head_crop,
+                     lr=config.head_lr, seed=config.seed)
+    return train_head(train_ex, cfg, validate=score, report=report, progress=progress)
+
+
 def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], patients: Sequence[str],
                 registry: LayerRegistry, institution: str, modality: str = "", config: Optional[TrainConfig] = None,
                 cache_dir: Optional[str | Path] = None, progress: bool = True, extra: Optional[dict] = None,
@@ -492,19 +575,24 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     history = fit(backbone, train_s, config, layer, progress=progress, desc=f"train {institution}", val_samples=val_s,
                   report=report)
     t2 = time.time()
+    head_report: Dict = {}
+    if config.head_steps > 0 and val_s:
+        head = fit_head(backbone, layer, train_s, val_s, config, head_report, progress)
+        if head is not None and float(head.gate) > 0:
+            layer.attach_head(head)
+    t_head = time.time()
     vae, tau = fit_router(train_s, config)
     t3 = time.time()
-    per_epoch = report.get("val_history")
-    if per_epoch:  # boxes were validated every epoch (epoch 0 = plain SAM): only clicks are left to validate
-        plain = {"box": per_epoch[0]["box"], "click": evaluate(backbone, None, val_s, "click")}
-        same = layer.gate.item() == 0.0  # gate 0 (the fresh layer, kept when no epoch beat it) is exactly plain SAM
-        val = {"box": per_epoch[report["best_epoch"]]["box"],
-               "click": plain["click"] if same else evaluate(backbone, layer, val_s, "click")}
-    else:
-        val = validate(backbone, layer, val_s) if val_s else {}
-        plain = validate(backbone, None, val_s) if val_s else {}
+    # the gate's evidence: paired per-mask IoUs of the institution's model (layer + head) and plain SAM
+    same = layer.gate.item() == 0.0 and layer.head is None  # exactly plain SAM: nothing to decode twice
+    plain_s = {p: mask_scores(backbone, None, val_s, p) for p in PROMPT_TYPES}
+    layer_s = {p: plain_s[p] if same else mask_scores(backbone, layer, val_s, p) for p in PROMPT_TYPES}
+    mean = lambda v: float(np.mean(v)) if v else None  # noqa: E731
+    val = {p: mean(layer_s[p]) for p in PROMPT_TYPES}
+    plain = {p: mean(plain_s[p]) for p in PROMPT_TYPES}
+    evidence = {p: decide(layer_s[p], plain_s[p]) for p in PROMPT_TYPES}
     t4 = time.time()
-    use = {p: bool(val_s) and val[p] > plain[p] for p in PROMPT_TYPES}
+    use = {p: bool(val_s) and evidence[p]["use"] for p in PROMPT_TYPES}
     info = LayerInfo(
         name="", institution=institution, version=0, modality=modality, backbone_id=backbone.id,
         backbone_hash=backbone.hash, n_images=len(labelled), n_patients=len(set(s.patient for s in labelled)), tau=tau,
@@ -512,12 +600,16 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
         train_config=config.to_dict(),
         extra={"n_train": len(train_s), "n_val": len(val_s), "split": split, "loss_history": history,
                "val": {p: {"layer": val.get(p), "plain": plain.get(p)} for p in PROMPT_TYPES}, "use": use,
+               "evidence": evidence,
+               "head": {"steps": config.head_steps, "kept": layer.head is not None,
+                        "best_step": head_report.get("best_step"), "val_history": head_report.get("val_history"),
+                        "seconds": head_report.get("seconds")},
                "best_epoch": report.get("best_epoch"),
                "val_history": [{k: round(v, 4) for k, v in d.items()} for d in report.get("val_history", [])],
                "gate": round(layer.gate.item(), 4),
                "seconds": round(time.time() - t0, 1),
-               "timing": {"encode": round(t_encode, 1), "train": round(t2 - t1, 1), "calibrate": round(t3 - t2, 1),
-                          "validate": round(t4 - t3, 1)},
+               "timing": {"encode": round(t_encode, 1), "train": round(t2 - t1, 1), "head": round(t_head - t2, 1),
+                          "calibrate": round(t3 - t_head, 1), "validate": round(t4 - t3, 1)},
                **(extra or {})},
     )
     return registry.add(layer.cpu(), vae, info)

@@ -79,11 +79,12 @@ def test_a_layer_that_never_beats_plain_sam_is_plain_sam(tmp_path, tiny, disks):
     for prompt in ("box", "click"):
         assert evaluate(tiny, fresh, samples, prompt) == evaluate(tiny, None, samples, prompt)
     info = _train(LayerRegistry(tmp_path), tiny, disks["A"], "A", TrainConfig(epochs=1, batch_size=4, lr=0.0, gate_lr=0.0,
-                                                                              vae_epochs=3, tau_folds=3))
+                                                                              vae_epochs=3, tau_folds=3, head_lr=0.0))
     assert info.extra["best_epoch"] == 0 and info.extra["gate"] == 0.0
+    assert info.extra["head"]["best_step"] == 0 and not info.extra["head"]["kept"]  # an unmoved head stays out
     assert info.extra["val"]["click"]["layer"] == info.extra["val"]["click"]["plain"]
     assert info.extra["use"] == {"box": False, "click": False}
-    assert set(info.extra["timing"]) == {"encode", "train", "calibrate", "validate"}
+    assert set(info.extra["timing"]) == {"encode", "train", "head", "calibrate", "validate"}
 
 
 def test_needs_labels(tmp_path, tiny, disks):
