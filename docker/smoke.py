@@ -186,7 +186,9 @@ def token(key, roles=("monailabel-admin", "monailabel-annotator", "monailabel-re
 
 
 def write_override(workdir: Path, realm_dir: Path, tag: str) -> Path:
-    conf = {"min_images": "2", "epochs": "2", "max_slices_per_volume": "4", "labels": "tumour"}
+    # a quick layer (2 volumes, 2 epochs); click_budget_s 0: a click follows the tumour through the whole volume,
+    # so the saved label has the slices a layer trains on (with the 1.5 s default it stops where encoding has got to)
+    conf = {"min_images": "2", "epochs": "2", "max_slices_per_volume": "4", "labels": "tumour", "click_budget_s": "0"}
     cmd = ["python", "-m", "monailabel.main", "start_server", "--app", "/opt/casam/apps/casam", "--studies",
            "http://orthanc:8042/dicom-web", "--host", "0.0.0.0", "--port", "8000"]
     for k, v in conf.items():
@@ -403,9 +405,12 @@ def run(tag: str = "smoke", base: str = "debian-local:bookworm", port: int = 821
         results["data"] = {"source": source, "series": [s["case"] for s in series]}
         client = MONAILabelClient(stack.url, tmpdir=str(workdir / "client"))
         client.update_auth({"token_type": "Bearer", "access_token": tok})
-        info = client.info()
-        if info["datastore"]["total"] != len(series):
-            raise SmokeError(f"datastore lists {info['datastore']['total']} images, expected {len(series)}")
+        t0 = time.time()  # MONAI Label lists Orthanc's series anew after MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (60 s)
+        while client.info()["datastore"]["total"] != len(series):
+            if time.time() - t0 > 150:
+                raise SmokeError(f"datastore lists {client.info()['datastore']['total']} images, expected {len(series)}")
+            time.sleep(5)
+        results["steps"]["series_listed_after_s"] = round(time.time() - t0, 1)
         clicks = []
         for s in series:
             t0 = time.time()
@@ -415,7 +420,9 @@ def run(tag: str = "smoke", base: str = "debian-local:bookworm", port: int = 821
             mask = read_clinical(path).array
             if mask.shape != s["gt"].shape or not mask.any():
                 raise SmokeError(f"click on {s['case']}: empty or misshapen mask {mask.shape} vs {s['gt'].shape}")
+            k = s["click"][2]
             clicks.append({"case": s["case"], "seconds": round(time.time() - t0, 1), "iou_3d": round(iou(mask, s["gt"]), 3),
+                           "iou_clicked_slice": round(iou(mask[k], s["gt"][k]), 3), "slices": int(mask.any(axis=(1, 2)).sum()),
                            "layer": params.get("layer"), "fallback": params.get("fallback")})
             client.save_label(s["uid"], path, tag="final", params={"label_info": [{"name": "tumour", "idx": 1}]})
         segs = stack.orthanc_get("/dicom-web/series?Modality=SEG")
@@ -496,9 +503,13 @@ def write_results(r: Dict, out: Path) -> None:
                      f"(internal); reaches Orthanc: {c['orthanc']}; reaches outside: {c['outside']}")
     if "clicks" in st:
         lines.append(f"* data: {r['data']['source']}; one click per series through MONAILabelClient: "
-                     + "; ".join(f"{c['case']} {c['seconds']} s, 3D IoU {c['iou_3d']}, layer {c['layer'] or 'none'}"
+                     + "; ".join(f"{c['case']} {c['seconds']} s, {c['slices']} slices, IoU {c['iou_3d']} (3D) / "
+                                 f"{c['iou_clicked_slice']} (clicked slice), layer {c['layer'] or 'none'}"
                                  for c in st["clicks"]))
         lines.append(f"* DICOM SEG series in Orthanc after saving: {st['dicom_seg_series_in_orthanc']}")
+    if "series_listed_after_s" in st:
+        lines.append(f"* the series stored in Orthanc were listed by the server {st['series_listed_after_s']} s after "
+                     f"the upload (`MONAI_LABEL_DICOMWEB_CACHE_EXPIRY`)")
     if "train" in st:
         lines.append(f"* layer trained in the container in {st['train']['seconds']} s: {st['train']['institutions']}")
     if "layer_after_down_up" in st:

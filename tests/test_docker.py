@@ -228,6 +228,7 @@ def test_compose_structure():
     assert (env["ORTHANC_USERNAME"], env["ORTHANC_PASSWORD"]) == (aenv["MONAI_LABEL_DICOMWEB_USERNAME"],
                                                                   aenv["MONAI_LABEL_DICOMWEB_PASSWORD"])
     assert aenv["CASAM_REGISTRY"] == "/registry"
+    assert aenv["MONAI_LABEL_DICOMWEB_CACHE_EXPIRY"] == "${CASAM_DICOMWEB_LIST_SECONDS:-60}"  # MONAI Label's is 2 h
     # the app's command is the image's, with Orthanc's DICOMweb root as the datastore
     command = app["command"]
     want = cmd()
