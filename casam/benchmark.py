@@ -115,6 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"cap on training images per task (default {REDUCED['max_images']}; 0 = all, as in METHOD)")
     p.add_argument("--max-train-cases", type=int, default=None, help="read at most this many training cases per task (evenly spaced)")
     p.add_argument("--max-test-cases", type=int, default=None, help="read at most this many test cases per task (evenly spaced)")
+    p.add_argument("--head-steps", type=int, default=None,
+                   help=f"steps of each institution's refinement head (default {casam_config.HEAD_STEPS}; 0 = the Alignment "
+                        f"Layer alone)")
     p.add_argument("--batch-size", type=int, default=6)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -135,7 +138,7 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
     """Fills the defaults that depend on --quick / --full."""
     if args.quick:
         defaults = dict(epochs=1, max_images=4, max_train_cases=6, max_test_cases=3, backbone="tiny", tasks="0,1", cache="none",
-                        vae_epochs=3)
+                        vae_epochs=3, head_steps=20)
     elif args.full:
         defaults = dict(epochs=24, max_images=0)
     else:
@@ -146,6 +149,8 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
                 args.backbone = v
         elif getattr(args, k, None) is None:
             setattr(args, k, v)
+    if getattr(args, "head_steps", None) is None:
+        args.head_steps = casam_config.HEAD_STEPS
     if not hasattr(args, "vae_epochs"):
         args.vae_epochs = casam_config.VAE_EPOCHS
     if args.max_images is not None and args.max_images <= 0:
@@ -394,7 +399,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
     methods = args.method_list
     cache_dir = None if str(args.cache).lower() == "none" else (args.cache or casam_config.default_cache())
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_images=args.max_images,
-                      vae_epochs=args.vae_epochs)
+                      vae_epochs=args.vae_epochs, head_steps=args.head_steps)
     log(f"tasks ({T}): {', '.join(names)}; methods: {', '.join(methods)}; epochs {cfg.epochs}, max_images {cfg.max_images}, "
         f"device {args.device}, cache {cache_dir}")
 

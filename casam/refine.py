@@ -235,6 +235,7 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
     history: List[Tuple[int, float]] = []
     best = (validate(head) if validate else -1.0, 0, fresh)
     history.append((0, round(best[0], 4)))
+    crop = min(config.crop, max(max(e.image.shape[-2:]) for e in examples))  # small images: no padding to waste
     bar = None
     if progress:
         from tqdm import tqdm
@@ -242,7 +243,7 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
         bar = tqdm(total=config.steps, desc="train head", unit="step")
     for step in range(1, config.steps + 1):
         head.train()
-        crops = [_crop(examples[int(rng.integers(len(examples)))], config.crop, rng) for _ in range(config.batch_size)]
+        crops = [_crop(examples[int(rng.integers(len(examples)))], crop, rng) for _ in range(config.batch_size)]
         image, logits, truth, valid = (torch.cat(c) for c in zip(*crops))
         loss = head_loss(head.unet(image, logits), truth, valid)
         opt.zero_grad()

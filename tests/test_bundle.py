@@ -14,8 +14,8 @@ import torch
 from PIL import Image
 
 from casam.backbone import load_backbone
-from casam.bundle import (BundleInferer, BundleNetwork, export_bundle, load_bundle_predictor, parse_prompt_file,
-                          read_manifest)
+from casam.bundle import (LARGE_FILES, ZOO_INFERENCE_KEYS, ZOO_MAX_FILE_BYTES, BundleInferer, BundleNetwork,
+                          check_bundle, export_bundle, load_bundle_predictor, parse_prompt_file, read_manifest)
 from casam.data import read_meta, load_cases
 from casam.errors import CasamError, PromptError, RegistryError
 from casam.predictor import CASAMPredictor
@@ -28,8 +28,11 @@ from conftest import DATA, needs_data
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "bundles" / "casam"
 
-# Required top-level keys and tensor keys of MONAI's bundle metadata schema (meta_schema_20240725, the schema
-# that `monai/bundle/meta_schema.json` of MONAI's sources holds; verify_metadata downloads it, which needs the web).
+# Required top-level keys and tensor keys of MONAI's bundle metadata schema (meta_schema_20240725, named by
+# metadata.json's "schema"; MONAI Model Zoo's CI downloads it to <bundle>/eval/schema.json and runs
+# `monai.bundle verify_metadata` on it, which needs the web here). These are its facts as a JSON schema, cross-checked
+# against Project-MONAI/model-zoo (dev, Oct 2024): the keys every one of its bundles on that schema carries, and the
+# tensor keys every input/output of theirs has. The schema file itself is not vendored.
 # `optional_packages_version` is left out on purpose: MONAI 1.6.1 treats it as a deprecated alias and replaces
 # `required_packages_version` with it when parsing (monai.bundle.utils.DEPRECATED_ID_MAPPING).
 META_REQUIRED = ["schema", "version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
@@ -95,6 +98,18 @@ def check_metadata(meta: dict) -> None:
     assert pred["num_channels"] == 1 and pred["dtype"] == "float32"
 
 
+def zoo_verify(bundle: Path, hosted: bool = True) -> None:
+    """What MONAI Model Zoo's CI (ci/verify_bundle.py) checks on a submitted bundle, run offline.
+
+    Files, large files, inference keys and version (casam.bundle.check_bundle); the metadata schema with
+    MONAI's own `verify_metadata` against eval/schema.json, as the zoo's CI runs it; `verify_net_in_out` is run
+    by the callers (it loads the network)."""
+    assert check_bundle(bundle, hosted=hosted) == []
+    (bundle / "eval").mkdir(exist_ok=True)
+    (bundle / "eval" / "schema.json").write_text(json.dumps(META_SCHEMA))
+    monai_bundle(["verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "eval/schema.json"], cwd=bundle)
+
+
 def write_inputs(folder: Path, items, layer=None) -> dict:
     """Writes images with a JSON box prompt, a label file, or nothing; returns {stem: (image, prompts)}.
 
@@ -129,7 +144,7 @@ def tiny_registry(tmp_path_factory, tiny, disks):
     root = tmp_path_factory.mktemp("bundle-reg")
     reg = LayerRegistry(root / "registry")
     imgs, masks = zip(*disks["A"][:8])
-    train_layer(tiny, imgs, masks, [f"p{i}" for i in range(8)], reg, "Site A", "synthetic", TrainConfig(epochs=1),
+    train_layer(tiny, imgs, masks, [f"p{i}" for i in range(8)], reg, "Site A", "synthetic", TrainConfig(epochs=1, head_steps=20),
                 progress=False)
     return reg
 
@@ -143,7 +158,12 @@ def test_template_files():
     check_metadata(json.loads((TEMPLATE / "configs" / "metadata.json").read_text()))
     cfg = json.loads((TEMPLATE / "configs" / "inference.json").read_text())
     assert {"bundle_root", "device", "dataset_dir", "output_dir", "network_def", "predictor", "inferer", "run"} <= set(cfg)
+    assert set(ZOO_INFERENCE_KEYS) <= set(cfg)
     assert cfg["network_def"]["_target_"] == "casam.bundle.BundleNetwork"
+    assert (TEMPLATE / "docs" / "data_license.txt").is_file()
+    # what the zoo's CI says of the template: no models yet (model.pt is written at export), all else in place
+    assert check_bundle(TEMPLATE) == ["preferred file models/model.pt is missing"]
+    assert "not support TorchScript" in (TEMPLATE / "docs" / "README.md").read_text()  # the zoo asks to say so
 
 
 def test_weights_licence_is_apache():
@@ -204,6 +224,56 @@ def test_export_run_verify_tiny(tmp_path, tiny, tiny_registry, disks):
     # verify_net_in_out from the bundle folder (the litemedsam test runs it from elsewhere with --bundle_root)
     monai_bundle(["verify_net_in_out", "--net_id", "network_def", "--meta_file", "configs/metadata.json",
                   "--config_file", "configs/inference.json"], cwd=bundle)
+    # MONAI Model Zoo's checks (nothing over 25 MB with the tiny backbone: no large_files.yml)
+    zoo_verify(bundle)
+    assert not (bundle / LARGE_FILES).exists()
+
+
+def test_model_pt_is_network_def(tmp_path, tiny_registry, disks):
+    """models/model.pt loads into network_def (strict) and gives its masks: what generic MONAI tools do with it."""
+    from monai.bundle import ConfigParser
+
+    bundle = export_bundle(tiny_registry.root, tmp_path / "b", backbone="tiny")
+    state = torch.load(bundle / "models" / "model.pt", map_location="cpu", weights_only=True)
+    parser = ConfigParser()
+    parser.read_config(str(bundle / "configs" / "inference.json"))
+    parser["bundle_root"], parser["device"] = str(bundle), "cpu"
+    net = parser.get_parsed_content("network_def").eval()
+    assert set(state) == set(net.state_dict()) and any(k.startswith("layers.") for k in state)
+    x = torch.rand(2, 3, 64, 64)
+    want = net(x)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(1.0)  # spoil the weights, then restore them from model.pt
+    net.load_state_dict(state, strict=True)
+    assert torch.equal(net(x), want)
+
+
+def test_large_files_listed(tmp_path, tiny_registry):
+    """A file over the zoo's 25 MB limit is listed in large_files.yml with its sha256; check_bundle catches the rest."""
+    import yaml
+
+    from casam.bundle import _write_large_files
+
+    bundle = export_bundle(tiny_registry.root, tmp_path / "b", backbone="tiny")
+    big = bundle / "models" / "backbone" / "big.pth"
+    big.parent.mkdir(exist_ok=True)
+    with open(big, "wb") as f:
+        f.truncate(ZOO_MAX_FILE_BYTES + 1)
+    assert check_bundle(bundle) == [f"models/backbone/big.pth ({ZOO_MAX_FILE_BYTES + 1:,} bytes) is over 25 MB and not "
+                                    f"in large_files.yml"]
+    _write_large_files(bundle)
+    (entry,) = yaml.safe_load((bundle / LARGE_FILES).read_text())["large_files"]
+    assert entry["path"] == "models/backbone/big.pth" and entry["hash_type"] == "sha256" and len(entry["hash_val"]) == 64
+    assert check_bundle(bundle, hosted=False) == []
+    assert check_bundle(bundle) == ["models/backbone/big.pth: no url in large_files.yml (host the file, then fill it in)"]
+    _write_large_files(bundle, "https://models.example.org/casam_bundle/")
+    assert yaml.safe_load((bundle / LARGE_FILES).read_text())["large_files"][0]["url"] == \
+        "https://models.example.org/casam_bundle/models/backbone/big.pth"
+    assert check_bundle(bundle) == []
+    with open(big, "ab") as f:
+        f.write(b"x")
+    assert check_bundle(bundle) == ["models/backbone/big.pth: sha256 does not match large_files.yml"]
 
 
 def test_bundle_predictor_and_network_match_library(tmp_path, tiny, tiny_registry, disks):
@@ -313,12 +383,19 @@ def test_litemedsam_bundle_real_images(tmp_path):
     bb = load_backbone("litemedsam")
     reg = LayerRegistry(tmp_path / "registry")
     images, masks, patients = load_cases(train)
-    train_layer(bb, images, masks, patients, reg, "Radboudumc", "US", TrainConfig(epochs=1), progress=False)
+    train_layer(bb, images, masks, patients, reg, "Radboudumc", "US", TrainConfig(epochs=1, head_steps=50), progress=False)
 
-    bundle = export_bundle(reg.root, tmp_path / "bundle", backbone="litemedsam")
+    bundle = export_bundle(reg.root, tmp_path / "bundle", backbone="litemedsam",
+                           large_files_url="https://models.example.org/casam_bundle")
     man = read_manifest(bundle)
     weights = bundle / man["backbone"]["weights"]
     assert weights.name == "lite_medsam.pth" and man["backbone"]["sha256"] == bb.hash
+    # MONAI Model Zoo's checks: the ~40 MB weights and model.pt are listed as large files, with their sha256
+    zoo_verify(bundle)
+    import yaml
+
+    large = {e["path"] for e in yaml.safe_load((bundle / LARGE_FILES).read_text())["large_files"]}
+    assert large == {"models/backbone/lite_medsam.pth", "models/model.pt"}
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     check_metadata(meta)
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [256, 256]
