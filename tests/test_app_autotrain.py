@@ -168,7 +168,7 @@ def server(tmp_path_factory):
         "backbone": "litemedsam", "registry": str(work / "registry"), "cache": str(work / "cache"), "labels": "tumour",
         "train_after_labels": "5", "epochs": "2", "max_train_epochs": "4", "max_train_images": "50"},
         ports=range(8300, 8400))
-    srv.start()
+    srv.start(timeout=600)  # a busy shared box took over 180 s to start a server
     srv.cases, srv.task = cases, TASK
     srv.client = MONAILabelClient(srv.url, tmpdir=str(work / "client"))
     yield srv
