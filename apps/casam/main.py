@@ -21,6 +21,7 @@ from monailabel.tasks.activelearning.random import Random
 
 import casam
 from casam.errors import CasamError
+from casam.monailabel_auth import install as pin_token_algorithms
 from casam.prefetch import Prefetcher
 from lib.autotrain import AutoTrainer, install_train_guard
 from lib.configs.casam import CASAMConfig
@@ -48,6 +49,7 @@ class CASAMApp(MONAILabelApp):
         self.cfg.prefetcher = Prefetcher(lambda: self.cfg.predictor, lambda i: resolve_image(i, self.datastore()),
                                          self.cfg.limits, self.cfg.max_propagation_slices) if self.cfg.prefetch else None
         install_open_hooks(self.cfg.prefetcher.submit if self.cfg.prefetcher else None)
+        pin_token_algorithms()  # MONAI Label 0.8.5 under PyJWT 2 refuses every token otherwise (auth on)
         super().__init__(
             app_dir=app_dir,
             studies=studies,
