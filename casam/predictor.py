@@ -169,6 +169,7 @@ class CASAMPredictor:
         self._lock = threading.RLock()
         self._layers: Dict[str, AlignmentLayer] = {}
         self._infos: List[LayerInfo] = []
+        self._heads = False  # whether a served layer has a refinement head (then embeddings keep the image's view)
         self.router = Router()
         self.reload()
 
@@ -193,6 +194,7 @@ class CASAMPredictor:
                 layers[info.name] = layer.to(self.backbone.device)
                 vaes.append(vae)
             self._infos, self._layers = infos, layers
+            self._heads = any(getattr(m, "head", None) is not None for m in layers.values())
             self.router = Router(vaes, [i.tau for i in infos])
             self._cache.discard(lambda k: k[0] == "aligned")  # a layer name may now hold other weights
             self._decodes.clear()
@@ -254,7 +256,8 @@ class CASAMPredictor:
         def compute() -> Embedding:
             x, geom = self.backbone.prepare(image, self.window)
             z = self.backbone.encode(x)
-            return Embedding(z, geom, pool_embedding(z)[0].cpu(), key, image_tensor(image, self.window).half())
+            view = image_tensor(image, self.window).half() if self._heads else None  # only a head reads it
+            return Embedding(z, geom, pool_embedding(z)[0].cpu(), key, view)
 
         if key is None:
             return compute()
@@ -409,8 +412,11 @@ class CASAMPredictor:
                                                     self.backbone.lowres_size, self.clicks,
                                                     None if tb is None else tb.numpy())
         full = logits_to_image(logits[0, 0].cpu(), emb.geom)
-        if r["used"] is not None and emb.image is not None:  # the institution's refinement head, if it has one
-            full = refine(self.layer(r["used"]).head, emb.image.float(), full)
+        head = getattr(self.layer(r["used"]), "head", None) if r["used"] is not None else None
+        if head is not None:  # the institution's refinement head reads the image at its own resolution
+            view = emb.image if emb.image is not None else (
+                image_tensor(image, self.window).half() if isinstance(image, np.ndarray) else None)
+            full = refine(head, None if view is None else view.float(), full)
         return Prediction((full > 0).numpy().astype(np.uint8), float(iou[0, 0]), r)
 
     def gate(self, route: Dict[str, Any], prompt: str) -> Dict[str, Any]:
