@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from casam.alignment import AlignmentLayer
+from casam.refine import RefineHead
 from casam.registry import LAYER_FILE, ROUTER_FILE, LayerInfo, LayerRegistry
 from casam.router import FeatureVAE
 from conftest import DATA, needs_data
@@ -232,7 +233,7 @@ def run_three_hospitals(tmp_path, backbone_name, recipe, min_labels, train_patie
     assert served.refresh() is True and len(served.layers) == 3
 
     # what left each site: the site's own outbox log and what the coordinator received agree, and hold the layer only
-    layer_keys = set(AlignmentLayer(256).state_dict())
+    layer_keys = set(AlignmentLayer(256).attach_head(RefineHead()).state_dict())  # the layer, with its head if it has one
     vae_keys = set(FeatureVAE().state_dict())
     for v in r0["verdicts"]:
         rec = v["received"]
