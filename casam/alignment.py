@@ -125,15 +125,13 @@ class AlignmentLayer(nn.Module):
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
         """Loads weights (with a head when the file has ``head.*`` weights); a layer saved before the gate existed
         (no ``gate`` entry) loads as METHOD's ``g = 1``."""
-        state_dict, head = split_head_state(dict(state_dict))
-        self.attach_head(head)
+        state_dict, head = split_head_state(dict(state_dict))  # the head comes loaded; the rest is the layer's own
         if "gate" not in state_dict:
             state_dict = {**state_dict, "gate": torch.ones(1)}
-        head_state = self._modules.pop("refine", None)  # loaded already: load the layer's own weights alone
-        try:
-            return super().load_state_dict(state_dict, strict=strict, assign=assign)
-        finally:
-            self.attach_head(head_state)
+        self.attach_head(None)
+        result = super().load_state_dict(state_dict, strict=strict, assign=assign)
+        self.attach_head(head)
+        return result
 
     @torch.no_grad()
     def init_norm(self, weight: torch.Tensor, bias: torch.Tensor) -> "AlignmentLayer":
