@@ -35,7 +35,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from latency import Bench, centre, datastore, machine, summary  # noqa: E402
 from mlserver import MonaiLabelServer  # noqa: E402
 
-from casam.config import default_data  # noqa: E402
+from casam.config import HEAD_STEPS, default_data  # noqa: E402
 
 INSTITUTION = "BENCH"
 RATIO = 2.0  # the target: p95 while training <= RATIO x idle p95
@@ -99,7 +99,7 @@ def main() -> None:
     idle_pics, busy_pics = pictures[: args.clicks], pictures[args.clicks: 2 * args.clicks]
     conf = {"backbone": "litemedsam", "registry": str(work / "registry"), "cache": str(work / "cache"),
             "labels": "tumour", "train_after_labels": str(args.labels), "min_images": str(args.labels),
-            "epochs": str(args.epochs)}
+            "epochs": str(args.epochs), "head_steps": str(HEAD_STEPS)}
     if args.train_threads is not None:
         conf["train_threads"] = str(args.train_threads)
     if args.train_nice is not None:

@@ -49,8 +49,9 @@ class MonaiLabelServer:
     def __init__(self, studies: str, workdir: Path, conf: Optional[Dict[str, str]] = None, env: Optional[Dict[str, str]] = None,
                  ports: Optional[range] = None):
         self.studies, self.workdir = str(studies), Path(workdir)
-        # the app trains by itself after 5 labels; a test server trains only when a test asks (by request or conf)
-        self.conf, self.extra_env = {"train_after_labels": "0", **(conf or {})}, dict(env or {})
+        # the app trains by itself after 5 labels; a test server trains only when a test asks (by request or conf),
+        # and its layers' refinement heads take 20 steps rather than 400 (tests of the head itself ask for more)
+        self.conf, self.extra_env = {"train_after_labels": "0", "head_steps": "20", **(conf or {})}, dict(env or {})
         self.port = free_port(ports)
         self.url = f"http://127.0.0.1:{self.port}"
         self.app_dir = self.workdir / "app"

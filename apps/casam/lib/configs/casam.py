@@ -20,6 +20,8 @@ train_after_labels       train an institution's next layer by itself, in the bac
 train_threads            torch threads of a background training (default 1; 0 = torch's default)
 train_nice               niceness added to a background training's process (default 10; 0 = the server's)
 epochs / max_images      training recipe (default 24 epochs, all images: CA-SAM's; lower on a CPU)
+head_steps               optimiser steps of each new layer's refinement head (default 400; 0 = no head: the layer
+                         alone, which cannot learn what plain SAM misreads, e.g. vessels)
 max_slices_per_volume    labelled slices of each 3D label used for training (default 8)
 cache_mb                 MiB of image embeddings and Alignment Layer outputs kept for further clicks (default
                          512: 128 LiteMedSAM slices or images at 4 MiB each; a 38-slice volume with a layer
@@ -88,6 +90,7 @@ from typing import Any, Dict, Optional
 from monailabel.interfaces.config import TaskConfig
 
 from casam.backbone import load_backbone
+from casam.config import HEAD_STEPS
 from casam.imageio import ImageLimits
 from casam.online import remove_incomplete, writer_lock
 from casam.predictor import CACHE_MB, DECODE_CACHE_MB, CASAMPredictor
@@ -162,7 +165,7 @@ class CASAMConfig(TaskConfig):
                                   max_bytes=int(_number(conf, "max_upload_mb", 512, float) * 2**20))
         max_images = _int(conf, "max_images", 0)
         self.train_config = TrainConfig(epochs=_int(conf, "epochs", 24), max_images=max_images or None,
-                                        seed=_int(conf, "seed", 0))
+                                        seed=_int(conf, "seed", 0), head_steps=max(0, _int(conf, "head_steps", HEAD_STEPS)))
         bounded = {"epochs": (self.train_config.epochs, "max_train_epochs"), "max_images": (max_images, "max_train_images"),
                    **{k: (getattr(self, k), "max_train_images") for k in ("min_images", "retrain_after", "train_after_labels")}}
         for key, (value, limit) in bounded.items():  # the server's own defaults stay within its request limits
