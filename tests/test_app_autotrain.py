@@ -150,6 +150,13 @@ def _registry_files(srv) -> dict:
             if p.is_file() and not p.name.startswith(".") and not any(q.startswith(".") for q in p.relative_to(root).parts)}
 
 
+def _wait_task_end(srv, what: str, timeout: float = 120) -> None:
+    end = time.time() + timeout
+    while requests.get(f"{srv.url}/train/", params={"check_if_running": "true"}, timeout=30).status_code == 200:
+        assert time.time() < end, f"MONAI Label did not see {what} end within {timeout:.0f} s"
+        time.sleep(0.5)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     import shutil
@@ -220,6 +227,9 @@ def test_labels_start_a_training_whose_layer_is_served_without_restart(server):
 def test_killed_training_leaves_the_registry_as_it_was(server):
     before, layers = _registry_files(server), server.info()["layers"]
     assert before and [i["name"] for i in layers] == ["tcga-du-v1"]
+    # the automatic training's status says done before its process has exited: MONAI Label counts the task as
+    # running (a request meanwhile gets 409) until it has
+    _wait_task_end(server, "the automatic training's task")
     r = _post_train(server, {"institution": HOME, "force": True, "epochs": 4})
     assert r.status_code == 200, r.text
     # a busy box may take minutes to start the training's process: kill it once it encodes or trains
@@ -231,10 +241,7 @@ def test_killed_training_leaves_the_registry_as_it_was(server):
     assert _registry_files(server) == before and server.info()["layers"] == layers
     assert "tcga-du-v1" in _click(server, server.cases[0]["case"])["scores"]
     # its writer lock died with it: the next training runs (once MONAI Label has seen its task end)
-    end = time.time() + 60
-    while requests.get(f"{server.url}/train/", params={"check_if_running": "true"}, timeout=30).status_code == 200:
-        assert time.time() < end, "MONAI Label did not see the killed task end"
-        time.sleep(0.5)
+    _wait_task_end(server, "the killed task")
     assert _post_train(server, {"institution": HOME, "force": True, "epochs": 1}).status_code == 200
     status = _wait(server, lambda s: s.get("state") not in ("starting", "running", "killed"), "the next training ended", 1200)
     assert status["state"] == "done" and status["new_layers"] == ["tcga-du-v2"], status
