@@ -45,3 +45,27 @@ def disks():
     a = [disk_image(rng) for _ in range(12)]
     b = [disk_image(rng, bright=False, texture=1.0) for _ in range(12)]
     return {"A": a, "B": b}
+
+
+TEST_TIMEOUT_S = float(__import__("os").environ.get("CASAM_TEST_TIMEOUT", "1200"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_call(item):
+    """Fails a test that runs past ``CASAM_TEST_TIMEOUT`` seconds (default 1200; 0 = none) instead of letting it
+    hang the suite: CI gets a failure that names the test rather than a timeout that names nothing."""
+    import signal
+
+    def expired(signum, frame):
+        raise TimeoutError(f"{item.nodeid} ran past {TEST_TIMEOUT_S:.0f} s (CASAM_TEST_TIMEOUT)")
+
+    armed = TEST_TIMEOUT_S > 0 and hasattr(signal, "SIGALRM")
+    if armed:
+        previous = signal.signal(signal.SIGALRM, expired)
+        signal.setitimer(signal.ITIMER_REAL, TEST_TIMEOUT_S)
+    try:
+        yield
+    finally:
+        if armed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, previous)
