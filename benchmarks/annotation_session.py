@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from latency import machine  # noqa: E402
 from mlserver import MonaiLabelServer  # noqa: E402
 
-from casam.config import default_data  # noqa: E402
+from casam.config import HEAD_STEPS, default_data  # noqa: E402
 from casam.imageio import read_clinical  # noqa: E402
 from casam.interactive import next_click  # noqa: E402
 from casam.metrics import iou  # noqa: E402
@@ -131,6 +131,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--clicks", type=int, default=8, help="corrective clicks at most")
     ap.add_argument("--train-after", type=int, default=5, help="--conf train_after_labels (and min_images)")
     ap.add_argument("--epochs", type=int, default=4, help="--conf epochs (the CPU recipe)")
+    ap.add_argument("--head-steps", type=int, default=HEAD_STEPS, help="--conf head_steps (default: the app's)")
     ap.add_argument("--no-wait", action="store_true", help="do not wait for a running training before the next image")
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--work", type=Path, required=True, help="server folder, registry and labels (kept: resumes)")
@@ -152,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     conf = {"backbone": "litemedsam", "registry": str(args.work / "registry"), "cache": str(args.work / "cache"),
             "labels": "object", "min_images": str(args.train_after), "epochs": str(args.epochs),
             "train_after_labels": "0" if args.arm == "plain" else str(args.train_after),
-            "train_threads": "0", "train_nice": "0", "head_steps": os.environ.get("CASAM_HEAD_STEPS", "400")}
+            "train_threads": "0", "train_nice": "0", "head_steps": str(args.head_steps)}
     report: Dict[str, Any] = {
         "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "machine": machine(),
         "server": "python -m monailabel.main start_server --app apps/casam --studies <copy> " +

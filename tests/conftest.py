@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,7 @@ def disks():
     return {"A": a, "B": b}
 
 
-TEST_TIMEOUT_S = float(__import__("os").environ.get("CASAM_TEST_TIMEOUT", "1200"))
+TEST_TIMEOUT_S = float(os.environ.get("CASAM_TEST_TIMEOUT", "1200"))
 
 
 @pytest.hookimpl(hookwrapper=True)
