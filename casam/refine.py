@@ -218,7 +218,8 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
         progress: show a progress bar.
 
     Returns:
-        The head: gate 1 with the best step's weights, or a fresh head (gate 0) when no step beat step 0.
+        The head: gate 1 with the best step's weights, or a fresh head (gate 0) when no step beat step 0 or
+        nothing could be learnt (``lr`` or ``steps`` 0).
 
     Raises:
         ValueError: no example.
@@ -230,6 +231,11 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     head = RefineHead(config.width)
+    if config.lr <= 0 or config.steps <= 0:  # nothing can move: an untrained U-Net is noise, not an answer
+        head.eval()
+        if report is not None:
+            report.update(val_history=[], best_step=0, seconds=round(time.time() - t0, 1))
+        return head
     fresh = {k: v.clone() for k, v in head.state_dict().items()}
     opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=config.lr)
     history: List[Tuple[int, float]] = []
