@@ -181,9 +181,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                                 params={"institution": institution, "patient": patients.get(case, case)})
             rec["waited_for_training_s"] = 0.0 if args.no_wait else s.wait_training()
             last = srv.info()["train_stats"]["casam"].get("last_training") or {}
-            for layer in last.get("results") or []:
+            for layer in last.get("institutions") or []:  # the server's last training, one entry per institution
                 if layer.get("layer") and layer["layer"] not in {x.get("layer") for x in report["layers"]}:
-                    report["layers"].append({**layer, "after_labels": rec["order"], "seconds": last.get("seconds")})
+                    report["layers"].append({"layer": layer["layer"], "after_labels": rec["order"],
+                                             "trained_on": layer.get("images"), "decision": layer.get("reason"),
+                                             "val_iou": layer.get("val_iou"), "plain_val_iou": layer.get("zero_shot_val_iou"),
+                                             "seconds": layer.get("seconds"), "finished": last.get("finished")})
             images.append(rec)
             save()
             print(f"{rec['order']:3d} {case}: box {rec['box']['first_iou']:.3f} -> {rec['box']['curve'][-1]:.3f} "
