@@ -28,6 +28,9 @@ LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone giv
    the mask around them that is nearer to them than to any foreground click, so a background click always
    removes what it was put on; **foreground clicks** it still misses add a disc towards the mask
    (:func:`fill_missed`), so a foreground click always adds what it was put on.
+6. **A drawn box** (3D Slicer's ROI, OHIF's rectangle) takes the first click's place: its answer is the first
+   choice and every click edits it the same way (LiteMedSAM never saw points beside a box: given to the decoder
+   with it, corrective clicks made a tumour's mask worse with each click).
 
 Everything works in the decoder's low-resolution frame and on an embedding that may already have passed
 an Alignment Layer, so the same code serves plain SAM and every layer.
@@ -558,8 +561,9 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
         img_size: side of the model input.
         lowres: side L of the decoder's logits.
         config: settings (default :class:`ClickConfig`).
-        box: a box the user drew as well (model frame): then the box is the prompt and the clicks only
-            edit it (background cut, and the clicks go to the decoder with it).
+        box: a box the user drew as well (model frame): then the box's answer is the first choice and every
+            click edits it as later clicks edit the first click's box (grown, an edge moved, a local mask joined,
+            a local cut; clicks the answer still misses or covers then add a disc or are cut around).
 
     Returns:
         (logits 1×1×L×L with the choice's mask where logits > 0, predicted IoU 1×1, info dict with the
@@ -577,13 +581,18 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
 
     def run(boxes: torch.Tensor):
         k = len(boxes)
-        if cfg.with_points or box is not None:
+        if cfg.with_points:
             return decode(pts[None].expand(k, -1, -1), lab[None].expand(k, -1), boxes)
         return decode(None, None, boxes)
 
-    if box is not None:
-        logits, iou = run(torch.as_tensor(np.asarray(box, np.float32)).reshape(1, 4))
-        info = {"proposal": "box", "box": [round(float(v), 1) for v in np.asarray(box).reshape(-1)]}
+    p = None
+    if box is not None:  # the drawn box is the first choice; every click edits it
+        cur = torch.as_tensor(np.asarray(box, np.float32)).reshape(4)
+        logits, iou = run(cur[None])
+        info = {"proposal": "box"}
+        later = list(range(len(lab)))
+        seen_fg, seen_bg = fg[:0], bg[:0]
+        anchor = ((cur[:2] + cur[2:]) / 2)[None]  # where the box says the object is, for local background cuts
     else:
         if len(fg) == 0:
             raise ValueError("decode_clicks needs at least one foreground click or a box")
@@ -600,51 +609,52 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
         logits, iou, cur = p.logits[k : k + 1], p.iou[k : k + 1], p.boxes[k]
         if cfg.fuse and p.features is not None and len(score) > 1:
             logits, iou, cur = fuse_proposals(p, score, cfg.fuse, first, to_low, hw)
-        edits = rechosen = 0
-        if cfg.edit:
-            seen_fg, seen_bg = fg[:1], bg[:0]
-            f0 = int(torch.nonzero(lab == 1)[0, 0])
-            for c, label in [(pts[i], int(lab[i])) for i in range(len(lab)) if i != f0]:
-                if label:
-                    seen_fg = torch.cat([seen_fg, c[None]])
-                else:
-                    seen_bg = torch.cat([seen_bg, c[None]])
-                prev = (logits[0, 0] > 0).cpu()
-                if bool(_at(prev[None], c[None] * to_low)[0, 0]) == bool(label):
-                    continue  # the mask already agrees with this click
-                limit = cfg.rechoose_far if label else cfg.rechoose_depth
-                if limit is not None and (1 - 2 * label) * click_depth(prev, c * to_low) >= limit:
-                    again = rechoose(run, p, seen_fg, seen_bg, to_low, hw, prev, cfg.stay)
-                    if again is not None:  # the first choice took too large (too small) an object
-                        (cur, logits, iou), edits, rechosen = again, edits + 1, rechosen + 1
-                        continue
-                cands = edit_boxes(cur, c, label, seen_fg, hw, cfg.edit_margins, cfg.max_edge_cut)
-                if not len(cands):
-                    continue
-                lg, io = run(cands)
-                if label == 1 and len(cfg.add_local):  # or join a local mask around the click to the current one
-                    lb, ll, li = local_masks(run, c, prev, to_low, hw, cfg.add_local)
-                    lg = torch.cat([lg, torch.maximum(logits[:1].expand(len(ll), -1, -1, -1), ll)])
-                    io = torch.cat([io, torch.minimum(iou[:1].expand(len(ll), -1), li)])  # trusted as the less sure part
-                    cands = torch.cat([cands, _hull(lb, cur[:2], cur[2:])])
-                if label == 0 and cfg.cut_background:  # or keep the box and cut around the click
-                    cut = _cut_logits(logits[0, 0], seen_fg * to_low, c[None] * to_low, cfg.cut_reach)
-                    lg = torch.cat([lg, cut[None, None]])
-                    io, cands = torch.cat([io, iou[:1]]), torch.cat([cands, cur[None].float()])
-                m = (lg[:, 0] > 0).cpu()
-                sc = io[:, 0].cpu().float() + cfg.click_weight * _agreement(m, seen_fg * to_low, seen_bg * to_low) \
-                    + cfg.stay * _iou_with(m, prev)
-                j = int(torch.argmax(sc))
-                cur, logits, iou, edits = cands[j], lg[j : j + 1], io[j : j + 1], edits + 1
-                if cfg.edit_fuse and len(sc) > 1:  # what the candidates that score alike agree on
-                    fused, fused_iou = soft_average(lg, io, sc, cfg.edit_fuse)
-                    if bool((fused[0, 0] > 0).any()):
-                        logits, iou = fused, fused_iou
-        info = {"proposal": "click", "half_size": float(cfg.half_sizes[int(p.sizes[k])]),
-                "box": [round(float(v), 1) for v in cur], "proposals": len(half), "edits": edits, "rechosen": rechosen}
+        info = {"proposal": "click", "half_size": float(cfg.half_sizes[int(p.sizes[k])]), "proposals": len(half)}
+        f0 = int(torch.nonzero(lab == 1)[0, 0])
+        later = [i for i in range(len(lab)) if i != f0] if cfg.edit else []
+        seen_fg, seen_bg = fg[:1], bg[:0]
+        anchor = fg[:0]
+    edits = rechosen = 0
+    for c, label in [(pts[i], int(lab[i])) for i in later]:
+        if label:
+            seen_fg = torch.cat([seen_fg, c[None]])
+        else:
+            seen_bg = torch.cat([seen_bg, c[None]])
+        prev = (logits[0, 0] > 0).cpu()
+        if bool(_at(prev[None], c[None] * to_low)[0, 0]) == bool(label):
+            continue  # the mask already agrees with this click
+        limit = cfg.rechoose_far if label else cfg.rechoose_depth
+        if p is not None and limit is not None and (1 - 2 * label) * click_depth(prev, c * to_low) >= limit:
+            again = rechoose(run, p, seen_fg, seen_bg, to_low, hw, prev, cfg.stay)
+            if again is not None:  # the first choice took too large (too small) an object
+                (cur, logits, iou), edits, rechosen = again, edits + 1, rechosen + 1
+                continue
+        cands = edit_boxes(cur, c, label, seen_fg, hw, cfg.edit_margins, cfg.max_edge_cut)
+        lg, io = run(cands) if len(cands) else (logits[:0], iou[:0])
+        if label == 1 and len(cfg.add_local):  # or join a local mask around the click to the current one
+            lb, ll, li = local_masks(run, c, prev, to_low, hw, cfg.add_local)
+            lg = torch.cat([lg, torch.maximum(logits[:1].expand(len(ll), -1, -1, -1), ll)])
+            io = torch.cat([io, torch.minimum(iou[:1].expand(len(ll), -1), li)])  # trusted as the less sure part
+            cands = torch.cat([cands.reshape(-1, 4), _hull(lb, cur[:2], cur[2:])])
+        if label == 0 and cfg.cut_background:  # or keep the box and cut around the click
+            cut = _cut_logits(logits[0, 0], torch.cat([seen_fg, anchor]) * to_low, c[None] * to_low, cfg.cut_reach)
+            lg = torch.cat([lg, cut[None, None]])
+            io, cands = torch.cat([io, iou[:1]]), torch.cat([cands.reshape(-1, 4), cur[None].float()])
+        if not len(cands):
+            continue
+        m = (lg[:, 0] > 0).cpu()
+        sc = io[:, 0].cpu().float() + cfg.click_weight * _agreement(m, seen_fg * to_low, seen_bg * to_low) \
+            + cfg.stay * _iou_with(m, prev)
+        j = int(torch.argmax(sc))
+        cur, logits, iou, edits = cands[j], lg[j : j + 1], io[j : j + 1], edits + 1
+        if cfg.edit_fuse and len(sc) > 1:  # what the candidates that score alike agree on
+            fused, fused_iou = soft_average(lg, io, sc, cfg.edit_fuse)
+            if bool((fused[0, 0] > 0).any()):
+                logits, iou = fused, fused_iou
+    info.update(box=[round(float(v), 1) for v in cur], edits=edits, rechosen=rechosen)
     out = logits[:1].clone()
-    if cfg.fill and box is None:
+    if cfg.fill:
         out[0, 0] = fill_missed(out[0, 0], fg * to_low, bg * to_low, cfg.fill, cfg.fill_cap)
     if cfg.cut_background and len(bg):
-        out[0, 0] = _cut_logits(out[0, 0], fg * to_low, bg * to_low, cfg.cut_reach)
+        out[0, 0] = _cut_logits(out[0, 0], torch.cat([fg, anchor]) * to_low, bg * to_low, cfg.cut_reach)
     return out, iou[:1], info

@@ -227,6 +227,23 @@ def test_a_drawn_box_is_the_prompt_and_clicks_only_edit_it():
     assert (logits[0, 0] > 0).sum() == 25 * 25
 
 
+def test_clicks_after_a_drawn_box_edit_its_answer_as_they_edit_a_clicks():
+    """A drawn box answers as the first click's chosen box does; each click edits it where it asks (before, every
+    click went to the decoder with the box, which LiteMedSAM never learnt: an MRI tumour's box answer fell from
+    IoU 0.88 to 0.53 over 8 corrective clicks in the annotation session)."""
+    decode, calls = square_decoder()
+    box = np.array([20.0, 16.0, 44.0, 40.0])
+    grown, _, info = decode_clicks(decode, np.array([[50.0, 30.0]]), np.array([1]), (L, L), L, L, box=box)
+    m = grown[0, 0] > 0
+    assert info["proposal"] == "box" and info["edits"] == 1 and info["box"][2] >= 50 and m[30, 50] and m[16:41, 20:45].all()
+    cut, _, info = decode_clicks(decode, np.array([[50.0, 30.0], [24.0, 30.0]]), np.array([1, 0]), (L, L), L, L, box=box)
+    m = cut[0, 0] > 0
+    assert info["edits"] == 2 and not m[30, 24] and m[30, 50] and m[30, 35]
+    inside, _, info = decode_clicks(decode, np.array([[30.0, 30.0]]), np.array([1]), (L, L), L, L, box=box)
+    assert info["edits"] == 0 and torch.equal(inside > 0, decode_clicks(decode, np.zeros((0, 2)), np.zeros(0), (L, L), L, L,
+                                                                        box=box)[0] > 0)
+
+
 def test_needs_a_foreground_click_or_a_box():
     decode, _ = square_decoder()
     with pytest.raises(ValueError):
