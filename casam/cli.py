@@ -16,9 +16,11 @@ from .errors import CasamError
 
 
 def _backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default=config.DEFAULT_BACKBONE, help="litemedsam (default), vit_b, vit_l, vit_h or tiny")
+    p.add_argument("--backbone", default=config.DEFAULT_BACKBONE,
+                   help=f"litemedsam, vit_b, vit_l, vit_h or tiny (default {config.DEFAULT_BACKBONE})")
     p.add_argument("--checkpoint", default=None, help="weights file (required for vit_*; optional for litemedsam)")
-    p.add_argument("--device", default="cpu", help="torch device (cpu, cuda, cuda:1, …)")
+    p.add_argument("--device", default=config.DEFAULT_DEVICE,
+                   help=f"torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, … (default {config.DEFAULT_DEVICE})")
 
 
 def _registry_arg(p: argparse.ArgumentParser) -> None:

@@ -2,8 +2,9 @@
 
 Environment variables:
     CASAM_HOME: root for casam's own files (default ``~/.casam``).
-    CASAM_REGISTRY: default layer registry folder (default ``$CASAM_HOME/registry``).
-    CASAM_CACHE: embedding cache folder (default ``$CASAM_HOME/cache``).
+    CASAM_REGISTRY: default layer registry folder (default ``$CASAM_HOME/registry``; the MONAI Label app's:
+        ``<app>/model/registry``).
+    CASAM_CACHE: embedding cache folder (default ``$CASAM_HOME/cache``; the app's: ``<app>/model/cache``).
     CASAM_DATA: folder of task datasets with a MANIFEST.tsv (default ``../shared/data`` next to the checkout).
     CASAM_SITE_DATA, CASAM_SITE_INSTITUTION: a federated site's labelled data (a dataset folder or a MONAI Label
         studies folder) and the institution it trains a layer for (default: the NVFlare site name).
@@ -15,8 +16,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Optional, Union
 
 DEFAULT_BACKBONE = "litemedsam"
+# "auto": CUDA when torch sees a GPU, else the CPU (casam.config.resolve_device), for the command line, the
+# MONAI Label app, the bundle and the benchmarks alike. Layers are stored on the CPU, so a layer trained on a GPU
+# serves on a CPU-only box.
+DEFAULT_DEVICE = "auto"
 EMBED_DIM = 256
 EMBED_SIZE = 64
 # Values of METHOD.md (the CA-SAM paper / its code).
@@ -51,14 +57,47 @@ def casam_home() -> Path:
     return Path(os.environ.get("CASAM_HOME", Path.home() / ".casam")).expanduser()
 
 
-def default_registry() -> Path:
-    """Returns the default layer registry folder."""
-    return Path(os.environ.get("CASAM_REGISTRY", casam_home() / "registry")).expanduser()
+def default_registry(root: Optional[Union[str, Path]] = None) -> Path:
+    """Returns the default layer registry folder.
+
+    Args:
+        root: folder whose ``registry`` subfolder is the default when ``$CASAM_REGISTRY`` is unset or empty
+            (default: :func:`casam_home`; the MONAI Label app passes its model folder).
+
+    Returns:
+        ``$CASAM_REGISTRY``, else ``<root>/registry``.
+    """
+    return Path(os.environ.get("CASAM_REGISTRY") or Path(root or casam_home()) / "registry").expanduser()
 
 
-def default_cache() -> Path:
-    """Returns the default embedding cache folder."""
-    return Path(os.environ.get("CASAM_CACHE", casam_home() / "cache")).expanduser()
+def default_cache(root: Optional[Union[str, Path]] = None) -> Path:
+    """Returns the default embedding cache folder.
+
+    Args:
+        root: folder whose ``cache`` subfolder is the default when ``$CASAM_CACHE`` is unset or empty
+            (default: :func:`casam_home`; the MONAI Label app passes its model folder).
+
+    Returns:
+        ``$CASAM_CACHE``, else ``<root>/cache``.
+    """
+    return Path(os.environ.get("CASAM_CACHE") or Path(root or casam_home()) / "cache").expanduser()
+
+
+def resolve_device(device: Optional[str] = None) -> str:
+    """The torch device a device option names.
+
+    Args:
+        device: ``auto`` (also ``None`` or empty: :data:`DEFAULT_DEVICE`), ``cpu``, ``cuda``, ``cuda:1``, …
+
+    Returns:
+        ``device`` itself, or for ``auto`` ``cuda`` when torch sees a GPU and ``cpu`` otherwise.
+    """
+    device = str(device or DEFAULT_DEVICE)
+    if device != "auto":
+        return device
+    import torch  # only here: reading paths and defaults needs no torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def malloc_keep_mb() -> int:

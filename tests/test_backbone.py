@@ -77,3 +77,21 @@ def test_decoder_with_shared_image_work_gives_sams_answer_and_gradient(name):
     g_ref = torch.autograd.grad(_sam_decode(bb, z, None, boxes)[0].square().mean(), z)[0]
     g = torch.autograd.grad(bb.decode(z, None, None, boxes)[0].square().mean(), z)[0]
     assert float((g - g_ref).norm() / g_ref.norm()) < 1e-4
+
+
+def test_auto_device_is_cuda_when_available_else_cpu(monkeypatch, tmp_path):
+    """``auto`` (casam.config.DEFAULT_DEVICE) loads a backbone on a CPU-only box; the path defaults honour their env."""
+    from casam import config
+    from casam.backbone import load_backbone
+
+    assert config.DEFAULT_DEVICE == "auto"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert config.resolve_device() == config.resolve_device("auto") == "cpu"
+    assert config.resolve_device("cuda:1") == "cuda:1"
+    assert load_backbone("tiny", device="auto").device.type == "cpu"
+    monkeypatch.delenv("CASAM_REGISTRY", raising=False)
+    monkeypatch.setenv("CASAM_CACHE", "")  # empty: unset
+    assert config.default_registry(tmp_path) == tmp_path / "registry"
+    assert config.default_cache(tmp_path) == tmp_path / "cache"
+    monkeypatch.setenv("CASAM_REGISTRY", str(tmp_path / "r"))
+    assert config.default_registry(tmp_path / "elsewhere") == config.default_registry() == tmp_path / "r"

@@ -3,9 +3,9 @@
 Start (fully offline)::
 
     python -m monailabel.main start_server --app apps/casam --studies <folder or DICOMweb URL> \\
-        --conf backbone litemedsam --conf min_images 5
+        --conf min_images 5
 
-See ``lib/configs/casam.py`` for every ``--conf`` option and ``README.md`` for 3D Slicer and OHIF.
+See ``lib/configs/options.py`` for every ``--conf`` option and ``README.md`` for 3D Slicer and OHIF.
 """
 
 from __future__ import annotations

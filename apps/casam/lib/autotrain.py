@@ -25,6 +25,7 @@ from fastapi import HTTPException
 
 from casam.errors import LimitError
 from casam.online import plan, writer_lock
+from lib.configs.options import flag
 from lib.hooks import wrap_endpoint
 from lib.trainers.casam import ACTIVE, active_task, labelled_items
 
@@ -45,7 +46,7 @@ def running_training(trainer: Any) -> Optional[str]:
             return None if free else "another process is writing the layer registry (holds its writer lock)"
     words = [f"task {task['id']} started {task.get('start_ts')}" if task else None]
     if task and not status:  # its process is still loading the app
-        words += ["automatic" if str(task["request"].get("auto")).lower() == "true" else "requested", "starting"]
+        words += ["automatic" if flag(task["request"].get("auto")) else "requested", "starting"]
     if status:
         progress = ", ".join(f"{k} {status[k]}" for k in ("institution", "stage") if status.get(k))
         epoch = f"epoch {status.get('epoch')}/{status.get('epochs')}" if status.get("stage") in ("train", "validate") else ""

@@ -42,6 +42,7 @@ from monailabel.interfaces.tasks.train import TrainTask
 from casam.errors import LimitError
 from casam.online import (LabelledItem, TrainingMonitor, TrainingStopped, institution_of, patient_of, plan,
                           remove_incomplete, train_institution, writer_lock)
+from lib.configs.options import flag
 from lib.guard import shown
 
 log = logging.getLogger(__name__)
@@ -88,10 +89,6 @@ def _write_json_atomic(path: Path, data: Dict) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, default=str)
     os.replace(tmp, path)
-
-
-def _yes(value: Any) -> bool:
-    return str(value).strip().lower() in ("1", "true", "yes", "on")
 
 
 def _whole(key: str, value: Any) -> int:
@@ -227,7 +224,7 @@ class CASAMTrainer(TrainTask):
         institution = req.get("institution") or ""
         if not isinstance(institution, str) or len(institution) > 200:
             raise ValueError(f"institution must be a name of at most 200 characters, got {shown(institution)}")
-        out.update(institution=institution, force=_yes(req.get("force")), auto=_yes(req.get("auto")))
+        out.update(institution=institution, force=flag(req.get("force")), auto=flag(req.get("auto")))
         return out
 
     def status(self) -> Optional[Dict[str, Any]]:
@@ -244,7 +241,7 @@ class CASAMTrainer(TrainTask):
         task = active_task()
         if task is not None and (status is None or str(status.get("started")).replace("T", " ") < task.get("start_ts", "")):
             return {"state": "starting", "task": task["id"], "submitted": task.get("start_ts"),
-                    "auto": _yes(task["request"].get("auto"))}
+                    "auto": flag(task["request"].get("auto"))}
         if status is None:
             return None
         if status.get("state") == "running" and not _alive(status.get("pid")):
