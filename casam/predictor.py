@@ -45,22 +45,6 @@ def _fmt(v: Optional[float]) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
-def layer_use(info: LayerInfo, prompt: str) -> Tuple[bool, Dict[str, Optional[float]]]:
-    """Whether a layer may serve a prompt type, from its validation record.
-
-    Layers trained by casam store ``extra["use"]`` (it beat plain SAM on that prompt type) and ``extra["val"]``.
-    Older layers only have box figures (``val_iou`` / ``zero_shot_val_iou``); they are judged by those.
-
-    Returns:
-        (use, {"layer": IoU with the layer, "plain": IoU of plain SAM}) on the layer's validation split.
-    """
-    val = (info.extra.get("val") or {}).get(prompt)
-    if "use" in info.extra and val is not None:
-        return bool(info.extra["use"].get(prompt, False)), val
-    lay, plain = info.val_iou, info.zero_shot_val_iou
-    return (lay is None or plain is None or lay > plain), {"layer": lay, "plain": plain}
-
-
 @dataclass
 class Embedding:
     """A frozen-encoder embedding with what is needed to decode on it.
@@ -438,7 +422,7 @@ class CASAMPredictor:
         if route.get("forced"):
             return {"prompt": prompt, "used": name, "reason": f"layer {name} requested"}
         info = next((i for i in self._infos if i.name == name), None)
-        use, val = layer_use(info, prompt) if info is not None else (True, {})
+        use, val = (info.serves(prompt), info.validation(prompt)) if info is not None else (True, {})
         if use:
             return {"prompt": prompt, "used": name, "reason": f"{name} beat plain SAM on {prompt} prompts in validation "
                                                                f"({_fmt(val.get('layer'))} > {_fmt(val.get('plain'))})"}

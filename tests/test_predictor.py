@@ -56,7 +56,6 @@ def test_cached_embedding_reused(tiny, disks, monkeypatch):
 
 
 def test_gate_serves_a_layer_only_for_prompt_types_it_beat_plain_sam_on(tiny):
-    from casam.predictor import layer_use
     from casam.registry import LayerInfo
 
     info = LayerInfo("site-v1", "site", 1, extra={"use": {"box": False, "click": True},
@@ -72,7 +71,7 @@ def test_gate_serves_a_layer_only_for_prompt_types_it_beat_plain_sam_on(tiny):
     assert p.gate({"layer": None, "fallback": True}, "box")["used"] is None
     # layers trained before the gate existed are judged by their box validation figures
     old = LayerInfo("old-v1", "old", 1, val_iou=0.6, zero_shot_val_iou=0.7)
-    assert layer_use(old, "box") == (False, {"layer": 0.6, "plain": 0.7})
+    assert not old.serves("box") and old.validation("box") == {"layer": 0.6, "plain": 0.7}
 
 
 def test_clicks_alone_are_answered_through_box_proposals(tiny, disks):
