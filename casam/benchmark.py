@@ -49,7 +49,7 @@ from .backbone import Backbone, load_backbone
 from .clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
 from .data import Task, discover_tasks, load_cases, spread
 from .metrics import boundary_iou, continual_summary, dice, iou
-from .registry import LayerRegistry
+from .registry import LayerInfo, LayerRegistry
 from .router import Router
 from .runtime import allocator_tuned
 from .benchmark_report import _fmt, write_outputs
@@ -486,8 +486,8 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
         key = (li, j, i)
         if key not in memo:
             memo[key] = score_image(bb, casam_layers[li], test_s[j][i])
-        use = casam_infos[li].extra.get("use", {})
-        return {p: memo[key][p] if use.get(p, True) else zs_img[j][i][p] for p in PROMPTS}
+        info = casam_infos[li]
+        return {p: memo[key][p] if info.serves(p) else zs_img[j][i][p] for p in PROMPTS}
 
     if "seq_decoder" in methods:
         dec_bb = copy.deepcopy(bb)
@@ -609,14 +609,14 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
 
 
 def click_sequences(bb: Backbone, test_s: List[List[Sample]], names: List[str], methods: Sequence[str],
-                    final_routes: List[List[Optional[int]]], layers: List[torch.nn.Module], infos: List[Any],
+                    final_routes: List[List[Optional[int]]], layers: List[torch.nn.Module], infos: List[LayerInfo],
                     clicks: int, max_images: Optional[int] = None) -> Dict[str, Any]:
     """Click sequences after the last task, per method and task (mean IoU/Dice after each click, AUC), on at most
     ``max_images`` test images per task."""
     memo: Dict[tuple, List[Dict]] = {}
 
     def run_one(li: Optional[int], j: int, i: int, raw: bool = False) -> List[Dict]:
-        if li is not None and not infos[li].extra.get("use", {}).get("click", True):
+        if li is not None and not infos[li].serves("click"):
             li = None  # the gate: this layer may not serve clicks
         key = (li, j, i, raw)
         if key not in memo:

@@ -56,6 +56,7 @@ from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .prompts import binary_masks, tight_box
 from .registry import LayerRegistry
 from .router import pool_embedding
+from .routing import Routing
 
 logger = logging.getLogger("casam.bundle")
 
@@ -610,7 +611,7 @@ class BundleInferer:
         return [], None, "none"
 
     def segment(self, image: np.ndarray, prompts: Sequence[Dict[str, Any]], layer: str = AUTO,
-                key: Optional[str] = None) -> Tuple[np.ndarray, Dict[str, Any], List[Dict[str, Any]]]:
+                key: Optional[str] = None) -> Tuple[np.ndarray, Routing, List[Dict[str, Any]]]:
         """Segments the prompts of one image.
 
         Returns:
@@ -659,10 +660,9 @@ class BundleInferer:
                 _save_png(label_map, out)
                 summary["images"].append({
                     "image": path.name, "mask": out.name, "prompt_source": source, "objects": results,
-                    "layer": route.get("layer"), "fallback": bool(route.get("fallback")),
-                    "score": route.get("score"), "tau": route.get("tau"),
+                    **route.to_dict(("layer", "fallback", "score", "tau")),
                 })
-                logger.info("%s: %d object(s), layer %s", path.name, len(results), route.get("layer") or "none (plain SAM)")
+                logger.info("%s: %d object(s), layer %s", path.name, len(results), route.layer or "none (plain SAM)")
             except (CasamError, OSError, ValueError) as e:
                 summary["errors"].append({"image": path.name, "error": str(e)})
                 logger.error("%s: %s", path.name, e)

@@ -84,7 +84,7 @@ def cmd_predict(args) -> int:
     pred = CASAMPredictor(_backbone(args), _registry(args)).predict(image, points or None, labels or None, args.box, layer=args.layer)
     out = Path(args.out or Path(args.image).with_suffix("").as_posix() + "_mask.png")
     Image.fromarray(pred.mask * np.uint8(args.value)).save(out)
-    print(json.dumps({"mask": str(out), "area": int(pred.mask.sum()), "predicted_iou": round(pred.iou, 4), "route": pred.route}))
+    print(json.dumps({"mask": str(out), "area": int(pred.mask.sum()), "predicted_iou": round(pred.iou, 4), "route": pred.route.to_dict()}))
     return 0
 
 

@@ -26,7 +26,7 @@ from .metrics import iou
 from .predictor import CASAMPredictor
 from .prompts import centroid_point, tight_box
 from .registry import LayerRegistry
-from .training import TrainConfig, split_by_patient, train_layer
+from .training import PROMPT_TYPES, TrainConfig, split_by_patient, train_layer
 
 
 def mni_files() -> dict:
@@ -132,7 +132,7 @@ def run_demo(args) -> int:
             plain = pred.predict(images[i], layer="none", key=f"z{zs[i]}", **kw)
             auto = pred.predict(images[i], key=f"z{zs[i]}", **kw)
             row[f"plain_sam_{prompt}_iou"], row[f"casam_{prompt}_iou"] = iou(plain.mask, masks[i]), iou(auto.mask, masks[i])
-            row["routed_to"], row[f"{prompt}_served_by"] = auto.route["layer"], auto.route["used"]
+            row["routed_to"], row[f"{prompt}_served_by"] = auto.route.layer, auto.route.used
         rows.append(row)
     from matplotlib import cbook
 
@@ -146,9 +146,9 @@ def run_demo(args) -> int:
         "test_slices": len(rows),
         **{f"{w}_{p}_iou": float(np.mean([r[f"{w}_{p}_iou"] for r in rows])) for w in ("plain_sam", "casam")
            for p in ("box", "click")},
-        "layer_used_for": info.extra.get("use"),
+        "layer_used_for": {p: info.serves(p) for p in PROMPT_TYPES},
         "routed_to_layer": float(np.mean([r["routed_to"] == info.name for r in rows])),
-        "out_of_domain_photo": {"fallback": ood.route["fallback"], "score": ood.route["score"], "tau": ood.route["tau"]},
+        "out_of_domain_photo": ood.route.to_dict(("fallback", "score", "tau")),
         "per_slice": rows,
         "seconds": round(time.time() - t0, 1),
     }
@@ -166,8 +166,8 @@ def run_demo(args) -> int:
     print(f"[demo] held-out slices, box around the brain: plain SAM IoU {summary['plain_sam_box_iou']:.3f} -> CA-SAM "
           f"{summary['casam_box_iou']:.3f}; one click: plain SAM {summary['plain_sam_click_iou']:.3f} -> CA-SAM "
           f"{summary['casam_click_iou']:.3f}; router chose the layer for {summary['routed_to_layer']:.0%}; the layer "
-          f"serves {', '.join(p for p, u in (info.extra.get('use') or {}).items() if u) or 'no prompt type'}")
-    print(f"[demo] out-of-domain photo: {'fell back to plain SAM' if ood.route['fallback'] else 'routed to ' + str(ood.route['layer'])} "
-          f"(score {ood.route['score']:.4g} vs tau {ood.route['tau']:.4g})")
+          f"serves {', '.join(p for p in PROMPT_TYPES if info.serves(p)) or 'no prompt type'}")
+    print(f"[demo] out-of-domain photo: {'fell back to plain SAM' if ood.route.fallback else 'routed to ' + str(ood.route.layer)} "
+          f"(score {ood.route.score:.4g} vs tau {ood.route.tau:.4g})")
     print(f"[demo] wrote {out / 'summary.json'}, {out / 'demo.png'} and the registry {out / 'registry'} ({summary['seconds']} s)")
     return 0

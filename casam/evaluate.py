@@ -88,7 +88,7 @@ def evaluate_task(predictor: CASAMPredictor, cases: Sequence[Case], max_images: 
         (image,), (label,), _ = load_cases([case])
         emb = predictor.embed(image)
         route = predictor.route(emb)
-        routes[route["layer"] or "fallback"] += 1
+        routes[route.layer or "fallback"] += 1
         for _, truth in binary_masks(label):
             n_masks += 1
             box, point = tight_box(truth), centroid_point(truth)
@@ -99,7 +99,7 @@ def evaluate_task(predictor: CASAMPredictor, cases: Sequence[Case], max_images: 
                 ("fresh", "click"): predictor.predict(emb, points=point, point_labels=[1], layer=NONE),
             }
             for p in PROMPTS:
-                used[p][preds[("routed", p)].route.get("used") or "plain SAM"] += 1
+                used[p][preds[("routed", p)].route.used or "plain SAM"] += 1
             masks = {k: v.mask > 0 for k, v in preds.items()}
             masks[("plain", "box")] = masks[("fresh", "box")]
             masks[("plain", "click")] = _raw_click(predictor, emb, point)

@@ -7,7 +7,7 @@ above zero (one mask: the first condition alone). A layer whose gain is noise (0
 out; a layer that helps clearly on every mask is served even on few masks.
 
 Layers stored before this rule carry no per-mask figures; they keep the decision recorded with them
-(``extra["use"]``), or without one the box rule ``val_iou > zero_shot_val_iou`` (:func:`casam.predictor.layer_use`).
+(``extra["use"]``), or without one the box rule ``val_iou > zero_shot_val_iou`` (:meth:`casam.registry.LayerInfo.serves`).
 """
 
 from __future__ import annotations

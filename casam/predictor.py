@@ -14,7 +14,7 @@ changed.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
@@ -32,6 +32,7 @@ from .preprocess import Geometry, Window, box_to_model, logits_to_image, points_
 from .refine import image_tensor, refine
 from .registry import LayerInfo, LayerRegistry
 from .router import Router, pool_embedding
+from .routing import Routing
 
 AUTO, NONE = "auto", "none"
 # SAM's decoder costs more per prompt in large batches on a CPU. With its image-side work shared (casam.decoder;
@@ -39,26 +40,6 @@ AUTO, NONE = "auto", "none"
 # 4, same masks. Prompts are decoded in batches of at most this many
 CPU_DECODE_BATCH = 1
 CACHE_MB, DECODE_CACHE_MB = 512, 64
-
-
-def _fmt(v: Optional[float]) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
-
-
-def layer_use(info: LayerInfo, prompt: str) -> Tuple[bool, Dict[str, Optional[float]]]:
-    """Whether a layer may serve a prompt type, from its validation record.
-
-    Layers trained by casam store ``extra["use"]`` (it beat plain SAM on that prompt type) and ``extra["val"]``.
-    Older layers only have box figures (``val_iou`` / ``zero_shot_val_iou``); they are judged by those.
-
-    Returns:
-        (use, {"layer": IoU with the layer, "plain": IoU of plain SAM}) on the layer's validation split.
-    """
-    val = (info.extra.get("val") or {}).get(prompt)
-    if "use" in info.extra and val is not None:
-        return bool(info.extra["use"].get(prompt, False)), val
-    lay, plain = info.val_iou, info.zero_shot_val_iou
-    return (lay is None or plain is None or lay > plain), {"layer": lay, "plain": plain}
 
 
 @dataclass
@@ -87,16 +68,13 @@ class Prediction:
     Attributes:
         mask: H×W uint8 mask (0/1) at the original image size.
         iou: the decoder's predicted IoU.
-        route: which layer was used: ``layer`` (name or None), ``institution``, ``score``, ``tau``,
-            ``fallback`` (True when the router fell back to plain SAM), ``forced`` (named by the caller),
-            ``scores`` (every active layer's router score); ``prompt`` (``box`` or ``click``), ``used`` (the
-            layer that decoded, None for plain SAM: the router's layer is used only for prompt types where it
-            beat plain SAM on validation) and ``reason``; for clicks, ``click`` (the proposal chosen).
+        route: the layer chosen for the image and the one that decoded this prompt (``used``, None for plain
+            SAM), gated for the prompt type (:class:`casam.routing.Routing`).
     """
 
     mask: np.ndarray
     iou: float
-    route: Dict[str, Any] = field(default_factory=dict)
+    route: Routing = field(default_factory=Routing)
 
 
 def check_prompts(hw: Sequence[int], points=None, point_labels=None, box=None):
@@ -336,7 +314,7 @@ class CASAMPredictor:
         return decode
 
     # ----------------------------------------------------------------- routing
-    def route(self, emb: Embedding, layer: str = AUTO) -> Dict[str, Any]:
+    def route(self, emb: Embedding, layer: str = AUTO) -> Routing:
         """Chooses the layer for an embedding.
 
         Args:
@@ -344,37 +322,24 @@ class CASAMPredictor:
             layer: "auto" (router), "none" (plain SAM) or a layer name (forced; inactive versions too).
 
         Returns:
-            The route dict (see :class:`Prediction`).
+            The routing, not yet gated for a prompt type.
 
         Raises:
             UnknownLayerError: an unknown layer name.
         """
         with self._lock:
             infos, router = list(self._infos), self.router
-        r = router.route(emb.feature)
-        scores = {i.name: round(float(s), 6) for i, s in zip(infos, r.scores)}
-        if layer in (None, "", AUTO):
-            if r.index is None:
-                best = infos[r.best] if r.best is not None else None
-                return {"layer": None, "institution": None, "fallback": True, "forced": False, "scores": scores,
-                        "score": r.scores[r.best] if best else None, "tau": best.tau if best else None,
-                        "nearest": best.name if best else None}
-            info = infos[r.index]
-            return {"layer": info.name, "institution": info.institution, "fallback": False, "forced": False,
-                    "score": r.scores[r.index], "tau": info.tau, "scores": scores}
-        if layer == NONE:
-            return {"layer": None, "institution": None, "fallback": False, "forced": True, "score": None, "tau": None,
-                    "scores": scores}
-        info = self.registry.get(layer) if self.registry is not None else None
-        if info is None:
+        raw = router.route(emb.feature)
+        if layer in (None, "", AUTO, NONE):
+            return Routing.decide(raw, infos, plain=layer == NONE)
+        if self.registry is None:
             raise UnknownLayerError(f"unknown layer {layer!r}: no registry")
-        return {"layer": info.name, "institution": info.institution, "fallback": False, "forced": True,
-                "score": scores.get(info.name), "tau": info.tau, "scores": scores}
+        return Routing.decide(raw, infos, forced=self.registry.get(layer))
 
     # --------------------------------------------------------------- predicting
     @torch.no_grad()
     def predict(self, image: Union[np.ndarray, Embedding], points=None, point_labels=None, box=None, layer: str = AUTO,
-                key: Optional[str] = None, route: Optional[Dict[str, Any]] = None) -> Prediction:
+                key: Optional[str] = None, route: Optional[Routing] = None) -> Prediction:
         """Segments one object from points and/or a box.
 
         Args:
@@ -384,12 +349,12 @@ class CASAMPredictor:
             box: (x0, y0, x1, y1) inclusive pixel corners.
             layer: "auto", "none" or a layer name.
             key: embedding cache key.
-            route: a route dict to reuse (skips routing; e.g. for every slice of a volume).
+            route: a routing to reuse (skips routing; e.g. for every slice of a volume); it is gated again.
 
         Clicks without a box are answered through box proposals (:func:`casam.clicks.decode_clicks`); with a
         box, the box is the prompt and clicks edit it. The routed layer decodes only for the prompt types
-        where it beat plain SAM on validation (:meth:`gate`); ``route`` then tells ``prompt``, ``used`` and
-        ``reason``.
+        where it beat plain SAM on validation (:meth:`gate`); the Prediction's ``route`` tells ``prompt``,
+        ``used`` and ``reason``.
 
         Returns:
             The Prediction.
@@ -399,51 +364,40 @@ class CASAMPredictor:
         """
         emb = self.embed(image, key)
         pts, lab, bx = check_prompts(emb.geom.orig_hw, points, point_labels, box)
-        r = dict(route if route is not None else self.route(emb, layer))
         kind = "box" if bx is not None else "click"
-        r.update(self.gate(r, kind))
-        decode = self.decoder(self.aligned(emb, r["used"]), None if emb.key is None else ("dec", emb.key, r["used"]))
+        r = self.gate(route if route is not None else self.route(emb, layer), kind)
+        decode = self.decoder(self.aligned(emb, r.used), None if emb.key is None else ("dec", emb.key, r.used))
         tb = torch.from_numpy(box_to_model(bx, emb.geom)) if bx is not None else None
         if pts is None:
             logits, iou = decode(None, None, tb[None])
         else:
-            logits, iou, r["click"] = decode_clicks(decode, points_to_model(pts, emb.geom), lab,
-                                                    emb.geom.resized_hw, self.backbone.img_size,
-                                                    self.backbone.lowres_size, self.clicks,
-                                                    None if tb is None else tb.numpy())
+            logits, iou, click = decode_clicks(decode, points_to_model(pts, emb.geom), lab,
+                                               emb.geom.resized_hw, self.backbone.img_size,
+                                               self.backbone.lowres_size, self.clicks,
+                                               None if tb is None else tb.numpy())
+            r = replace(r, click=click)
         full = logits_to_image(logits[0, 0].cpu(), emb.geom)
-        head = getattr(self.layer(r["used"]), "head", None) if r["used"] is not None else None
+        head = getattr(self.layer(r.used), "head", None) if r.used is not None else None
         if head is not None:  # the institution's refinement head reads the image at its own resolution
             view = emb.image if emb.image is not None else (
                 image_tensor(image, self.window).half() if isinstance(image, np.ndarray) else None)
             full = refine(head, None if view is None else view.float(), full)
         return Prediction((full > 0).numpy().astype(np.uint8), float(iou[0, 0]), r)
 
-    def gate(self, route: Dict[str, Any], prompt: str) -> Dict[str, Any]:
-        """Whether the routed layer is used for a prompt type: only where it beat plain SAM on its validation split.
-
-        A layer the caller named (``forced``) is always used.
+    def gate(self, route: Routing, prompt: str) -> Routing:
+        """Whether the routed layer is used for a prompt type: only where it beat plain SAM on its validation split
+        (:meth:`casam.routing.Routing.gated`). A layer the caller named (``forced``) is always used.
 
         Args:
-            route: a route dict (see :meth:`route`).
+            route: a routing (see :meth:`route`).
             prompt: ``box`` or ``click``.
 
         Returns:
-            ``prompt``, ``used`` (the layer that decodes, or None for plain SAM) and ``reason``.
+            The routing with ``prompt``, ``used`` (the layer that decodes, or None for plain SAM) and ``reason``.
         """
-        name = route.get("layer")
-        if name is None:
-            why = "no layer fits this image: plain SAM" if route.get("fallback") else "plain SAM requested"
-            return {"prompt": prompt, "used": None, "reason": why}
-        if route.get("forced"):
-            return {"prompt": prompt, "used": name, "reason": f"layer {name} requested"}
-        info = next((i for i in self._infos if i.name == name), None)
-        use, val = layer_use(info, prompt) if info is not None else (True, {})
-        if use:
-            return {"prompt": prompt, "used": name, "reason": f"{name} beat plain SAM on {prompt} prompts in validation "
-                                                               f"({_fmt(val.get('layer'))} > {_fmt(val.get('plain'))})"}
-        return {"prompt": prompt, "used": None, "reason": f"{name} did not beat plain SAM on {prompt} prompts in "
-                                                          f"validation ({_fmt(val.get('layer'))} vs {_fmt(val.get('plain'))}): plain SAM"}
+        with self._lock:
+            info = next((i for i in self._infos if i.name == route.layer), None)
+        return route.gated(prompt, info)
 
     def novelty(self, image: Union[np.ndarray, Embedding], key: Optional[str] = None) -> Dict[str, Any]:
         """How unlike every known institution an image is (for active learning).

@@ -84,8 +84,53 @@ class LayerInfo:
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "LayerInfo":
+        """Builds a LayerInfo from :meth:`to_dict`'s output (e.g. a meta.json); unknown keys are ignored."""
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+    def _recorded(self, prompt: str) -> Optional[Dict[str, Any]]:
+        """The per-prompt validation record casam stores with a layer, or None when the gate must use the box rule."""
+        extra = self.extra if isinstance(self.extra, dict) else {}
+        val = extra.get("val")
+        rec = val.get(prompt) if isinstance(val, dict) else None
+        return rec if "use" in extra and isinstance(rec, dict) else None
+
+    def serves(self, prompt: str) -> bool:
+        """Whether the layer may serve a prompt type (the gate): only where it beat plain SAM on validation.
+
+        Layers trained by casam store ``extra["use"]`` (the gate's decision per prompt type) and ``extra["val"]``
+        (the validation IoU per prompt type). When ``"use"`` is in ``extra`` and ``extra["val"]`` has a record
+        for ``prompt``, the layer serves ``prompt`` iff ``extra["use"].get(prompt, False)``. Otherwise (meta.json
+        files written before the gate) the box rule decides, for every prompt type: the layer serves iff
+        ``val_iou is None or zero_shot_val_iou is None or val_iou > zero_shot_val_iou``.
+
+        Args:
+            prompt: ``box`` or ``click``.
+
+        Returns:
+            True when the layer decodes this prompt type, False when plain SAM does.
+        """
+        if self._recorded(prompt) is not None:
+            use = self.extra["use"]
+            return bool(use.get(prompt, False)) if isinstance(use, dict) else False
+        lay, plain = self.val_iou, self.zero_shot_val_iou
+        return lay is None or plain is None or lay > plain
+
+    def validation(self, prompt: str) -> Dict[str, Optional[float]]:
+        """The validation figures :meth:`serves` decides ``prompt`` by.
+
+        Args:
+            prompt: ``box`` or ``click``.
+
+        Returns:
+            ``{"layer": IoU with the layer, "plain": IoU of plain SAM}`` on the layer's validation split: the
+            stored record for ``prompt``, or ``val_iou`` / ``zero_shot_val_iou`` where the box rule applies
+            (either may be None).
+        """
+        rec = self._recorded(prompt)
+        if rec is not None:
+            return {"layer": rec.get("layer"), "plain": rec.get("plain")}
+        return {"layer": self.val_iou, "plain": self.zero_shot_val_iou}
 
 
 def slug(text: str) -> str:

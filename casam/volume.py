@@ -51,7 +51,8 @@ def segment_volume(predictor: CASAMPredictor, volume: np.ndarray, slice_index: i
             background) and stops at the first slice that is not. None: no time budget.
 
     Returns:
-        (D×H×W uint8 mask, info dict with ``route``, ``slices`` [first, last], ``iou`` of the prompted slice and
+        (D×H×W uint8 mask, info dict with ``route`` (the prompted slice's :class:`~casam.routing.Routing`),
+        ``slices`` [first, last], ``iou`` of the prompted slice and
         ``pending``: the slices where propagation stopped for the time budget, each the next slice of its
         direction, not encoded yet; empty when the object's whole extent was followed).
 

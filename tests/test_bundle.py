@@ -219,7 +219,7 @@ def test_export_run_verify_tiny(tmp_path, tiny, tiny_registry, disks):
             assert set(np.unique(got)) <= {0, 3}  # the class id of the label file
     routes = {i["image"]: i for i in summary["images"]}
     lib_route = lib.route(lib.embed(inputs["b_json"][0]))
-    assert routes["b_json.png"]["layer"] == lib_route["layer"] and routes["b_json.png"]["fallback"] == lib_route["fallback"]
+    assert routes["b_json.png"]["layer"] == lib_route.layer and routes["b_json.png"]["fallback"] == lib_route.fallback
 
     # verify_net_in_out from the bundle folder (the litemedsam test runs it from elsewhere with --bundle_root)
     monai_bundle(["verify_net_in_out", "--net_id", "network_def", "--meta_file", "configs/metadata.json",
@@ -284,7 +284,7 @@ def test_bundle_predictor_and_network_match_library(tmp_path, tiny, tiny_registr
     for img, mask in disks["A"][8:9] + disks["B"][:1]:  # the layer's institution and another one
         box = tight_box(mask).tolist()
         p, q = fresh.predict(img, box=box), lib.predict(img, box=box)
-        assert np.array_equal(p.mask, q.mask) and p.route["layer"] == q.route["layer"]
+        assert np.array_equal(p.mask, q.mask) and p.route.layer == q.route.layer
 
     # network_def on a 64×64 image: the same mask as the predictor (identity geometry)
     net = BundleNetwork(fresh).eval()
@@ -415,7 +415,7 @@ def test_litemedsam_bundle_real_images(tmp_path):
         layer = "none" if how[stem] == "json" else "auto"
         got = np.array(Image.open(out / f"{stem}_mask.png"))
         assert np.array_equal(got, library_label_map(lib, img, prompts, layer)), stem
-        assert summary[f"{stem}.png"]["layer"] == lib.route(lib.embed(img), layer)["layer"]
+        assert summary[f"{stem}.png"]["layer"] == lib.route(lib.embed(img), layer).layer
         if layer == "none":
             iou = ((gt > 0) & (got > 0)).sum() / max(1, ((gt > 0) | (got > 0)).sum())
             assert iou > 0.8, (stem, iou)  # real weights: a tight box segments the fetal head

@@ -16,6 +16,7 @@ import torch
 from casam.cache import ByteCache, nbytes
 from casam.prefetch import Prefetcher, image_key, middle_out
 from casam.predictor import CASAMPredictor
+from casam.routing import Routing
 from casam.volume import segment_volume
 from conftest import disk_image
 
@@ -96,7 +97,7 @@ def test_further_click_decodes_only_what_changed_and_equals_an_uncached_answer(t
         assert further < sum(rows) and (labels[-1] == 1 or further <= sum(rows) // 4), (further, sum(rows))
         # (the same prompts, decoded in other batches: float rounding may differ in the last digits)
         assert np.array_equal(again.mask, uncached.mask) and again.iou == pytest.approx(uncached.iou, abs=1e-5)
-        assert again.route["click"] == uncached.route["click"]
+        assert again.route.click == uncached.route.click
         monkeypatch.undo()
 
 
@@ -110,11 +111,11 @@ def test_layer_output_is_cached_per_image(tiny, disks, monkeypatch):
             return z * 1.0
 
     monkeypatch.setattr(p, "layer", lambda name: Layer())
-    route = {"layer": "site-v1", "forced": True}
+    route = Routing(layer="site-v1", forced=True)
     img, _ = disks["B"][0]
     a = p.predict(img, box=[2, 2, 40, 30], key="x", route=route)
     b = p.predict(img, points=[[20, 20]], key="x", route=route)
-    assert runs == [1] and a.route["used"] == b.route["used"] == "site-v1"
+    assert runs == [1] and a.route.used == b.route.used == "site-v1"
     assert ("aligned", "x", "site-v1") in p._cache
     p.predict(img, box=[2, 2, 40, 30], route=route)  # no key: nothing cached, the layer runs again
     assert runs == [1, 1]

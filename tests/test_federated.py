@@ -75,7 +75,9 @@ def test_coordinator_checks_merge_and_reject(tmp_path, tiny):
     good = _layer_payload(tmp_path, tiny, "A")
     tampered = _layer_payload(tmp_path, tiny, "B", seed=1)
     tampered["files"] = {**tampered["files"], LAYER_FILE: tampered["files"][LAYER_FILE][:-4] + b"\0\0\0\0"}
-    worse = _layer_payload(tmp_path, tiny, "C", val=(0.5, 0.7), seed=2)
+    worse = _layer_payload(tmp_path, tiny, "C", seed=2, extra={"val": {"box": {"layer": 0.5, "plain": 0.7},
+                                                                     "click": {"layer": 0.8, "plain": 0.7}},
+                                                             "use": {"box": True, "click": True}})
     other_bb = _layer_payload(tmp_path, tiny, "D", seed=3)
     other_bb["meta"]["backbone_hash"] = "0" * 64
     per_prompt = _layer_payload(tmp_path, tiny, "E", seed=4, extra={"val": {"box": {"layer": 0.9, "zero_shot": 0.8},
@@ -94,6 +96,9 @@ def test_coordinator_checks_merge_and_reject(tmp_path, tiny):
     assert verdicts["f"].status == "skipped" and "5 needed" in verdicts["f"].reason
     assert verdicts["g"].status == "merged"  # worse on clicks, but it serves boxes only (plain SAM answers clicks)
     assert [i.name for i in reg.list()] == ["a-v1", "g-v1"]
+    # a layer without extra["use"] is judged as the predictor judges it, by the box rule: below plain SAM on
+    # validation, it serves no prompt type, so it cannot make a prompt worse
+    coord.check_layer(_layer_payload(tmp_path, tiny, "H", val=(0.5, 0.7), seed=7), tiny.hash, max_val_drop=0.02)
     assert reg.get("a-v1").extra["federated"]["site"] == "a"  # the sender's NVFlare identity, not what it claims
     # the same layer again (same label fingerprint) changes nothing; another site may not take over "A"
     again = {v.site: v for v in coord.merge(reg, {"a": good}, tiny.hash, 0.02, 1)}

@@ -50,7 +50,7 @@ def test_fresh_install_click_gives_a_useful_mask_on_every_task_plain_sam_knows(l
         for n, (img, mask) in enumerate(zip(*load_cases(cases)[:2])):
             truth = mask > 0
             out = pred.predict(img, points=centroid_point(truth), point_labels=[1], key=f"{task.name}/{n}")
-            assert out.route["prompt"] == "click" and out.route["used"] is None
+            assert out.route.prompt == "click" and out.route.used is None
             c_ious.append(iou(out.mask, truth))
             b_ious.append(iou(pred.predict(img, box=tight_box(truth), key=f"{task.name}/{n}").mask, truth))
         print(f"{task.name}: fresh-install click IoU {np.mean(c_ious):.3f}, box {np.mean(b_ious):.3f}")
@@ -83,7 +83,7 @@ def test_vessel_layer_teaches_plain_sam_a_convention_it_lacks(tmp_path, litemeds
         truth = mask > 0
         served = pred.predict(img, box=tight_box(truth), key=str(n))
         plain = pred.predict(img, box=tight_box(truth), key=str(n), layer="none")
-        assert served.route["used"] == info.name, served.route
+        assert served.route.used == info.name, served.route
         print(f"test image {n}: box IoU {iou(plain.mask, truth):.3f} -> {iou(served.mask, truth):.3f}")
         assert iou(served.mask, truth) >= iou(plain.mask, truth) + 0.15
 
@@ -110,15 +110,15 @@ def test_layer_gate_and_router_separate_tasks(tmp_path, litemedsam):
 
     pred = CASAMPredictor(litemedsam, reg)
     test_imgs, test_masks, _ = load_cases(task.split("test")[:10])
-    routed = [pred.route(pred.embed(img))["layer"] == info.name for img in test_imgs]
+    routed = [pred.route(pred.embed(img)).layer == info.name for img in test_imgs]
     for img, mask in zip(test_imgs[:3], test_masks[:3]):
         truth = mask > 0
         for p, prompt in (("box", {"box": tight_box(truth)}), ("click", {"points": centroid_point(truth), "point_labels": [1]})):
             out = pred.predict(img, **prompt)
-            if out.route["layer"] == info.name:  # routed to the layer: served only for the prompt types it may serve
-                assert (out.route["used"] == info.name) == use[p], out.route
-                assert out.route["prompt"] == p and out.route["reason"]
+            if out.route.layer == info.name:  # routed to the layer: served only for the prompt types it may serve
+                assert (out.route.used == info.name) == use[p], out.route
+                assert out.route.prompt == p and out.route.reason
     foreign = [pred.route(pred.embed(img)) for img in load_cases(other.split("test")[:5])[0]]
-    print(f"in-task routed to the layer: {np.mean(routed):.0%}; {other.name} fell back: {[r['fallback'] for r in foreign]}")
+    print(f"in-task routed to the layer: {np.mean(routed):.0%}; {other.name} fell back: {[r.fallback for r in foreign]}")
     assert np.mean(routed) >= 0.7
     assert all(r["layer"] != info.name for r in foreign)

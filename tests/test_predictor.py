@@ -1,8 +1,11 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
 from casam.errors import ImageError, PromptError, UnknownLayerError
 from casam.predictor import CASAMPredictor, check_prompts
+from casam.routing import Routing
 
 
 def test_check_prompts():
@@ -31,7 +34,7 @@ def test_predict_plain_sam(tiny, disks):
     img, mask = disks["A"][0]
     out = p.predict(img, points=[[10, 10]], box=[0, 0, 30, 20], key="a")
     assert out.mask.shape == img.shape and out.mask.dtype == np.uint8 and set(np.unique(out.mask)) <= {0, 1}
-    assert out.route["layer"] is None and out.route["fallback"]
+    assert out.route.layer is None and out.route.fallback
     assert p.cached("a")
     p.predict(img, box=[0, 0, 30, 20], key="b")
     p.predict(img, box=[0, 0, 30, 20], key="c")
@@ -56,7 +59,6 @@ def test_cached_embedding_reused(tiny, disks, monkeypatch):
 
 
 def test_gate_serves_a_layer_only_for_prompt_types_it_beat_plain_sam_on(tiny):
-    from casam.predictor import layer_use
     from casam.registry import LayerInfo
 
     info = LayerInfo("site-v1", "site", 1, extra={"use": {"box": False, "click": True},
@@ -64,15 +66,15 @@ def test_gate_serves_a_layer_only_for_prompt_types_it_beat_plain_sam_on(tiny):
                                                           "click": {"layer": 0.61, "plain": 0.55}}})
     p = CASAMPredictor(tiny, None)
     p._infos = [info]
-    routed = {"layer": "site-v1", "fallback": False, "forced": False}
+    routed = Routing(layer="site-v1")
     box, click = p.gate(routed, "box"), p.gate(routed, "click")
-    assert box["used"] is None and "0.700 vs 0.720" in box["reason"]
-    assert click["used"] == "site-v1" and "0.610 > 0.550" in click["reason"]
-    assert p.gate({**routed, "forced": True}, "box")["used"] == "site-v1"  # a layer the user names is used
-    assert p.gate({"layer": None, "fallback": True}, "box")["used"] is None
+    assert box.used is None and "0.700 vs 0.720" in box.reason
+    assert click.used == "site-v1" and "0.610 > 0.550" in click.reason
+    assert p.gate(replace(routed, forced=True), "box").used == "site-v1"  # a layer the user names is used
+    assert p.gate(Routing(fallback=True), "box").used is None
     # layers trained before the gate existed are judged by their box validation figures
     old = LayerInfo("old-v1", "old", 1, val_iou=0.6, zero_shot_val_iou=0.7)
-    assert layer_use(old, "box") == (False, {"layer": 0.6, "plain": 0.7})
+    assert not old.serves("box") and old.validation("box") == {"layer": 0.6, "plain": 0.7}
 
 
 def test_clicks_alone_are_answered_through_box_proposals(tiny, disks):
@@ -80,7 +82,7 @@ def test_clicks_alone_are_answered_through_box_proposals(tiny, disks):
     img, mask = disks["A"][0]
     ys, xs = np.nonzero(mask)
     out = p.predict(img, points=[[xs.mean(), ys.mean()]], point_labels=[1])
-    assert out.route["prompt"] == "click" and out.route["click"]["proposal"] == "click"
+    assert out.route.prompt == "click" and out.route.click["proposal"] == "click"
     assert out.mask.shape == img.shape
     # a background click on the mask takes that part away
     on = np.argwhere(out.mask)

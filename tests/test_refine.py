@@ -105,11 +105,11 @@ def test_the_predictor_serves_the_head_of_the_layer_it_uses(tmp_path, tiny):
     img = np.random.default_rng(0).integers(0, 255, (48, 64)).astype(np.uint8)
     pred = CASAMPredictor(tiny, reg)
     box = pred.predict(img, box=(5, 5, 40, 30))
-    assert box.route["used"] == "a-v1" and box.mask.sum() == 0
+    assert box.route.used == "a-v1" and box.mask.sum() == 0
     plain = pred.predict(img, box=(5, 5, 40, 30), layer="none")
     click = pred.predict(img, points=[[20, 20]])
-    assert click.route["used"] is None  # the gate: this layer does not serve clicks, nor its head
-    assert plain.route["used"] is None
+    assert click.route.used is None  # the gate: this layer does not serve clicks, nor its head
+    assert plain.route.used is None
 
 
 @pytest.mark.parametrize("layer, plain, use", [

@@ -80,3 +80,32 @@ def test_interrupted_write_leaves_nothing(tmp_path, tiny, monkeypatch):
     assert [i.name for i in reg.list()] == ["a-v1"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
     assert (tmp_path / "layers" / first.name / "layer.safetensors").read_bytes() == before
+
+
+def test_layer_info_serves_by_its_validation_record():
+    val = {"box": {"layer": 0.70, "plain": 0.72}, "click": {"layer": 0.61, "plain": 0.55}}
+    new = LayerInfo("a-v1", "a", 1, val_iou=0.9, zero_shot_val_iou=0.1, extra={"use": {"box": False, "click": True}, "val": val})
+    assert not new.serves("box") and new.serves("click")  # the stored decision, not the box figures
+    assert new.validation("click") == {"layer": 0.61, "plain": 0.55}
+    # a prompt type with a validation record but missing from "use" is not served
+    partial = LayerInfo("b-v1", "b", 1, extra={"use": {"box": True}, "val": val})
+    assert partial.serves("box") and not partial.serves("click")
+    # a prompt type with no validation record falls back to the box rule
+    unrecorded = LayerInfo("c-v1", "c", 1, val_iou=0.5, zero_shot_val_iou=0.6, extra={"use": {"box": True}, "val": {}})
+    assert not unrecorded.serves("box") and unrecorded.validation("box") == {"layer": 0.5, "plain": 0.6}
+    # without figures the layer is served
+    assert LayerInfo("d-v1", "d", 1).serves("click") and LayerInfo("e-v1", "e", 1, val_iou=0.5).serves("box")
+
+
+def test_old_meta_json_without_use_or_val_is_judged_by_the_box_rule(tmp_path):
+    reg = LayerRegistry(tmp_path)
+    for name, lay, plain in (("better-v1", 0.8, 0.7), ("worse-v1", 0.6, 0.7)):
+        folder = tmp_path / "layers" / name
+        folder.mkdir(parents=True)
+        (folder / "meta.json").write_text(json.dumps({  # as casam wrote it before the gate: no extra["use"]/["val"]
+            "name": name, "institution": name[:-3], "version": 1, "tau": 2.0, "val_iou": lay,
+            "zero_shot_val_iou": plain, "extra": {"seconds": 12.0}}))
+    better, worse = reg.get("better-v1"), reg.get("worse-v1")
+    assert better.serves("box") and better.serves("click")  # every prompt type by the box figures
+    assert not worse.serves("box") and not worse.serves("click")
+    assert worse.validation("click") == {"layer": 0.6, "plain": 0.7}

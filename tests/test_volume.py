@@ -1,6 +1,7 @@
 import numpy as np
 
 from casam.predictor import Prediction
+from casam.routing import Routing
 from casam.volume import segment_volume
 
 
@@ -25,7 +26,7 @@ class OraclePredictor:
             keep = np.zeros_like(m)
             keep[max(0, y0 - 3):y1 + 4, max(0, x0 - 3):x1 + 4] = 1
             m = m * keep
-        return Prediction(m.astype(np.uint8), 0.9 if m.any() else 0.1, route or {"layer": "x-v1"})
+        return Prediction(m.astype(np.uint8), 0.9 if m.any() else 0.1, route or Routing(layer="x-v1"))
 
 
 def test_propagates_both_ways_until_object_ends():
@@ -40,7 +41,7 @@ def test_propagates_both_ways_until_object_ends():
     assert info["slices"] == [first, last]
     assert (out[first:last + 1] == truth[first:last + 1]).all()
     assert out[:first].sum() == 0 and out[last + 1:].sum() == 0
-    assert info["route"] == {"layer": "x-v1"}
+    assert info["route"] == Routing(layer="x-v1")
     assert ("vol:10" in [k for _, k in p.calls]) and all(k.startswith("vol:") for _, k in p.calls)
 
 

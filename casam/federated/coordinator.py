@@ -94,7 +94,8 @@ def check_layer(payload: Dict[str, Any], backbone_hash: str, max_val_drop: float
     Checks: only allowed fields (:func:`~casam.federated.payload.check_outgoing`), checksums of both files, the
     backbone hash, that the weights load into an Alignment Layer and a router VAE of the declared shape and are
     finite, a finite τ, and validation no worse than plain SAM by more than ``max_val_drop`` on every prompt type
-    the layer serves (``extra["use"]``; the predictor serves plain SAM for the others; all types without it).
+    the layer serves (:meth:`~casam.registry.LayerInfo.serves`, as the predictor decides; it serves plain SAM for
+    the others).
 
     Args:
         payload: the site's payload (status ``layer``).
@@ -122,8 +123,11 @@ def check_layer(payload: Dict[str, Any], backbone_hash: str, max_val_drop: float
     figures = validation_figures(meta)
     if not figures:
         raise Rejected("no validation figures (the site needs validation patients)")
-    use = (meta.get("extra") or {}).get("use")
-    serves = {p: bool(use.get(p, False)) if isinstance(use, dict) else True for p in figures}
+    try:
+        declared = LayerInfo.from_dict(meta)
+        serves = {p: declared.serves(p) for p in figures}
+    except TypeError as e:  # e.g. a val_iou that is not a number
+        raise Rejected(f"malformed validation figures: {e}") from e
     worse = {p: f for p, f in figures.items() if serves[p] and f["layer"] < f["zero_shot"] - max_val_drop}
     if worse:
         raise Rejected("below plain SAM on validation for a prompt type it serves: " + ", ".join(

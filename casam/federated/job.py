@@ -22,7 +22,7 @@ from ..backbone import Backbone, load_backbone
 from ..benchmark import PROMPTS, _clean, aggregate, machine_info, score_image
 from ..data import discover_tasks
 from ..errors import CasamError
-from ..predictor import CASAMPredictor, layer_use
+from ..predictor import CASAMPredictor
 from ..registry import LayerRegistry, slug
 from ..training import EmbeddingCache, TrainConfig, make_samples, train_layer
 from .site import load_site_labels
@@ -127,7 +127,7 @@ def train_central(backbone: Backbone, sites: Dict[str, Dict[str, str]], registry
 
 def routed_iou(backbone: Backbone, registry: LayerRegistry, spec: Dict[str, str], cache: Optional[str] = None) -> Dict[str, Any]:
     """Routed IoU of a registry on a site's test split, as the app serves it: the router picks a layer per image
-    (plain SAM on fallback), and a layer serves only the prompt types it may serve (``casam.predictor.layer_use``).
+    (plain SAM on fallback), and a layer serves only the prompt types it may serve (:meth:`casam.registry.LayerInfo.serves`).
 
     Returns:
         {prompt (box, click): mean IoU over every mask, "own_layer": share of images routed to the site's own
@@ -144,7 +144,7 @@ def routed_iou(backbone: Backbone, registry: LayerRegistry, spec: Dict[str, str]
         fallback += int(info is None)
         plain = score_image(backbone, None, s)
         routed = score_image(backbone, pred.layer(info.name), s) if info is not None else plain
-        per_image.append({p: routed[p] if info is not None and layer_use(info, p)[0] else plain[p] for p in PROMPTS})
+        per_image.append({p: routed[p] if info is not None and info.serves(p) else plain[p] for p in PROMPTS})
     res = aggregate(per_image)
     n = max(len(samples), 1)
     return {**{p: res[p]["iou"] for p in PROMPTS}, "own_layer": own / n, "fallback": fallback / n, "images": len(samples)}

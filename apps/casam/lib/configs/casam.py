@@ -26,7 +26,7 @@ from casam.online import remove_incomplete, writer_lock
 from casam.predictor import CASAMPredictor
 from casam.registry import LayerRegistry
 from casam.runtime import tune_allocator
-from casam.training import TrainConfig
+from casam.training import PROMPT_TYPES, TrainConfig
 from lib.conffile import with_conf_file
 from lib.configs.options import read_options
 
@@ -106,7 +106,7 @@ class CASAMConfig(TaskConfig):
                         "modality": i.modality, "backbone": i.backbone_id, "images": i.n_images, "patients": i.n_patients,
                         "tau": i.tau, "val_iou": i.val_iou, "zero_shot_val_iou": i.zero_shot_val_iou, "created": i.created,
                         # per prompt type: validation IoU with the layer and with plain SAM, and whether it is used
-                        "validation": i.extra.get("val"), "used_for": i.extra.get("use"),
+                        "validation": i.extra.get("val"), "used_for": {p: i.serves(p) for p in PROMPT_TYPES},
                         "best_epoch": i.extra.get("best_epoch")})
         return out
 

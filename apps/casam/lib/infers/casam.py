@@ -208,17 +208,7 @@ class CASAMInfer(InferTask):
                             f"{self.cfg.max_propagation_slices}); draw a 3D roi or click further slices")
         params = {
             "model": self.cfg.name,
-            "layer": route.get("layer"),
-            "institution": route.get("institution"),
-            "fallback": bool(route.get("fallback")),
-            "forced": bool(route.get("forced")),
-            "prompt": route.get("prompt"),
-            "layer_used": route.get("used"),
-            "reason": route.get("reason"),
-            "click": route.get("click"),
-            "score": route.get("score"),
-            "tau": route.get("tau"),
-            "scores": route.get("scores"),
+            **route.as_params(),  # layer, institution, fallback, forced, prompt, layer_used, reason, click, score, tau, scores
             "slice": p.slice,
             "slices": slices,
             "pending_slices": pending,
