@@ -77,7 +77,8 @@ def per_image(r: Dict[str, Any]) -> str:
     return (f"## {r['task']} ({r['institution']}), arm {r['arm']}\n\nCommand: `{r.get('command')}`  \nServer: "
             f"`{r.get('server')}`  \nMachine: {machine}\n\nLayers as they appeared:\n{layers}\n"
             f"Test split: box {(r.get('test') or {}).get('box_iou')}, one click {(r.get('test') or {}).get('click_iou')}"
-            f"\n\n– = not reached within the corrective clicks.\n\n{head}{rows}\n")
+            f"\n\n" + (f"Note: {r['note']}.\n\n" if r.get("note") else "") +
+            f"– = not reached within the corrective clicks.\n\n{head}{rows}\n")
 
 
 def targets(rows: List[Dict[str, Any]]) -> str:
