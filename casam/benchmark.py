@@ -30,9 +30,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -51,11 +48,11 @@ from .data import Task, discover_tasks, load_cases, spread
 from .metrics import boundary_iou, continual_summary, dice, iou
 from .registry import LayerInfo, LayerRegistry
 from .router import Router
-from .runtime import allocator_tuned
 from .benchmark_report import _fmt, write_outputs
 from .interactive import click_sequence, summarise
 from .preprocess import logits_to_image, points_to_model
 from .refine import refine
+from .reporting import json_safe, machine_info
 from .training import (EmbeddingCache, Sample, TrainConfig, click_logits, fit, head_of, make_samples, predict_sample,
                        split_samples, train_layer)
 
@@ -332,57 +329,6 @@ def _unseen_delta(R_all: List[List[Optional[float]]], zs: List[Optional[float]])
     return float(np.mean(d)) if d else None
 
 
-# ------------------------------------------------------------------------------------------- machine
-# vector extensions that decide CPU speed here (the 2-core box has come both with AVX2 only and with AVX-512 BF16)
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
-def machine_info(device: str) -> Dict[str, Any]:
-    """The machine a result was measured on: CPU model, family/model numbers and vector extensions, cores,
-    torch, platform, device (and GPU), memory, and whether glibc keeps freed memory (:mod:`casam.runtime`)."""
-    cpu, fields = platform.processor() or "", {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, val = line.partition(":")
-                fields[key.strip()] = val.strip()
-    except OSError:
-        pass
-    cpu = fields.get("model name", cpu)
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None,
-            "malloc_tuned": allocator_tuned()}
-    if "cpu family" in fields:
-        info["cpu_id"] = f"{fields.get('vendor_id', '')} family {fields['cpu family']} model {fields.get('model', '?')}".strip()
-    if "flags" in fields:
-        info["simd"] = [f for f in SIMD_FLAGS if f in fields["flags"].split()]
-    try:
-        with open("/proc/meminfo") as f:
-            info["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return info
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: NaN/inf → None, numpy scalars → Python, floats rounded to 6 digits."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return None if not math.isfinite(x) else round(x, 6)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
-
-
 # --------------------------------------------------------------------------------------------- run
 def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchmark") -> Dict[str, Any]:
     t_start = time.time()
@@ -600,7 +546,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
 
     results = assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_steps, final_routes, zs_res, casam_infos,
                        encode_s, t_start, cfg, bb, partial=False, prog=prog)
-    results["click_sequences"] = _clean(seq_res)
+    results["click_sequences"] = json_safe(seq_res)
     results["targets"] = targets(results["methods"], results["router"], seq_res)
     write_outputs(out_dir, args.name, results, figure=not args.no_plot)
     reg_dir.cleanup()
@@ -741,7 +687,7 @@ def assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_s
         "recipe": recipe(args, cfg),
     }
     res["targets"] = targets(out_methods, router, {}) if not partial else {}
-    return _clean(res)
+    return json_safe(res)
 
 
 def recipe(args, cfg: TrainConfig) -> Dict[str, Any]:
