@@ -30,7 +30,8 @@ from casam.config import default_data  # noqa: E402
 from casam.data import discover_tasks, load_cases  # noqa: E402
 from casam.registry import LayerRegistry  # noqa: E402
 from casam.reporting import json_safe, machine_info  # noqa: E402
-from casam.training import EmbeddingCache, TrainConfig, make_samples, mask_scores, predict_sample, train_layer  # noqa: E402
+from casam.scoring import mask_scores, predict_sample  # noqa: E402
+from casam.training import EmbeddingCache, TrainConfig, make_samples, train_layer  # noqa: E402
 
 PROMPTS = ("box", "click")
 

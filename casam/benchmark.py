@@ -45,16 +45,14 @@ from .alignment import describe, fresh_layer
 from .backbone import Backbone, load_backbone
 from .clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
 from .data import Task, discover_tasks, load_cases, spread
-from .metrics import boundary_iou, continual_summary, dice, iou
+from .metrics import continual_summary
 from .registry import LayerInfo, LayerRegistry
 from .router import Router
 from .benchmark_report import _fmt, write_outputs
-from .interactive import click_sequence, summarise
-from .preprocess import logits_to_image, points_to_model
-from .refine import refine
+from .interactive import summarise
 from .reporting import json_safe, machine_info
-from .training import (EmbeddingCache, Sample, TrainConfig, click_logits, fit, head_of, make_samples, predict_sample,
-                       split_samples, train_layer)
+from .scoring import PROMPTS, ImageScores, aggregate, score_image, sequences
+from .training import EmbeddingCache, Sample, TrainConfig, fit, make_samples, split_samples, train_layer
 
 METHODS = ("zero_shot", "fresh_install", "seq_decoder", "seq_layer", "casam", "casam_oracle", "joint")
 DEFAULT_METHODS = ("zero_shot", "fresh_install", "casam", "casam_oracle")
@@ -67,9 +65,7 @@ LABELS = {
     "casam_oracle": "5. CA-SAM (oracle task id)",
     "joint": "6. joint multi-task layer (non-continual)",
 }
-PROMPTS = ("box", "click")
 SEQUENCE_METHODS = ("zero_shot", "fresh_install", "casam", "casam_oracle")
-METRICS = ("iou", "dice", "biou")
 FALLBACK = "fallback"
 # Targets of the project (issues 3 and 11).
 TARGET_BWT = -0.005
@@ -185,63 +181,6 @@ def train_subset(samples: Sequence[Sample], cfg: TrainConfig) -> List[Sample]:
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-ImageScores = Dict[str, Dict[str, List[float]]]  # prompt -> metric -> one value per mask
-
-
-@torch.no_grad()
-def score_image(backbone: Backbone, layer: Optional[Callable], sample: Sample, raw_click: bool = False,
-                prompts: Sequence[str] = PROMPTS) -> ImageScores:
-    """IoU, Dice and boundary IoU of every mask of one test image, for the box and the click prompt.
-
-    The layer runs once per image; both prompts decode on its output with ``casam.training.predict_sample``.
-    The click is answered as casam answers clicks, or with ``raw_click`` as the decoder's raw point prompt
-    (plain LiteMedSAM). ``prompts`` picks which of the two are scored.
-    """
-    out: ImageScores = {p: {m: [] for m in METRICS} for p in prompts}
-    if not sample.targets:
-        return out
-    z = sample.embedding[None].to(backbone.device)
-    h = layer(z) if layer is not None else z
-    for prompt in prompts:
-        kind = "point" if prompt == "click" and raw_click else prompt
-        preds = predict_sample(backbone, layer, sample, kind, aligned=h)
-        for t, m in zip(sample.targets, preds):
-            out[prompt]["iou"].append(iou(m, t.mask))
-            out[prompt]["dice"].append(dice(m, t.mask))
-            out[prompt]["biou"].append(boundary_iou(m, t.mask))
-    return out
-
-
-@torch.no_grad()
-def sequences(backbone: Backbone, layer: Optional[Callable], sample: Sample, clicks: int, raw: bool = False,
-              config: Optional[ClickConfig] = None) -> List[Dict]:
-    """Click sequences (:func:`casam.interactive.click_sequence`) on every mask of one test image.
-
-    Args:
-        backbone: frozen backbone.
-        layer: the layer that decodes clicks on this image (None: plain SAM).
-        sample: the test image.
-        clicks: clicks per sequence.
-        raw: give the clicks to the decoder as raw point prompts (plain LiteMedSAM) instead of casam's answer.
-        config: how casam answers clicks (default :class:`casam.clicks.ClickConfig`).
-    """
-    z = sample.embedding[None].to(backbone.device)
-    h = layer(z) if layer is not None else z
-
-    def predict(pts: np.ndarray, labs: np.ndarray) -> np.ndarray:
-        mp = points_to_model(pts, sample.geom)
-        if raw:
-            logits, _ = backbone.decode(h, torch.from_numpy(mp)[None], torch.from_numpy(labs)[None], None)
-        else:
-            logits = click_logits(backbone, h, sample.geom, mp, labs, config=config)
-        full = logits_to_image(logits[0, 0].cpu(), sample.geom)
-        if not raw and sample.image is not None:
-            full = refine(head_of(layer), sample.image.float(), full)
-        return full.numpy() > 0
-
-    return [click_sequence(predict, t.mask, clicks) for t in sample.targets]
-
-
 def encode_seconds(backbone: Backbone, images: Sequence[np.ndarray], n: int = 8) -> float:
     """Seconds to encode one image (mean over ``n`` images, uncached): what a fresh site pays per labelled image.
 
@@ -282,17 +221,6 @@ def serve_timing(info: Any, encode_per_image: float) -> Dict[str, Any]:
     timing["total"] = round(timing["encode"] + after, 1)
     timing["labelled_images"] = info.n_images
     return timing
-
-
-def aggregate(per_image: Sequence[ImageScores]) -> Dict[str, Dict[str, Optional[float]]]:
-    """Mean over every mask of a task (as ``casam.training.evaluate``), per prompt and metric."""
-    res: Dict[str, Dict[str, Optional[float]]] = {}
-    for p in PROMPTS:
-        res[p] = {}
-        for m in METRICS:
-            vals = [v for s in per_image for v in s[p][m]]
-            res[p][m] = float(np.mean(vals)) if vals else None
-    return res
 
 
 class Grid:

@@ -19,12 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .. import config
 from ..backbone import Backbone, load_backbone
-from ..benchmark import PROMPTS, aggregate, score_image
 from ..data import discover_tasks
 from ..errors import CasamError
 from ..predictor import CASAMPredictor
 from ..registry import LayerRegistry, slug
 from ..reporting import json_safe, machine_info
+from ..scoring import PROMPTS, aggregate, score_image
 from ..training import EmbeddingCache, TrainConfig, make_samples, train_layer
 from .site import load_site_labels
 
