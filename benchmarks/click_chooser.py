@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casam.backbone import load_backbone  # noqa: E402
-from casam.benchmark import machine_info  # noqa: E402
+from casam.reporting import machine_info  # noqa: E402
 from casam.clicks import (CHOOSER_WEIGHTS, FEATURES, HALF_SIZES, REFERENCE_SIZE, ClickConfig, _agreement,  # noqa: E402
                           _paired_iou, fuse_proposals, proposal_scores, propose)
 from casam.data import discover_tasks, load_cases, spread  # noqa: E402

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from click_chooser import run_record, split_samples  # noqa: E402
 
-from casam.benchmark import sequences  # noqa: E402
+from casam.scoring import sequences  # noqa: E402
 from casam.clicks import ClickConfig  # noqa: E402
 from casam.interactive import summarise  # noqa: E402
 

@@ -97,11 +97,11 @@ def vm_hwm(pid: int) -> Optional[int]:
 
 
 def machine() -> Dict[str, Any]:
-    """The client machine (here also the server's): :func:`casam.benchmark.machine_info`, with the allocator
+    """The client machine (here also the server's): :func:`casam.reporting.machine_info`, with the allocator
     setting the server gets from this environment (``CASAM_MALLOC_KEEP_MB``, :mod:`casam.runtime`)."""
     import torch
 
-    from casam.benchmark import machine_info
+    from casam.reporting import machine_info
     from casam.config import malloc_keep_mb
 
     info = machine_info("cuda" if torch.cuda.is_available() else "cpu")

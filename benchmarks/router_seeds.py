@@ -27,7 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casam import config as casam_config  # noqa: E402
 from casam.backbone import load_backbone  # noqa: E402
-from casam.benchmark import machine_info  # noqa: E402
+from casam.reporting import machine_info  # noqa: E402
 from casam.data import discover_tasks, load_cases, spread  # noqa: E402
 from casam.router import Router  # noqa: E402
 from casam.training import EmbeddingCache, TrainConfig, fit_router, make_samples, split_samples  # noqa: E402

@@ -26,11 +26,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from casam.backbone import load_backbone  # noqa: E402
-from casam.benchmark import _clean, machine_info  # noqa: E402
 from casam.config import default_data  # noqa: E402
 from casam.data import discover_tasks, load_cases  # noqa: E402
 from casam.registry import LayerRegistry  # noqa: E402
-from casam.training import EmbeddingCache, TrainConfig, make_samples, mask_scores, predict_sample, train_layer  # noqa: E402
+from casam.reporting import json_safe, machine_info  # noqa: E402
+from casam.scoring import mask_scores, predict_sample  # noqa: E402
+from casam.training import EmbeddingCache, TrainConfig, make_samples, train_layer  # noqa: E402
 
 PROMPTS = ("box", "click")
 
@@ -88,7 +89,7 @@ def main(argv=None) -> int:
         print(f"{name}: box {own['box']:.3f} click {own['click']:.3f} use {use}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = _clean({"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "machine": machine_info("cpu"),
+    res = json_safe({"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "machine": machine_info("cpu"),
                   "task": args.task, "n_test": len(test), "results": results,
                   "note": "IoU per test image (one mask each), mean; 'served' = what the gate lets through"})
     (out / "vessel_layer.json").write_text(json.dumps(res, indent=2))

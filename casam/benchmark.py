@@ -30,9 +30,6 @@ import argparse
 import copy
 import hashlib
 import json
-import math
-import os
-import platform
 import shlex
 import sys
 import tempfile
@@ -48,16 +45,14 @@ from .alignment import describe, fresh_layer
 from .backbone import Backbone, load_backbone
 from .clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
 from .data import Task, discover_tasks, load_cases, spread
-from .metrics import boundary_iou, continual_summary, dice, iou
+from .metrics import continual_summary
 from .registry import LayerInfo, LayerRegistry
 from .router import Router
-from .runtime import allocator_tuned
 from .benchmark_report import _fmt, write_outputs
-from .interactive import click_sequence, summarise
-from .preprocess import logits_to_image, points_to_model
-from .refine import refine
-from .training import (EmbeddingCache, Sample, TrainConfig, click_logits, fit, head_of, make_samples, predict_sample,
-                       split_samples, train_layer)
+from .interactive import summarise
+from .reporting import json_safe, machine_info
+from .scoring import PROMPTS, ImageScores, aggregate, score_image, sequences
+from .training import EmbeddingCache, Sample, TrainConfig, fit, make_samples, split_samples, train_layer
 
 METHODS = ("zero_shot", "fresh_install", "seq_decoder", "seq_layer", "casam", "casam_oracle", "joint")
 DEFAULT_METHODS = ("zero_shot", "fresh_install", "casam", "casam_oracle")
@@ -70,9 +65,7 @@ LABELS = {
     "casam_oracle": "5. CA-SAM (oracle task id)",
     "joint": "6. joint multi-task layer (non-continual)",
 }
-PROMPTS = ("box", "click")
 SEQUENCE_METHODS = ("zero_shot", "fresh_install", "casam", "casam_oracle")
-METRICS = ("iou", "dice", "biou")
 FALLBACK = "fallback"
 # Targets of the project (issues 3 and 11).
 TARGET_BWT = -0.005
@@ -188,63 +181,6 @@ def train_subset(samples: Sequence[Sample], cfg: TrainConfig) -> List[Sample]:
 
 
 # ---------------------------------------------------------------------------------------- evaluation
-ImageScores = Dict[str, Dict[str, List[float]]]  # prompt -> metric -> one value per mask
-
-
-@torch.no_grad()
-def score_image(backbone: Backbone, layer: Optional[Callable], sample: Sample, raw_click: bool = False,
-                prompts: Sequence[str] = PROMPTS) -> ImageScores:
-    """IoU, Dice and boundary IoU of every mask of one test image, for the box and the click prompt.
-
-    The layer runs once per image; both prompts decode on its output with ``casam.training.predict_sample``.
-    The click is answered as casam answers clicks, or with ``raw_click`` as the decoder's raw point prompt
-    (plain LiteMedSAM). ``prompts`` picks which of the two are scored.
-    """
-    out: ImageScores = {p: {m: [] for m in METRICS} for p in prompts}
-    if not sample.targets:
-        return out
-    z = sample.embedding[None].to(backbone.device)
-    h = layer(z) if layer is not None else z
-    for prompt in prompts:
-        kind = "point" if prompt == "click" and raw_click else prompt
-        preds = predict_sample(backbone, layer, sample, kind, aligned=h)
-        for t, m in zip(sample.targets, preds):
-            out[prompt]["iou"].append(iou(m, t.mask))
-            out[prompt]["dice"].append(dice(m, t.mask))
-            out[prompt]["biou"].append(boundary_iou(m, t.mask))
-    return out
-
-
-@torch.no_grad()
-def sequences(backbone: Backbone, layer: Optional[Callable], sample: Sample, clicks: int, raw: bool = False,
-              config: Optional[ClickConfig] = None) -> List[Dict]:
-    """Click sequences (:func:`casam.interactive.click_sequence`) on every mask of one test image.
-
-    Args:
-        backbone: frozen backbone.
-        layer: the layer that decodes clicks on this image (None: plain SAM).
-        sample: the test image.
-        clicks: clicks per sequence.
-        raw: give the clicks to the decoder as raw point prompts (plain LiteMedSAM) instead of casam's answer.
-        config: how casam answers clicks (default :class:`casam.clicks.ClickConfig`).
-    """
-    z = sample.embedding[None].to(backbone.device)
-    h = layer(z) if layer is not None else z
-
-    def predict(pts: np.ndarray, labs: np.ndarray) -> np.ndarray:
-        mp = points_to_model(pts, sample.geom)
-        if raw:
-            logits, _ = backbone.decode(h, torch.from_numpy(mp)[None], torch.from_numpy(labs)[None], None)
-        else:
-            logits = click_logits(backbone, h, sample.geom, mp, labs, config=config)
-        full = logits_to_image(logits[0, 0].cpu(), sample.geom)
-        if not raw and sample.image is not None:
-            full = refine(head_of(layer), sample.image.float(), full)
-        return full.numpy() > 0
-
-    return [click_sequence(predict, t.mask, clicks) for t in sample.targets]
-
-
 def encode_seconds(backbone: Backbone, images: Sequence[np.ndarray], n: int = 8) -> float:
     """Seconds to encode one image (mean over ``n`` images, uncached): what a fresh site pays per labelled image.
 
@@ -287,17 +223,6 @@ def serve_timing(info: Any, encode_per_image: float) -> Dict[str, Any]:
     return timing
 
 
-def aggregate(per_image: Sequence[ImageScores]) -> Dict[str, Dict[str, Optional[float]]]:
-    """Mean over every mask of a task (as ``casam.training.evaluate``), per prompt and metric."""
-    res: Dict[str, Dict[str, Optional[float]]] = {}
-    for p in PROMPTS:
-        res[p] = {}
-        for m in METRICS:
-            vals = [v for s in per_image for v in s[p][m]]
-            res[p][m] = float(np.mean(vals)) if vals else None
-    return res
-
-
 class Grid:
     """R matrices of one method: after task k (row) on task j (column), every prompt × metric, seen and unseen."""
 
@@ -330,57 +255,6 @@ def _unseen_delta(R_all: List[List[Optional[float]]], zs: List[Optional[float]])
     d = [R_all[k][j] - zs[j] for k in range(len(R_all)) for j in range(k + 1, len(R_all[k]))
          if R_all[k][j] is not None and zs[j] is not None]
     return float(np.mean(d)) if d else None
-
-
-# ------------------------------------------------------------------------------------------- machine
-# vector extensions that decide CPU speed here (the 2-core box has come both with AVX2 only and with AVX-512 BF16)
-SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16")
-
-
-def machine_info(device: str) -> Dict[str, Any]:
-    """The machine a result was measured on: CPU model, family/model numbers and vector extensions, cores,
-    torch, platform, device (and GPU), memory, and whether glibc keeps freed memory (:mod:`casam.runtime`)."""
-    cpu, fields = platform.processor() or "", {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor is enough
-                key, _, val = line.partition(":")
-                fields[key.strip()] = val.strip()
-    except OSError:
-        pass
-    cpu = fields.get("model name", cpu)
-    info = {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "platform": platform.platform(), "device": device,
-            "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None,
-            "malloc_tuned": allocator_tuned()}
-    if "cpu family" in fields:
-        info["cpu_id"] = f"{fields.get('vendor_id', '')} family {fields['cpu family']} model {fields.get('model', '?')}".strip()
-    if "flags" in fields:
-        info["simd"] = [f for f in SIMD_FLAGS if f in fields["flags"].split()]
-    try:
-        with open("/proc/meminfo") as f:
-            info["memory_gb"] = round(int(f.readline().split()[1]) / 2**20, 1)
-    except (OSError, ValueError, IndexError):
-        pass
-    return info
-
-
-def _clean(x: Any) -> Any:
-    """JSON-safe copy: NaN/inf → None, numpy scalars → Python, floats rounded to 6 digits."""
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    if isinstance(x, (np.floating, float)):
-        x = float(x)
-        return None if not math.isfinite(x) else round(x, 6)
-    if isinstance(x, np.integer):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    return x
 
 
 # --------------------------------------------------------------------------------------------- run
@@ -600,7 +474,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
 
     results = assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_steps, final_routes, zs_res, casam_infos,
                        encode_s, t_start, cfg, bb, partial=False, prog=prog)
-    results["click_sequences"] = _clean(seq_res)
+    results["click_sequences"] = json_safe(seq_res)
     results["targets"] = targets(results["methods"], results["router"], seq_res)
     write_outputs(out_dir, args.name, results, figure=not args.no_plot)
     reg_dir.cleanup()
@@ -741,7 +615,7 @@ def assemble(args, argv, tasks, counts, methods, grids, seconds, losses, route_s
         "recipe": recipe(args, cfg),
     }
     res["targets"] = targets(out_methods, router, {}) if not partial else {}
-    return _clean(res)
+    return json_safe(res)
 
 
 def recipe(args, cfg: TrainConfig) -> Dict[str, Any]:

@@ -23,17 +23,14 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
-import torch
 
 from .data import Case, discover_tasks, load_cases, read_meta, spread
 from .errors import CasamError
-from .metrics import dice, iou
 from .predictor import NONE, CASAMPredictor
-from .preprocess import logits_to_image, points_to_model
-from .prompts import binary_masks, centroid_point, tight_box
+from .prompts import binary_masks
+from .scoring import PROMPTS, mask_metrics, mask_prompts, raw_click
 
 WAYS = ("routed", "plain", "fresh")
-PROMPTS = ("box", "click")
 
 
 def find_tasks(data: str | Path, split: str = "test") -> Dict[str, List[Case]]:
@@ -63,15 +60,6 @@ def find_tasks(data: str | Path, split: str = "test") -> Dict[str, List[Case]]:
     return out
 
 
-@torch.no_grad()
-def _raw_click(predictor: CASAMPredictor, emb, point: np.ndarray) -> np.ndarray:
-    """Plain SAM's answer to one click: the decoder's raw point prompt, no layer."""
-    bb = predictor.backbone
-    pts = torch.from_numpy(points_to_model(point, emb.geom))[None]
-    logits, _ = bb.decode(emb.z, pts, torch.ones(1, 1, dtype=torch.int64), None)
-    return logits_to_image(logits[0, 0].cpu(), emb.geom).numpy() > 0
-
-
 def evaluate_task(predictor: CASAMPredictor, cases: Sequence[Case], max_images: Optional[int] = None) -> Dict[str, Any]:
     """Scores one task (see the module docstring).
 
@@ -91,7 +79,7 @@ def evaluate_task(predictor: CASAMPredictor, cases: Sequence[Case], max_images: 
         routes[route.layer or "fallback"] += 1
         for _, truth in binary_masks(label):
             n_masks += 1
-            box, point = tight_box(truth), centroid_point(truth)
+            box, point = mask_prompts(truth)
             preds = {
                 ("routed", "box"): predictor.predict(emb, box=box, route=route),
                 ("routed", "click"): predictor.predict(emb, points=point, point_labels=[1], route=route),
@@ -102,10 +90,10 @@ def evaluate_task(predictor: CASAMPredictor, cases: Sequence[Case], max_images: 
                 used[p][preds[("routed", p)].route.used or "plain SAM"] += 1
             masks = {k: v.mask > 0 for k, v in preds.items()}
             masks[("plain", "box")] = masks[("fresh", "box")]
-            masks[("plain", "click")] = _raw_click(predictor, emb, point)
+            masks[("plain", "click")] = raw_click(predictor.backbone, emb.z, emb.geom, point)
             for (w, p), m in masks.items():
-                vals[w][p]["iou"].append(iou(m, truth))
-                vals[w][p]["dice"].append(dice(m, truth))
+                for k, v in mask_metrics(m, truth, ("iou", "dice")).items():
+                    vals[w][p][k].append(v)
     scores = {w: {p: {k: (float(np.mean(v)) if v else None) for k, v in d.items()} for p, d in pw.items()}
               for w, pw in vals.items()}
     n = sum(routes.values())

@@ -20,7 +20,6 @@ import hashlib
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -31,15 +30,15 @@ import torch.nn.functional as F
 
 from .alignment import fresh_layer
 from .backbone import Backbone
-from .clicks import ClickConfig, decode_clicks
 from .config import HEAD_STEPS, TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS
 from .errors import ImageError
 from .evidence import decide
 from .metrics import iou as iou_metric
 from .preprocess import Geometry, Window, box_to_model, geometry_for, logits_to_image, mask_to_model, points_to_model
-from .prompts import binary_masks, central_pixels, centroid_point, jittered_box, tight_box
+from .prompts import binary_masks, central_pixels, jittered_box, tight_box
 from .refine import HeadConfig, HeadExample, image_tensor, refine, to_head_resolution, train_head
 from .registry import LayerInfo, LayerRegistry
+from .scoring import mask_scores, mean_iou, sample_logits
 from .router import FeatureVAE, calibrate_tau, pool_embedding, train_vae
 
 
@@ -372,68 +371,19 @@ def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, laye
     return history
 
 
-def sample_logits(backbone: Backbone, h: torch.Tensor, sample: Sample, prompt: str = "box") -> torch.Tensor:
-    """SAM's logits (K×L×L, model frame) for every target of a sample on an (aligned) embedding ``h``: its tight
-    box (``box``), one click at its centroid pixel answered as the product answers clicks (``click``), or that
-    click as a raw point prompt of the decoder (``point``)."""
-    if prompt == "click":
-        logits = torch.cat([click_logits(backbone, h, sample.geom, points_to_model(centroid_point(t.mask), sample.geom),
-                                         np.ones(1, np.int64)) for t in sample.targets])
-    elif prompt == "box":
-        logits, _ = backbone.decode(h, *_prompt_tensors("box", [t.box for t in sample.targets]))
-    elif prompt == "point":
-        pts = [points_to_model(centroid_point(t.mask), sample.geom) for t in sample.targets]
-        logits, _ = backbone.decode(h, *_prompt_tensors("point", pts))
-    else:
-        raise ValueError(f"unknown prompt kind {prompt!r}")
-    return logits[:, 0]
-
-
-def head_of(layer: Optional[nn.Module]):
-    """The refinement head a layer carries (:mod:`casam.refine`), or None."""
-    return getattr(layer, "head", None) if layer is not None else None
-
-
-@torch.no_grad()
-def predict_sample(backbone: Backbone, layer: Optional[nn.Module], sample: Sample, prompt: str = "box",
-                   aligned: Optional[torch.Tensor] = None) -> List[np.ndarray]:
-    """Predicts every target of a sample (prompts as in :func:`sample_logits`), through the layer and its
-    refinement head when it has one (not for the raw ``point`` prompt, which is plain LiteMedSAM's answer).
+def evaluate(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample], prompt: str = "box") -> float:
+    """Mean IoU over every target of the samples (per mask, then averaged; :func:`casam.scoring.mean_iou`).
 
     Args:
-        aligned: the layer's output on the sample's embedding, when already computed.
+        backbone: the frozen backbone.
+        layer: the Alignment Layer (None: plain SAM).
+        samples: the labelled images.
+        prompt: ``box``, ``click`` or ``point`` (see :func:`casam.scoring.sample_logits`).
 
     Returns:
-        One H×W bool mask per target, at the original image size.
+        The mean IoU; NaN when there is no target.
     """
-    if not sample.targets:
-        return []
-    z = sample.embedding[None].to(backbone.device)
-    h = aligned if aligned is not None else (layer(z) if layer is not None else z)
-    full = logits_to_image(sample_logits(backbone, h, sample, prompt).cpu(), sample.geom)
-    if prompt != "point":
-        full = refine(head_of(layer), None if sample.image is None else sample.image.float(), full)
-    return [m.numpy() > 0 for m in full]
-
-
-def click_logits(backbone: Backbone, h: torch.Tensor, geom: Geometry, points: np.ndarray, labels: np.ndarray,
-                 box: Optional[np.ndarray] = None, config: Optional[ClickConfig] = None) -> torch.Tensor:
-    """Logits (1×1×L×L) of clicks (model frame) on an (aligned) embedding ``h``, via :func:`casam.clicks.decode_clicks`."""
-    decode = partial(backbone.decode, h, context=backbone.decoder_context(h))  # its image-side work done once
-    logits, _, _ = decode_clicks(decode, points, labels, geom.resized_hw, backbone.img_size, backbone.lowres_size,
-                                 config, box)
-    return logits
-
-
-def mask_scores(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample], prompt: str = "box") -> List[float]:
-    """IoU of every target of the samples, in order (see :func:`predict_sample`)."""
-    return [iou_metric(m, t.mask) for s in samples for t, m in zip(s.targets, predict_sample(backbone, layer, s, prompt))]
-
-
-def evaluate(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample], prompt: str = "box") -> float:
-    """Mean IoU over every target of the samples (per mask, then averaged). NaN when there is none."""
-    scores = mask_scores(backbone, layer, samples, prompt)
-    return float(np.mean(scores)) if scores else float("nan")
+    return mean_iou(backbone, layer, samples, prompt)
 
 
 def split_by_patient(patients: Sequence[str], val_fraction: float, seed: int) -> Tuple[List[int], List[int]]:

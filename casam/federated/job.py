@@ -19,11 +19,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from .. import config
 from ..backbone import Backbone, load_backbone
-from ..benchmark import PROMPTS, _clean, aggregate, machine_info, score_image
 from ..data import discover_tasks
 from ..errors import CasamError
 from ..predictor import CASAMPredictor
 from ..registry import LayerRegistry, slug
+from ..reporting import json_safe, machine_info
+from ..scoring import PROMPTS, aggregate, score_image
 from ..training import EmbeddingCache, TrainConfig, make_samples, train_layer
 from .site import load_site_labels
 
@@ -264,7 +265,7 @@ def run_simulation(args, argv: Sequence[str]) -> Dict[str, Any]:
             res["routed_iou"] = compare(bb, sites, LayerRegistry(work / "coordinator"), central, cache)
             deltas = [abs(d) for s in res["routed_iou"].values() for d in s["delta"].values() if d is not None]
             res["max_abs_delta"] = max(deltas) if deltas else None
-    return _clean(res)
+    return json_safe(res)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
