@@ -121,4 +121,4 @@ def test_layer_gate_and_router_separate_tasks(tmp_path, litemedsam):
     foreign = [pred.route(pred.embed(img)) for img in load_cases(other.split("test")[:5])[0]]
     print(f"in-task routed to the layer: {np.mean(routed):.0%}; {other.name} fell back: {[r.fallback for r in foreign]}")
     assert np.mean(routed) >= 0.7
-    assert all(r["layer"] != info.name for r in foreign)
+    assert all(r.layer != info.name for r in foreign)
