@@ -97,12 +97,12 @@ def test_layer_gate_and_router_separate_tasks(tmp_path, litemedsam):
     imgs, masks, pats = load_cases(train)
     reg = LayerRegistry(tmp_path / "reg")
     info = train_layer(litemedsam, imgs, masks, pats, reg, task.institution, task.modality,
-                       TrainConfig(epochs=3, lr=3e-4, head_steps=100), progress=False,
+                       TrainConfig(epochs=2, lr=3e-4, head_steps=0), progress=False,  # the head: the vessel test
                        samples=make_samples(litemedsam, imgs, masks, pats, cache))
     val, use = info.extra["val"], info.extra["use"]
     print(f"{task.name}: validation {val}, used for {use}, best epoch {info.extra['best_epoch']}")
     history = info.extra["val_history"]
-    assert len(history) == 4 and info.extra["best_epoch"] in range(4)  # epoch 0 = plain SAM counts
+    assert len(history) == 3 and info.extra["best_epoch"] in range(3)  # epoch 0 = plain SAM counts
     assert history[0]["box"] == pytest.approx(val["box"]["plain"], abs=1e-4)
     for p in ("box", "click"):  # the gate: only where it beat plain SAM, on evidence
         ev = info.extra["evidence"][p]
