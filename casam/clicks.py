@@ -630,18 +630,18 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
                 (cur, logits, iou), edits, rechosen = again, edits + 1, rechosen + 1
                 continue
         cands = edit_boxes(cur, c, label, seen_fg, hw, cfg.edit_margins, cfg.max_edge_cut)
-        lg, io = run(cands) if len(cands) else (logits[:0], iou[:0])
+        if not len(cands):
+            continue  # no edge can move past it: the final cut below removes what it was put on
+        lg, io = run(cands)
         if label == 1 and len(cfg.add_local):  # or join a local mask around the click to the current one
             lb, ll, li = local_masks(run, c, prev, to_low, hw, cfg.add_local)
             lg = torch.cat([lg, torch.maximum(logits[:1].expand(len(ll), -1, -1, -1), ll)])
             io = torch.cat([io, torch.minimum(iou[:1].expand(len(ll), -1), li)])  # trusted as the less sure part
-            cands = torch.cat([cands.reshape(-1, 4), _hull(lb, cur[:2], cur[2:])])
+            cands = torch.cat([cands, _hull(lb, cur[:2], cur[2:])])
         if label == 0 and cfg.cut_background:  # or keep the box and cut around the click
             cut = _cut_logits(logits[0, 0], torch.cat([seen_fg, anchor]) * to_low, c[None] * to_low, cfg.cut_reach)
             lg = torch.cat([lg, cut[None, None]])
-            io, cands = torch.cat([io, iou[:1]]), torch.cat([cands.reshape(-1, 4), cur[None].float()])
-        if not len(cands):
-            continue
+            io, cands = torch.cat([io, iou[:1]]), torch.cat([cands, cur[None].float()])
         m = (lg[:, 0] > 0).cpu()
         sc = io[:, 0].cpu().float() + cfg.click_weight * _agreement(m, seen_fg * to_low, seen_bg * to_low) \
             + cfg.stay * _iou_with(m, prev)
