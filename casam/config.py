@@ -43,11 +43,16 @@ FED_MIN_LABELS = 5
 FED_MAX_VAL_DROP = 0.02
 # The gate serves a layer for a prompt type only on evidence (casam.evidence): on the layer's validation masks
 # the mean paired IoU gain over plain SAM is at least GATE_MIN_GAIN and more than GATE_SE times its standard
-# error. (A 0.0001 gain on three images is noise, not a reason to serve a layer.)
+# error, measured on at least GATE_MIN_MASKS masks. (A 0.0001 gain on three images is noise, not a reason to
+# serve a layer; one mask has no spread to measure, so it is no evidence at all.)
 GATE_MIN_GAIN = 0.005
 GATE_SE = 2.0
+GATE_MIN_MASKS = 2
 # Optimiser steps of an institution's refinement head (casam.refine); 0 trains none.
 HEAD_STEPS = 400
+# Clicks of each validation sequence that decides whether corrective clicks' edits stand against a head
+# (casam.training.click_edit_evidence: the first click and CLICK_EDIT_CLICKS - 1 corrective ones).
+CLICK_EDIT_CLICKS = 3
 # glibc keeps this much freed memory for reuse (casam.runtime): no page faults for every large tensor.
 MALLOC_KEEP_MB = 2047
 

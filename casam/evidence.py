@@ -3,8 +3,10 @@
 On the layer's validation masks (patients it was not trained on) each mask gives a paired gain
 ``d = IoU(layer) − IoU(plain SAM)``. The layer serves that prompt type when the mean gain is at least
 :data:`casam.config.GATE_MIN_GAIN` **and** more than :data:`casam.config.GATE_SE` standard errors of the mean
-above zero (one mask: the first condition alone). A layer whose gain is noise (0.0001 on three images) stays
-out; a layer that helps clearly on every mask is served even on few masks.
+above zero, on at least :data:`casam.config.GATE_MIN_MASKS` masks. A layer whose gain is noise (0.0001 on three
+images) stays out; a layer that helps clearly on every mask is served even on few masks; one mask is no evidence
+(its standard error cannot be measured: a +0.17 click gain on one brain slice came with clicks worse than plain
+SAM's on the next ones), so a layer validated on one mask serves neither prompt until a later layer has more.
 
 Layers stored before this rule carry no per-mask figures; they keep the decision recorded with them
 (``extra["use"]``), or without one the box rule ``val_iou > zero_shot_val_iou`` (:meth:`casam.registry.LayerInfo.serves`).
@@ -17,13 +19,13 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-from .config import GATE_MIN_GAIN, GATE_SE
+from .config import GATE_MIN_GAIN, GATE_MIN_MASKS, GATE_SE
 
-RULE = f"mean paired IoU gain >= {GATE_MIN_GAIN} and > {GATE_SE:g} standard errors"
+RULE = f"mean paired IoU gain >= {GATE_MIN_GAIN} and > {GATE_SE:g} standard errors, on >= {GATE_MIN_MASKS} masks"
 
 
 def decide(layer: Sequence[float], plain: Sequence[float], min_gain: float = GATE_MIN_GAIN,
-           se_factor: float = GATE_SE) -> Dict[str, object]:
+           se_factor: float = GATE_SE, min_masks: int = GATE_MIN_MASKS) -> Dict[str, object]:
     """Whether the evidence of paired per-mask IoUs lets a layer serve.
 
     Args:
@@ -31,6 +33,7 @@ def decide(layer: Sequence[float], plain: Sequence[float], min_gain: float = GAT
         plain: IoU of the same masks with plain SAM.
         min_gain: smallest mean gain that counts.
         se_factor: how many standard errors of the mean gain it must clear.
+        min_masks: fewest masks (with a finite gain) that count as evidence.
 
     Returns:
         ``use`` (bool), ``gain`` (mean), ``se`` (its standard error, 0 for one mask), ``n`` (masks).
@@ -46,5 +49,5 @@ def decide(layer: Sequence[float], plain: Sequence[float], min_gain: float = GAT
         return {"use": False, "gain": None, "se": None, "n": 0}
     gain = float(d.mean())
     se = float(d.std(ddof=1) / math.sqrt(len(d))) if len(d) > 1 else 0.0
-    use = gain >= min_gain and gain > se_factor * se
+    use = len(d) >= max(1, min_masks) and gain >= min_gain and gain > se_factor * se
     return {"use": bool(use), "gain": round(gain, 5), "se": round(se, 5), "n": int(len(d))}

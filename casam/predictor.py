@@ -29,7 +29,7 @@ from .decoder import DecoderContext
 from .clicks import ClickConfig, decode_clicks
 from .errors import PromptError, UnknownLayerError
 from .preprocess import Geometry, Window, box_to_model, logits_to_image, points_to_model
-from .refine import image_tensor, refine
+from .refine import corrective_clicks, image_tensor, refine
 from .registry import LayerInfo, LayerRegistry
 from .router import Router, pool_embedding
 from .routing import Routing
@@ -381,7 +381,7 @@ class CASAMPredictor:
         if head is not None:  # the institution's refinement head reads the image at its own resolution
             view = emb.image if emb.image is not None else (
                 image_tensor(image, self.window).half() if isinstance(image, np.ndarray) else None)
-            full = refine(head, None if view is None else view.float(), full)
+            full = refine(head, None if view is None else view.float(), full, *corrective_clicks(pts, lab, bx is not None))
         return Prediction((full > 0).numpy().astype(np.uint8), float(iou[0, 0]), r)
 
     def gate(self, route: Routing, prompt: str) -> Routing:

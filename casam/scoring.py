@@ -27,7 +27,7 @@ from .interactive import click_sequence
 from .metrics import boundary_iou, dice, iou
 from .preprocess import Geometry, logits_to_image, points_to_model
 from .prompts import centroid_point, tight_box
-from .refine import refine
+from .refine import corrective_clicks, refine
 
 if TYPE_CHECKING:  # training imports this module
     from .training import Sample
@@ -246,7 +246,7 @@ def sequences(backbone: Backbone, layer: Optional[Callable], sample: "Sample", c
         logits = click_logits(backbone, h, sample.geom, points_to_model(pts, sample.geom), labs, config=config)
         full = logits_to_image(logits[0, 0].cpu(), sample.geom)
         if sample.image is not None:
-            full = refine(head_of(layer), sample.image.float(), full)
+            full = refine(head_of(layer), sample.image.float(), full, *corrective_clicks(pts, labs, False))
         return full.numpy() > 0
 
     return [click_sequence(predict, t.mask, clicks) for t in sample.targets]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from .alignment import fresh_layer
 from .backbone import Backbone
-from .config import HEAD_STEPS, TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS
+from .config import CLICK_EDIT_CLICKS, HEAD_STEPS, TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS
 from .errors import ImageError
 from .evidence import decide
 from .metrics import iou as iou_metric
@@ -38,7 +38,7 @@ from .preprocess import Geometry, Window, box_to_model, geometry_for, logits_to_
 from .prompts import binary_masks, central_pixels, jittered_box, tight_box
 from .refine import HeadConfig, HeadExample, image_tensor, refine, to_head_resolution, train_head
 from .registry import LayerInfo, LayerRegistry
-from .scoring import mask_scores, mean_iou, sample_logits
+from .scoring import mask_scores, mean_iou, sample_logits, sequences
 from .router import FeatureVAE, calibrate_tau, pool_embedding, train_vae
 
 
@@ -429,6 +429,35 @@ def split_samples(labelled: Sequence[Sample], config: TrainConfig) -> Tuple[List
     return train_s, val_s, split if val_s else "none"
 
 
+def click_edit_evidence(backbone: Backbone, layer: nn.Module, val_s: Sequence[Sample],
+                        clicks: int = CLICK_EDIT_CLICKS) -> Dict[str, object]:
+    """Whether corrective clicks' edits should stand against the layer's refinement head, on evidence.
+
+    Every validation mask gets a click sequence (one click at its centroid, then each next one at the centre of
+    the largest error) answered with the head overruling the clicks and with the clicks' edits kept
+    (:func:`casam.refine.refine`); the IoUs after the last click are the gate's paired evidence
+    (:func:`casam.evidence.decide`). Sets ``layer.head.click_edits`` to the decision.
+
+    Args:
+        backbone: frozen backbone.
+        layer: the institution's layer with its head.
+        val_s: validation samples (with :attr:`Sample.image`).
+        clicks: clicks per sequence (the first one and ``clicks - 1`` corrective ones).
+
+    Returns:
+        The evidence (``use``, ``gain``, ``se``, ``n``), with ``clicks``.
+    """
+    head = layer.head
+    finals = {}
+    for on in (0.0, 1.0):
+        head.click_edits.fill_(on)
+        finals[on] = [seq["iou"][-1] for s in val_s if s.image is not None
+                      for seq in sequences(backbone, layer, s, clicks)]
+    evidence = decide(finals[1.0], finals[0.0])
+    head.click_edits.fill_(1.0 if evidence["use"] else 0.0)
+    return {**evidence, "clicks": clicks}
+
+
 def fit_head(backbone: Backbone, layer: nn.Module, train_s: Sequence[Sample], val_s: Sequence[Sample],
              config: TrainConfig, report: Optional[Dict] = None, progress: bool = False):
     """Trains an institution's refinement head (:mod:`casam.refine`) on its layer's answers.
@@ -530,6 +559,7 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
         head = fit_head(backbone, layer, train_s, val_s, config, head_report, progress)
         if head is not None and float(head.gate) > 0:
             layer.attach_head(head)
+            head_report["click_edits"] = click_edit_evidence(backbone, layer, val_s)
     t_head = time.time()
     vae, tau = fit_router(train_s, config)
     t3 = time.time()
@@ -553,7 +583,7 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
                "evidence": evidence,
                "head": {"steps": config.head_steps, "kept": layer.head is not None,
                         "best_step": head_report.get("best_step"), "val_history": head_report.get("val_history"),
-                        "seconds": head_report.get("seconds")},
+                        "seconds": head_report.get("seconds"), "click_edits": head_report.get("click_edits")},
                "best_epoch": report.get("best_epoch"),
                "val_history": [{k: round(v, 4) for k, v in d.items()} for d in report.get("val_history", [])],
                "gate": round(layer.gate.item(), 4),

@@ -7,7 +7,8 @@ import torch
 from casam.alignment import AlignmentLayer
 from casam.evidence import decide
 from casam.predictor import CASAMPredictor
-from casam.refine import HeadConfig, HeadExample, RefineHead, image_tensor, refine, to_head_resolution, train_head
+from casam.refine import (HEAD_PREFIX, HeadConfig, HeadExample, RefineHead, corrective_clicks, image_tensor, refine,
+                          split_head_state, to_head_resolution, train_head)
 from casam.registry import LayerInfo, LayerRegistry
 from casam.router import FeatureVAE
 
@@ -112,11 +113,56 @@ def test_the_predictor_serves_the_head_of_the_layer_it_uses(tmp_path, tiny):
     assert plain.route.used is None
 
 
+def _fixed_head(bias: float) -> RefineHead:
+    """A head whose answer is one constant: -50 erases every mask, +50 fills the image."""
+    head = RefineHead(4)
+    torch.nn.init.zeros_(head.out.weight)
+    torch.nn.init.constant_(head.out.bias, bias)
+    head.gate.fill_(1.0)
+    return head
+
+
+def test_corrective_clicks_keep_their_edits_against_a_head_only_where_validation_said_so():
+    image = image_tensor(np.full((40, 60), 120, np.uint8))
+    edited = torch.full((40, 60), -5.0)
+    edited[5:15, 5:15] = 5.0  # the region SAM's edited answer adds around a foreground click
+    edited[25:35, 40:50] = 5.0  # another one no click asked for
+    eraser = _fixed_head(-50.0)
+    fg = np.array([[10.0, 10.0]]), np.array([1])
+    assert (refine(eraser, image, edited, *fg) > 0).sum() == 0  # click_edits 0: the head overrules the clicks
+    eraser.click_edits.fill_(1.0)
+    out = refine(eraser, image, edited, *fg) > 0
+    assert out[5:15, 5:15].all() and out.sum() == 100  # the clicked region stands, the other stays erased
+    filler = _fixed_head(50.0)
+    filler.click_edits.fill_(1.0)
+    out = refine(filler, image, edited, np.array([[30.0, 20.0]]), np.array([0])) > 0  # a background click
+    assert not out[20, 30] and out[5:15, 5:15].all() and out[25:35, 40:50].all()
+    assert out.sum() == 200  # the background SAM's answer left out there is removed, nothing else
+    assert (refine(filler, image, edited) > 0).all()  # the first prompt alone: the head's answer
+
+
+def test_the_first_click_chooses_the_answer_and_every_later_one_edits_it():
+    pts, labs = np.array([[1, 1], [2, 2], [3, 3]]), np.array([0, 1, 1])
+    kept_pts, kept_labs = corrective_clicks(pts, labs, box=False)
+    assert kept_pts.tolist() == [[1, 1], [3, 3]] and kept_labs.tolist() == [0, 1]
+    assert corrective_clicks(pts, labs, box=True)[0].tolist() == pts.tolist()  # after a drawn box: all of them
+    assert corrective_clicks(pts[1:2], labs[1:2], box=False) == (None, None)
+    assert corrective_clicks(None, None, box=True) == (None, None)
+
+
+def test_heads_stored_before_click_edits_load_without_them():
+    head = _fixed_head(1.0)
+    state = {HEAD_PREFIX + k: v for k, v in head.state_dict().items() if k != "click_edits"}
+    _, loaded = split_head_state(state)
+    assert float(loaded.click_edits) == 0.0 and float(loaded.gate) == 1.0
+
+
 @pytest.mark.parametrize("layer, plain, use", [
     ([0.1339, 0.1340, 0.1338], [0.1338, 0.1339, 0.1337], False),  # a 0.0001 gain is noise
     ([0.60, 0.55, 0.58], [0.12, 0.10, 0.13], True),  # a clear gain on every mask
     ([0.90, 0.50, 0.91], [0.85, 0.70, 0.86], False),  # a mean gain of 0.0 with one mask much worse
-    ([0.80], [0.70], True),  # one mask: the minimum gain alone decides
+    ([0.80], [0.70], False),  # one mask is no evidence: its spread cannot be measured
+    ([0.80, 0.78], [0.70, 0.69], True),  # two masks that agree
     ([0.95, 0.96, 0.95, 0.97], [0.94, 0.95, 0.945, 0.96], True),  # small but consistent
 ])
 def test_the_gate_serves_on_evidence_only(layer, plain, use):
