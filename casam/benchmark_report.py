@@ -55,16 +55,25 @@ def markdown(res: Dict[str, Any]) -> str:
               "| true task \\ chosen | " + " | ".join(r["confusion_columns"]) + " |", "|---|" + "---|" * len(r["confusion_columns"])]
         for n in names:
             L.append(f"| {n} | " + " | ".join(str(r["confusion"][n][c]) for c in r["confusion_columns"]) + " |")
+        mc = r.get("modality_confusion")
+        if mc:
+            cols = sorted({c for row in mc.values() for c in row if c != "fallback"}) + ["fallback"]
+            L += ["", "The same by modality (image's modality \\ modality of the layer it went to):", "",
+                  "| modality \\ chosen | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
+            for m, row in mc.items():
+                L.append(f"| {m} | " + " | ".join(str(row.get(c, 0)) for c in cols) + " |")
     if r.get("per_step"):
-        L += ["", "| after task | router accuracy on seen tasks | fallback on unseen tasks | fallback on new modalities | τ | "
+        L += ["", "| after task | router accuracy on seen tasks | fallback on unseen tasks | fallback on new modalities | "
+              "to another modality's layer | τ | "
               "val box (layer / plain) | val click (layer / plain) | layer used for | best epoch | s to serve its labelled images |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in r["per_step"]:
             val, use = s.get("val") or {}, s.get("use") or {}
             vb, vc = val.get("box") or {}, val.get("click") or {}
             serve = (s.get("seconds_to_serve") or {}).get("total")
             L.append(f"| {s['after']} | {_fmt(s['seen_accuracy'])} | {_fmt(s['unseen_fallback_rate'])} | "
-                     f"{_fmt(s.get('new_modality_fallback_rate'))} | {s['tau']:.4g} | {_fmt(vb.get('layer'))} / "
+                     f"{_fmt(s.get('new_modality_fallback_rate'))} | {s.get('other_modality_layer', '–')} of "
+                     f"{s.get('seen_modality_total', '–')} | {s['tau']:.4g} | {_fmt(vb.get('layer'))} / "
                      f"{_fmt(vb.get('plain'))} | {_fmt(vc.get('layer'))} / {_fmt(vc.get('plain'))} | "
                      f"{', '.join(p for p, u in use.items() if u) or 'nothing (plain SAM)'} | {s.get('best_epoch')} | "
                      f"{'–' if serve is None else f'{serve:.0f}'} |")
