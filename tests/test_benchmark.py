@@ -74,6 +74,10 @@ def test_quick_run_writes_results(tmp_path):
         assert st["total"] == pytest.approx(st["encode"] + st["after_encode"], abs=0.11)
         assert step["val"]["box"]["plain"] is not None and step["best_epoch"] in (0, 1)
     assert r["per_step"][0]["new_modality_fallback_rate"] is not None  # MRI is new after dermoscopy
+    assert r["per_step"][1]["seen_modality_total"] == sum(t["test_cases"] for t in res["task_data"])
+    assert 0 <= r["other_modality_layer_max"] <= r["per_step"][1]["seen_modality_total"]
+    mods = {t["modality"] for t in res["task_data"]}
+    assert set(r["modality_confusion"]) == mods and sum(sum(v.values()) for v in r["modality_confusion"].values()) == r["n_images"]
     assert set(r["regret"]) == {"box", "click"}
     # a fresh install answers boxes exactly as plain SAM does
     assert res["methods"]["fresh_install"]["R"][-1] == res["methods"]["zero_shot"]["R"][-1]
@@ -85,7 +89,8 @@ def test_quick_run_writes_results(tmp_path):
     assert res["recipe"]["epochs"] == 1 and "quick" in res["recipe"]["kind"]
     assert set(res["targets"]) == {"casam_box_vs_zero_shot", "casam_box_per_task", "casam_click", "fresh_install_click",
                                    "fresh_install_box", "router_regret_box", "router_regret_click", "casam_bwt",
-                                   "new_modality_fallback", "seconds_to_serve", "casam_sequence", "casam_sequence_monotone"}
+                                   "new_modality_fallback", "no_cross_modality_route", "casam_box_hard_task",
+                                   "seconds_to_serve", "casam_sequence", "casam_sequence_monotone"}
     assert all(t["met"] in (True, False) for t in res["targets"].values())
     assert res["machine"]["torch"] and res["command"].startswith("casam benchmark --quick")
 
