@@ -108,7 +108,7 @@ def cmd_layers(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from .benchmark import main as bench_main
+    from .evaluation.benchmark import main as bench_main
 
     rest = list(args.rest)
     return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
@@ -130,7 +130,7 @@ def cmd_export_bundle(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import run
+    from .evaluation.evaluate import run
 
     run(args)
     return 0
@@ -192,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("rest", nargs=argparse.REMAINDER)
     f.set_defaults(func=cmd_federated)
 
-    from .evaluate import add_parser as add_evaluate
+    from .evaluation.evaluate import add_parser as add_evaluate
 
     ev = add_evaluate(sub)
     _backbone_args(ev)

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import DATA, needs_data
 
-from casam.benchmark import METHODS, build_parser, main
+from casam.evaluation.benchmark import METHODS, build_parser, main
 
 
 def test_help_lists_the_flags(capsys):

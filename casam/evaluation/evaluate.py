@@ -24,11 +24,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from .data import Case, discover_tasks, load_cases, read_meta, spread
-from .errors import CasamError
-from .predictor import NONE, CASAMPredictor
-from .prompts import binary_masks
-from .scoring import PROMPTS, mask_metrics, mask_prompts, raw_click
+from ..data import Case, discover_tasks, load_cases, read_meta, spread
+from ..errors import CasamError
+from ..predictor import NONE, CASAMPredictor
+from ..prompts import binary_masks
+from ..scoring import PROMPTS, mask_metrics, mask_prompts, raw_click
 
 WAYS = ("routed", "plain", "fresh")
 
@@ -139,12 +139,12 @@ def table(res: Dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Runs ``casam evaluate`` (see :func:`add_parser` for ``args``) and writes evaluate.json / evaluate.md."""
-    from .backbone import load_backbone
-    from .registry import LayerRegistry
+    from ..backbone import load_backbone
+    from ..registry import LayerRegistry
 
     t0 = time.time()
     tasks = find_tasks(args.data, args.split)
-    from .config import default_registry
+    from ..config import default_registry
 
     registry = LayerRegistry(args.registry or default_registry())
     predictor = CASAMPredictor(load_backbone(args.backbone, args.checkpoint, args.device), registry, cache_size=4)

@@ -17,7 +17,7 @@ After each task every method is evaluated on the test split of every task (seen 
 is the mean IoU (per mask) on task j after learning task k, with the tight ground-truth box per class and with
 one click at the mask's centroid pixel. After the last task, click sequences (:mod:`casam.interactive`: up to 5
 clicks, each next one at the centre of the largest error) score the interactive use. Results go to
-``<out>/continual.json``, ``continual.md`` and ``continual_R.png`` (:mod:`casam.benchmark_report`); the JSON is
+``<out>/continual.json``, ``continual.md`` and ``continual_R.png`` (:mod:`casam.evaluation.report`); the JSON is
 rewritten after every task.
 
 Run ``casam benchmark --help``; ``--quick`` is a tiny smoke run (random tiny backbone), ``--full`` the recipe
@@ -40,19 +40,19 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from . import config as casam_config
-from .alignment import describe, fresh_layer
-from .backbone import Backbone, load_backbone
-from .clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
-from .data import Task, discover_tasks, load_cases, spread
-from .metrics import continual_summary
-from .registry import LayerInfo, LayerRegistry
-from .router import Router
-from .benchmark_report import _fmt, write_outputs
-from .interactive import summarise
-from .reporting import json_safe, machine_info
-from .scoring import PROMPTS, ImageScores, aggregate, score_image, sequences
-from .training import EmbeddingCache, Sample, TrainConfig, fit, make_samples, split_samples, train_layer
+from .. import config as casam_config
+from ..alignment import describe, fresh_layer
+from ..backbone import Backbone, load_backbone
+from ..clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
+from ..data import Task, discover_tasks, load_cases, spread
+from ..metrics import continual_summary
+from ..registry import LayerInfo, LayerRegistry
+from ..router import Router
+from .report import _fmt, write_outputs
+from ..interactive import summarise
+from ..reporting import json_safe, machine_info
+from ..scoring import PROMPTS, ImageScores, aggregate, score_image, sequences
+from ..training import EmbeddingCache, Sample, TrainConfig, fit, make_samples, split_samples, train_layer
 
 METHODS = ("zero_shot", "fresh_install", "seq_decoder", "seq_layer", "casam", "casam_oracle", "joint")
 DEFAULT_METHODS = ("zero_shot", "fresh_install", "casam", "casam_oracle")
@@ -264,7 +264,7 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
     t_start = time.time()
     if args.threads:
         torch.set_num_threads(args.threads)
-    out_dir = Path(args.out) if args.out else Path(__file__).resolve().parents[1] / "benchmarks" / "results"
+    out_dir = Path(args.out) if args.out else Path(__file__).resolve().parents[2] / "benchmarks" / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     data_root = Path(args.data) if args.data else casam_config.default_data()
     tasks = select_tasks(discover_tasks(data_root), args.tasks)
