@@ -48,7 +48,7 @@ from ..data import Task, discover_tasks, load_cases, spread
 from ..metrics import continual_summary
 from ..registry import LayerInfo, LayerRegistry
 from ..router import Router
-from .report import _fmt, write_outputs
+from .report import fmt, write_outputs
 from ..interactive import summarise
 from ..reporting import json_safe, machine_info
 from ..scoring import PROMPTS, ImageScores, aggregate, score_image, sequences
@@ -447,8 +447,8 @@ def run(args: argparse.Namespace, argv: Sequence[str], prog: str = "casam benchm
                 if m in methods:
                     seconds[m]["eval"] += dt / (2 if "casam" in methods and "casam_oracle" in methods else 1)
             log(f"CA-SAM layer {info.name}: tau {info.tau:.4g}, val {info.extra.get('val')}, use {info.extra.get('use')}, "
-                f"best epoch {info.extra.get('best_epoch')}; router on seen tasks {_fmt(step['seen_accuracy'])}, fallback on "
-                f"unseen {_fmt(step['unseen_fallback_rate'])}, on new modalities {_fmt(step['new_modality_fallback_rate'])}; "
+                f"best epoch {info.extra.get('best_epoch')}; router on seen tasks {fmt(step['seen_accuracy'])}, fallback on "
+                f"unseen {fmt(step['unseen_fallback_rate'])}, on new modalities {fmt(step['new_modality_fallback_rate'])}; "
                 f"labelled images to served layer {timing['total']:.0f}s")
         for m in methods:
             if m in ("zero_shot", "joint"):

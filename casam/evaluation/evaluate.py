@@ -29,6 +29,7 @@ from ..errors import CasamError
 from ..predictor import NONE, CASAMPredictor
 from ..prompts import binary_masks
 from ..scoring import PROMPTS, mask_metrics, mask_prompts, raw_click
+from .report import fmt
 
 WAYS = ("routed", "plain", "fresh")
 
@@ -109,14 +110,11 @@ def markdown(res: Dict[str, Any]) -> str:
          "| task | images | masks | box routed | box plain | box fresh | click routed | click plain | click fresh | "
          "fallback | routed to |", "|---|---|---|---|---|---|---|---|---|---|---|"]
 
-    def f(v):
-        return "–" if v is None else f"{v:.3f}"
-
     for name, t in res["tasks"].items():
         s = t["scores"]
         routes = ", ".join(f"{k} {v}" for k, v in sorted(t["routes"].items(), key=lambda kv: -kv[1]))
-        L.append(f"| {name} | {t['images']} | {t['masks']} | " + " | ".join(f(s[w][p]["iou"]) for p in PROMPTS for w in WAYS)
-                 + f" | {f(t['fallback_rate'])} | {routes} |")
+        L.append(f"| {name} | {t['images']} | {t['masks']} | " + " | ".join(fmt(s[w][p]["iou"]) for p in PROMPTS for w in WAYS)
+                 + f" | {fmt(t['fallback_rate'])} | {routes} |")
     L += ["", "IoU per mask, averaged per task (Dice in the JSON). routed = casam with this registry (router, gate, "
           "fallback); plain = the frozen backbone alone (a click as its raw point prompt); fresh = casam with an empty "
           "registry. Box: the mask's tight box; click: the foreground pixel nearest the mask's centroid.", "",

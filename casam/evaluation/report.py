@@ -1,4 +1,5 @@
-"""Reports of the continual benchmark: Markdown table, R heatmaps and the atomic JSON write."""
+"""Reports: the number format of casam's evaluation reports (:func:`fmt`, also ``casam evaluate``'s) and the continual
+benchmark's Markdown table, R heatmaps and atomic JSON write."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 
 
-def _fmt(v: Optional[float], nd: int = 3, signed: bool = False) -> str:
+def fmt(v: Optional[float], nd: int = 3, signed: bool = False) -> str:
+    """A number for a report: ``nd`` decimals (with its sign if ``signed``), ``–`` for a missing one."""
     if v is None:
         return "–"
     return f"{v:+.{nd}f}" if signed else f"{v:.{nd}f}"
@@ -26,32 +28,32 @@ def markdown(res: Dict[str, Any]) -> str:
           "| method | Avg-IoU (box) | BWT (box) | Avg-Dice | Avg-bIoU | Avg-IoU (click) | BWT (click) | unseen Δ vs zero-shot | train s |",
           "|---|---|---|---|---|---|---|---|---|"]
     for m, e in res["methods"].items():
-        L.append(f"| {e['label']} | {_fmt(e['avg_iou'])} | {_fmt(e['bwt'], signed=True)} | {_fmt(e.get('avg_dice'))} | "
-                 f"{_fmt(e.get('avg_biou'))} | {_fmt(e['avg_iou_click'])} | {_fmt(e['bwt_click'], signed=True)} | "
-                 f"{_fmt(e.get('unseen_delta'), signed=True)} | {e['seconds'].get('train', 0):.0f} |")
+        L.append(f"| {e['label']} | {fmt(e['avg_iou'])} | {fmt(e['bwt'], signed=True)} | {fmt(e.get('avg_dice'))} | "
+                 f"{fmt(e.get('avg_biou'))} | {fmt(e['avg_iou_click'])} | {fmt(e['bwt_click'], signed=True)} | "
+                 f"{fmt(e.get('unseen_delta'), signed=True)} | {e['seconds'].get('train', 0):.0f} |")
     L += ["", "Final row (IoU per task after the last task, box prompt):", "",
           "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for m, e in res["methods"].items():
         last = e["R"][-1] if e["R"] else []
-        L.append(f"| {m} | " + " | ".join(_fmt(v) for v in last) + " |")
+        L.append(f"| {m} | " + " | ".join(fmt(v) for v in last) + " |")
     L += ["", "Final row, one click:", "", "| method | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
     for m, e in res["methods"].items():
         last = e["R_click"][-1] if e.get("R_click") else []
-        L.append(f"| {m} | " + " | ".join(_fmt(v) for v in last) + " |")
+        L.append(f"| {m} | " + " | ".join(fmt(v) for v in last) + " |")
     seqs = res.get("click_sequences") or {}
     if seqs:
         n = len(next(iter(seqs.values()))["mean"]["iou"])
-        L += ["", f"Click sequences after the last task (mean over tasks; each next click at the centre of the largest "
-              f"error region), IoU after each click:", "",
+        L += ["", "Click sequences after the last task (mean over tasks; each next click at the centre of the largest "
+              "error region), IoU after each click:", "",
               "| method | " + " | ".join(f"click {i + 1}" for i in range(n)) + " | AUC | never drops |",
               "|---|" + "---|" * (n + 2)]
         for m, v in seqs.items():
-            L.append(f"| {m} | " + " | ".join(_fmt(x) for x in v["mean"]["iou"]) + f" | {_fmt(v['mean']['auc_iou'])} | "
+            L.append(f"| {m} | " + " | ".join(fmt(x) for x in v["mean"]["iou"]) + f" | {fmt(v['mean']['auc_iou'])} | "
                      f"{'yes' if v['mean']['monotone'] else 'no'} |")
     r = res.get("router") or {}
     if "accuracy" in r:
-        L += ["", f"Router after the last task, on the test images of every task: accuracy **{_fmt(r['accuracy'])}**, "
-              f"fallback rate {_fmt(r['fallback_rate'])} ({r['n_images']} images).", "",
+        L += ["", f"Router after the last task, on the test images of every task: accuracy **{fmt(r['accuracy'])}**, "
+              f"fallback rate {fmt(r['fallback_rate'])} ({r['n_images']} images).", "",
               "| true task \\ chosen | " + " | ".join(r["confusion_columns"]) + " |", "|---|" + "---|" * len(r["confusion_columns"])]
         for n in names:
             L.append(f"| {n} | " + " | ".join(str(r["confusion"][n][c]) for c in r["confusion_columns"]) + " |")
@@ -71,17 +73,17 @@ def markdown(res: Dict[str, Any]) -> str:
             val, use = s.get("val") or {}, s.get("use") or {}
             vb, vc = val.get("box") or {}, val.get("click") or {}
             serve = (s.get("seconds_to_serve") or {}).get("total")
-            L.append(f"| {s['after']} | {_fmt(s['seen_accuracy'])} | {_fmt(s['unseen_fallback_rate'])} | "
-                     f"{_fmt(s.get('new_modality_fallback_rate'))} | {s.get('other_modality_layer', '–')} of "
-                     f"{s.get('seen_modality_total', '–')} | {s['tau']:.4g} | {_fmt(vb.get('layer'))} / "
-                     f"{_fmt(vb.get('plain'))} | {_fmt(vc.get('layer'))} / {_fmt(vc.get('plain'))} | "
+            L.append(f"| {s['after']} | {fmt(s['seen_accuracy'])} | {fmt(s['unseen_fallback_rate'])} | "
+                     f"{fmt(s.get('new_modality_fallback_rate'))} | {s.get('other_modality_layer', '–')} of "
+                     f"{s.get('seen_modality_total', '–')} | {s['tau']:.4g} | {fmt(vb.get('layer'))} / "
+                     f"{fmt(vb.get('plain'))} | {fmt(vc.get('layer'))} / {fmt(vc.get('plain'))} | "
                      f"{', '.join(p for p, u in use.items() if u) or 'nothing (plain SAM)'} | {s.get('best_epoch')} | "
                      f"{'–' if serve is None else f'{serve:.0f}'} |")
     if res.get("targets"):
         L += ["", "| target | value | met |", "|---|---|---|"]
         for t in res["targets"].values():
             v = t.get("value")
-            L.append(f"| {t['target']} | {_fmt(v, 4) if isinstance(v, float) and not isinstance(v, bool) else v} | "
+            L.append(f"| {t['target']} | {fmt(v, 4) if isinstance(v, float) and not isinstance(v, bool) else v} | "
                      f"{'yes' if t['met'] else ('no' if t['met'] is False else '–')} |")
     mach = res["machine"]
     L += ["", f"Alignment Layer: {res['layer']['params']:,} parameters, {res['layer']['gmac']} GMAC per image.", "",
