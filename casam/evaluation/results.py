@@ -1,0 +1,286 @@
+"""The continual benchmark's results, read from a :class:`~casam.evaluation.stages.BenchmarkState`.
+
+:func:`assemble` builds the JSON-safe results (after every task with ``partial``, and at the end), with each
+method's R matrices and summaries (:func:`method_results`), the router's record (:func:`router_results`), the
+recipe (:func:`recipe`) and the project's targets (:func:`targets`); :func:`final_results` adds the click
+sequences.
+"""
+
+from __future__ import annotations
+
+import shlex
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+
+from ..alignment import describe
+from ..data import Task
+from ..metrics import continual_summary
+from ..reporting import json_safe, machine_info
+from ..scoring import PROMPTS
+from ..training import TrainConfig
+from .stages import CASAM_METHODS, BenchmarkState
+
+__all__ = ["LABELS", "FALLBACK", "TARGET_BWT", "TARGET_BOX_TASK_DROP", "TARGET_CLICK", "TARGET_FRESH_CLICK",
+           "TARGET_FRESH_BOX_DROP", "TARGET_REGRET", "TARGET_UNSEEN_FALLBACK", "TARGET_SEQUENCE", "TARGET_SERVE_SECONDS",
+           "TARGET_HARD_ZERO_SHOT", "TARGET_HARD_BOX", "method_results", "router_results", "modality_confusion",
+           "assemble", "final_results", "recipe", "targets"]
+
+LABELS = {
+    "zero_shot": "1. frozen backbone (zero-shot)",
+    "fresh_install": "0. casam, empty registry (fresh install)",
+    "seq_decoder": "2. sequential decoder fine-tuning",
+    "seq_layer": "3. one shared Alignment Layer, sequential",
+    "casam": "4. CA-SAM (router)",
+    "casam_oracle": "5. CA-SAM (oracle task id)",
+    "joint": "6. joint multi-task layer (non-continual)",
+}
+FALLBACK = "fallback"
+# Targets of the project (issues 3 and 11).
+TARGET_BWT = -0.005
+TARGET_BOX_TASK_DROP = 0.01
+TARGET_CLICK = 0.80
+TARGET_FRESH_CLICK = 0.70
+TARGET_FRESH_BOX_DROP = 0.005
+TARGET_REGRET = 0.005
+TARGET_UNSEEN_FALLBACK = 0.90
+TARGET_SEQUENCE = 0.85
+TARGET_SERVE_SECONDS = 300
+TARGET_HARD_ZERO_SHOT = 0.5  # a task plain SAM fails at (retinal vessels: 0.13) ...
+TARGET_HARD_BOX = 0.55  # ... which an institution's layer must teach it
+NOTES = {
+    "joint": ("non-continual upper bound: one layer trained once on every task's training images and "
+              "evaluated once; each row of R repeats that final row, so BWT is not defined (null)"),
+    "zero_shot": "no training: every row of R is the same",
+    "casam_oracle": ("the layer of the image's own task (layers are immutable, so row k repeats R[j][j]); on tasks "
+                     "not yet learned it has no layer and uses plain SAM"),
+    "casam": ("the VAE router picks the layer (lowest score; plain SAM when the score is above that layer's tau); "
+              "the layer decodes only the prompt types where it beat plain SAM on its validation split; "
+              "each (layer, image) prediction is computed once and reused, since layers never change"),
+    "fresh_install": "the product with an empty registry: plain SAM for boxes, casam.clicks for clicks",
+}
+
+
+def _summary(R: List[List[Optional[float]]]) -> Dict[str, Optional[float]]:
+    if not R or any(v is None for v in R[-1]):
+        return {"avg": None, "bwt": None, "forgetting": None}
+    return continual_summary(R)
+
+
+def _unseen_delta(R_all: List[List[Optional[float]]], zs: List[Optional[float]]) -> Optional[float]:
+    """Mean over k < j of R[k][j] − zero-shot[j]: the change on not-yet-learned tasks versus the frozen backbone."""
+    d = [R_all[k][j] - zs[j] for k in range(len(R_all)) for j in range(k + 1, len(R_all[k]))
+         if R_all[k][j] is not None and zs[j] is not None]
+    return float(np.mean(d)) if d else None
+
+
+def method_results(state: BenchmarkState) -> Dict[str, Any]:
+    """Each method with at least one row done: its R matrices (IoU, Dice, boundary IoU; box and click; lower
+    triangle and with the unseen tasks), Avg-IoU and BWT (Avg only once the last row is done), forgetting, the
+    change on unseen tasks against zero-shot, seconds, loss histories and a note."""
+    T = state.T
+    zs_box = [r["box"]["iou"] for r in state.zs_res]
+    zs_pt = [r["click"]["iou"] for r in state.zs_res]
+    out_methods: Dict[str, Any] = {}
+    for m in state.methods:
+        g = state.grids[m]
+        if g.rows_done() == 0:
+            continue
+        n = g.rows_done()
+        R = g.matrix("box", "iou")[:n]
+        Rp = g.matrix("click", "iou")[:n]
+        s, sp = _summary(R), _summary(Rp)
+        entry = {
+            "label": LABELS[m],
+            "R": R, "avg_iou": s["avg"], "bwt": s["bwt"], "forgetting": s["forgetting"],
+            "R_click": Rp, "avg_iou_click": sp["avg"], "bwt_click": sp["bwt"],
+            "R_dice": g.matrix("box", "dice")[:n], "R_biou": g.matrix("box", "biou")[:n],
+            "R_dice_click": g.matrix("click", "dice")[:n], "R_biou_click": g.matrix("click", "biou")[:n],
+            "R_all": g.matrix("box", "iou", lower=False)[:n], "R_all_click": g.matrix("click", "iou", lower=False)[:n],
+            "seconds": {k: round(v, 1) for k, v in state.seconds[m].items()},
+            "loss_history": state.losses[m],
+        }
+        last = g.matrix("box", "dice")[n - 1]
+        entry["avg_dice"] = float(np.mean(last)) if n == T and None not in last else None
+        last = g.matrix("box", "biou")[n - 1]
+        entry["avg_biou"] = float(np.mean(last)) if n == T and None not in last else None
+        if n < T:
+            entry["avg_iou"] = entry["avg_iou_click"] = None  # only the final row after the last task counts
+        entry["unseen_delta"] = _unseen_delta(entry["R_all"], zs_box)
+        entry["unseen_delta_click"] = _unseen_delta(entry["R_all_click"], zs_pt)
+        if m == "joint":
+            entry["bwt"] = entry["bwt_click"] = entry["forgetting"] = None
+            entry["unseen_delta"] = entry["unseen_delta_click"] = None
+        if m in NOTES:
+            entry["note"] = NOTES[m]
+        out_methods[m] = entry
+    return out_methods
+
+
+def router_results(state: BenchmarkState, methods: Dict[str, Any]) -> Dict[str, Any]:
+    """CA-SAM's router: after the last task, its accuracy, fallback rate and confusion (by task and by modality,
+    :func:`modality_confusion`) on every task's test images; per step (:func:`casam.evaluation.stages.router_step`),
+    the lowest fallback rate on new modalities and the most images routed to another modality's layer; the regret
+    against the oracle (from ``methods``, :func:`method_results`) and the layers' taus."""
+    names, T = state.names, state.T
+    router: Dict[str, Any] = {}
+    if state.final_routes and len(state.route_steps) == T:
+        cols = names + [FALLBACK]
+        conf = {n: {c: 0 for c in cols} for n in names}
+        correct = total = fb = 0
+        for j, rs in enumerate(state.final_routes):
+            for r in rs:
+                conf[names[j]][FALLBACK if r is None else names[r]] += 1
+                correct += int(r == j)
+                fb += int(r is None)
+                total += 1
+        router = {"accuracy": correct / total if total else None, "fallback_rate": fb / total if total else None,
+                  "confusion": conf, "confusion_columns": cols, "n_images": total,
+                  "modality_confusion": modality_confusion(conf, state.tasks),
+                  "note": "test images of every task after the last task; correct = routed to its own task's layer "
+                          "(fallback counts as wrong)"}
+    if state.route_steps:
+        router["per_step"] = state.route_steps
+        rates = [st["new_modality_fallback_rate"] for st in state.route_steps
+                 if st.get("new_modality_fallback_rate") is not None]
+        router["new_modality_fallback_min"] = min(rates) if rates else None
+        router["other_modality_layer_max"] = max((st.get("other_modality_layer", 0) for st in state.route_steps),
+                                                 default=None)
+        fin = {m: methods.get(m, {}) for m in CASAM_METHODS}
+        if all(fin[m].get("avg_iou") is not None for m in fin):
+            router["regret"] = {"box": fin["casam_oracle"]["avg_iou"] - fin["casam"]["avg_iou"],
+                                "click": fin["casam_oracle"]["avg_iou_click"] - fin["casam"]["avg_iou_click"]}
+        router["taus"] = [i.tau for i in state.infos]
+    return router
+
+
+def modality_confusion(conf: Dict[str, Dict[str, int]], tasks: Sequence[Task]) -> Dict[str, Dict[str, int]]:
+    """The router's task confusion summed by modality: rows the image's modality, columns the modality of the
+    layer it went to (or the fallback)."""
+    mod = {t.name: t.modality for t in tasks}
+    out: Dict[str, Dict[str, int]] = {}
+    for name, row in conf.items():
+        dst = out.setdefault(mod[name], {})
+        for col, n in row.items():
+            key = col if col == FALLBACK else mod[col]
+            dst[key] = dst.get(key, 0) + n
+    return out
+
+
+def assemble(state: BenchmarkState, partial: bool) -> Dict[str, Any]:
+    """The results of the run so far, JSON-safe.
+
+    Args:
+        state: the run.
+        partial: the run is still going (written after every task); the targets are then left empty.
+
+    Returns:
+        Backbone, tasks and their data, the prompts and metrics, every method's results, the router, the layer's
+        size, the machine, the command, seconds, the recipe and the targets.
+    """
+    args, bb = state.args, state.bb
+    out_methods = method_results(state)
+    router = router_results(state, out_methods)
+    params, gmac = describe(bb.embed_dim, bb.embed_size)
+    res: Dict[str, Any] = {
+        "benchmark": "continual stream (CA-SAM issues 3 and 11)",
+        "partial": partial,
+        "backbone": {"name": bb.name, "id": bb.id, "img_size": bb.img_size, "embed_size": bb.embed_size},
+        "tasks": state.names,
+        "task_data": state.counts,
+        "prompts": {"box": "tight ground-truth box per class", "click": "one click at the foreground pixel nearest the mask centroid, answered as each method answers clicks (zero_shot: the decoder's raw point prompt; the others: casam.clicks box proposals)"},
+        "metrics": "IoU per mask averaged over the task's test masks; R[k][j] = after learning task k, on task j (rows "
+                   "lower-triangular); R_all also has the not-yet-seen tasks; avg_iou = mean of the last row; "
+                   "bwt = mean_j<T R[T][j] - R[j][j]; unseen_delta = mean over k<j of R_all[k][j] - zero-shot[j]",
+        "methods": out_methods,
+        "router": router,
+        "layer": {"params": params, "gmac": round(gmac, 3), "note": f"one Alignment Layer at {bb.embed_size}x{bb.embed_size} (casam.alignment.describe)"},
+        "machine": machine_info(args.device),
+        "command": " ".join([state.prog] + [shlex.quote(a) for a in state.argv]),
+        "seconds": round(time.time() - state.t_start, 1),
+        "encode_seconds": round(state.encode_s, 1),
+        "recipe": recipe(args, state.cfg),
+    }
+    res["targets"] = targets(out_methods, router, {}) if not partial else {}
+    return json_safe(res)
+
+
+def final_results(state: BenchmarkState) -> Dict[str, Any]:
+    """The results after the last stage: :func:`assemble`, the click sequences and the targets they complete."""
+    results = assemble(state, partial=False)
+    results["click_sequences"] = json_safe(state.seq_res)
+    results["targets"] = targets(results["methods"], results["router"], state.seq_res)
+    return results
+
+
+def recipe(args, cfg: TrainConfig) -> Dict[str, Any]:
+    """The recipe of the run, and which kind it is (quick smoke run, METHOD.md's or the reduced CPU one)."""
+    if args.quick:
+        kind = "quick smoke run (tiny random backbone; numbers are meaningless)"
+    elif cfg.epochs == 24 and cfg.max_images is None and not args.max_train_cases:
+        kind = "METHOD.md recipe (24 epochs, all training images)"
+    else:
+        kind = (f"reduced CPU recipe: {cfg.epochs} epochs on at most {cfg.max_images or 'all'} training images per task "
+                f"(METHOD.md: 24 epochs on all training images); the same images and steps for every trained method")
+    return {"kind": kind, "epochs": cfg.epochs, "clicks": args.clicks, "sequence_cases": args.sequence_cases, "max_images": cfg.max_images, "max_train_cases": args.max_train_cases,
+            "max_test_cases": args.max_test_cases, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
+            "val_fraction": cfg.val_fraction, "vae_epochs": cfg.vae_epochs, "vae_beta": cfg.vae_beta, "tau_folds": cfg.tau_folds,
+            "tau_percentile": cfg.tau_percentile, "prompt_mix": f"box p={cfg.box_prob} (±{cfg.jitter:g} px jitter) else central point", "gate_lr": cfg.gate_lr, "select_best": cfg.select_best,
+            "joint": "one layer, the same epochs over the union of the tasks' training images"}
+
+
+def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any]) -> Dict[str, Any]:
+    """The project's targets (issue 11; BWT from issue 3), each with its value and whether it is met."""
+    def get(m: str, key: str):
+        return methods.get(m, {}).get(key)
+
+    def check(target: str, value, met) -> Dict[str, Any]:
+        return {"target": target, "value": value, "met": None if value is None else bool(met)}
+
+    t: Dict[str, Any] = {}
+    ca, zs = get("casam", "avg_iou"), get("zero_shot", "avg_iou")
+    t["casam_box_vs_zero_shot"] = check("CA-SAM box Avg-IoU >= frozen backbone", None if ca is None or zs is None else ca - zs,
+                                        ca is not None and zs is not None and ca >= zs)
+    R, Z = get("casam", "R"), get("zero_shot", "R")
+    worst = min(a - b for a, b in zip(R[-1], Z[-1])) if R and Z and len(R[-1]) == len(Z[-1]) else None
+    t["casam_box_per_task"] = check(f"no task's final CA-SAM box IoU more than {TARGET_BOX_TASK_DROP} below the frozen backbone",
+                                    worst, worst is not None and worst >= -TARGET_BOX_TASK_DROP)
+    v = get("casam", "avg_iou_click")
+    t["casam_click"] = check(f"CA-SAM click Avg-IoU >= {TARGET_CLICK}", v, v is not None and v >= TARGET_CLICK)
+    v = get("fresh_install", "avg_iou_click")
+    t["fresh_install_click"] = check(f"fresh install click Avg-IoU >= {TARGET_FRESH_CLICK}", v, v is not None and v >= TARGET_FRESH_CLICK)
+    fb = get("fresh_install", "avg_iou")
+    v = None if fb is None or zs is None else fb - zs
+    t["fresh_install_box"] = check(f"fresh install box Avg-IoU >= zero-shot - {TARGET_FRESH_BOX_DROP}", v,
+                                   v is not None and v >= -TARGET_FRESH_BOX_DROP)
+    for p in PROMPTS:
+        v = (router.get("regret") or {}).get(p)
+        t[f"router_regret_{p}"] = check(f"router regret (oracle - router) <= {TARGET_REGRET} on {p} prompts", v,
+                                        v is not None and v <= TARGET_REGRET)
+    v = get("casam", "bwt")
+    t["casam_bwt"] = check(f"CA-SAM BWT >= {TARGET_BWT}", v, v is not None and v >= TARGET_BWT)
+    v = router.get("new_modality_fallback_min")
+    t["new_modality_fallback"] = check(f"images of a modality no layer was trained on fall back >= {TARGET_UNSEEN_FALLBACK:.0%} "
+                                       "at every step (the lowest step)", v, v is not None and v >= TARGET_UNSEEN_FALLBACK)
+    v = router.get("other_modality_layer_max")
+    t["no_cross_modality_route"] = check("an image of a modality that has a layer goes to that modality's layer or falls "
+                                         "back, at every step (most images routed to another modality's layer)", v,
+                                         v is not None and v == 0)
+    hard = [j for j, z in enumerate(Z[-1] if Z else []) if z is not None and z < TARGET_HARD_ZERO_SHOT]
+    v = min(R[-1][j] for j in hard) if hard and R else None
+    t["casam_box_hard_task"] = check(f"on a task the frozen backbone fails at (box IoU < {TARGET_HARD_ZERO_SHOT}), CA-SAM's final "
+                                     f"box IoU >= {TARGET_HARD_BOX} (the lowest such task)", v, v is not None and v >= TARGET_HARD_BOX)
+    # encoding grows with the images; training is capped at max_images, and calibration and validation are seconds
+    serve = [st["seconds_to_serve"]["encode_per_image"] * 80 + st["seconds_to_serve"]["after_encode"]
+             for st in router.get("per_step", []) if st.get("seconds_to_serve")]
+    v = round(max(serve), 1) if serve else None
+    t["seconds_to_serve"] = check(f"labelled images to served layer <= {TARGET_SERVE_SECONDS} s for 80 images (the slowest "
+                                  "task: 80 x encode seconds per image + train + calibrate + validate clicks)", v,
+                                  v is not None and v <= TARGET_SERVE_SECONDS)
+    cs = (seqs.get("casam") or {}).get("mean")
+    v = cs["iou"][-1] if cs else None
+    t["casam_sequence"] = check(f"CA-SAM IoU after the last click >= {TARGET_SEQUENCE}", v, v is not None and v >= TARGET_SEQUENCE)
+    t["casam_sequence_monotone"] = check("CA-SAM mean IoU never drops from one click to the next", None if not cs else cs["monotone"],
+                                         bool(cs and cs["monotone"]))
+    return t
