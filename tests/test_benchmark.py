@@ -103,3 +103,27 @@ def test_task_and_method_subsets(tmp_path):
     assert res["tasks"] == ["dermoscopy_ph2"] and set(res["methods"]) == {"zero_shot", "casam"}
     assert res["methods"]["casam"]["bwt"] == 0.0 and len(res["methods"]["casam"]["R"]) == 1
     assert not (tmp_path / "continual_R.png").exists()
+
+
+def test_click_targets_promise_what_plain_sam_can_do_and_a_task_it_fails_at_has_its_own():
+    from casam.evaluation.results import targets
+
+    def method(box, click):
+        return {"R": [box], "R_click": [click], "avg_iou": sum(box) / len(box), "avg_iou_click": sum(click) / len(click)}
+
+    methods = {"zero_shot": method([0.9, 0.13], [0.0, 0.0]), "fresh_install": method([0.9, 0.13], [0.8, 0.09]),
+               "casam": method([0.9, 0.61], [0.82, 0.6])}
+    seqs = {"casam": {"mean": {"iou": [0.7, 0.78], "monotone": True},
+                      "per_task": {"easy": {"iou": [0.8, 0.86], "n": 10}, "vessels": {"iou": [0.6, 0.6], "n": 5}}}}
+    t = targets(methods, {}, seqs)
+    assert t["casam_click"]["value"] == pytest.approx(0.82) and t["casam_click"]["met"] is True
+    assert t["casam_click"]["all_tasks"] == pytest.approx(0.71) and "plain SAM does" in t["casam_click"]["target"]
+    assert t["fresh_install_click"]["value"] == pytest.approx(0.8) and t["fresh_install_click"]["met"] is True
+    assert t["casam_sequence"]["value"] == pytest.approx(0.86) and t["casam_sequence"]["all_tasks"] == 0.78
+    assert t["casam_box_hard_task"]["value"] == pytest.approx(0.61) and t["casam_box_hard_task"]["met"] is True
+    methods["casam"]["R"] = [[0.9, 0.5]]
+    assert targets(methods, {}, seqs)["casam_box_hard_task"]["met"] is False
+    easy = {m: method(v["R"][0][:1], v["R_click"][0][:1]) for m, v in methods.items()}  # no hard task: as before
+    t = targets(easy, {}, {"casam": {"mean": {"iou": [0.7, 0.78], "monotone": True}, "per_task": {"easy": {"iou": [0.8, 0.78], "n": 10}}}})
+    assert t["casam_click"]["target"] == "CA-SAM click Avg-IoU >= 0.8" and t["casam_sequence"]["value"] == 0.78
+    assert t["casam_box_hard_task"]["value"] is None

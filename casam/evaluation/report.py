@@ -83,7 +83,10 @@ def markdown(res: Dict[str, Any]) -> str:
         L += ["", "| target | value | met |", "|---|---|---|"]
         for t in res["targets"].values():
             v = t.get("value")
-            L.append(f"| {t['target']} | {fmt(v, 4) if isinstance(v, float) and not isinstance(v, bool) else v} | "
+            v = fmt(v, 4) if isinstance(v, float) and not isinstance(v, bool) else v
+            if t.get("all_tasks") is not None and t["target"].endswith(")"):  # restricted to the tasks plain SAM does
+                v = f"{v} (all tasks {fmt(t['all_tasks'], 4)})"
+            L.append(f"| {t['target']} | {v} | "
                      f"{'yes' if t['met'] else ('no' if t['met'] is False else '–')} |")
     mach = res["machine"]
     L += ["", f"Alignment Layer: {res['layer']['params']:,} parameters, {res['layer']['gmac']} GMAC per image.", "",
