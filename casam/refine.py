@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from scipy import ndimage
 
 from .preprocess import apply_window, as_rgb
 
@@ -179,8 +180,6 @@ def keep_click_edits(refined: np.ndarray, edited: np.ndarray, points: np.ndarray
     Returns:
         H×W bool: the pixels where ``edited`` replaces ``refined``.
     """
-    from scipy import ndimage
-
     keep = np.zeros(refined.shape, bool)
     h, w = refined.shape
     pts = np.asarray(points, np.float64).reshape(-1, 2)

@@ -84,7 +84,7 @@ def markdown(res: Dict[str, Any]) -> str:
         for t in res["targets"].values():
             v = t.get("value")
             v = fmt(v, 4) if isinstance(v, float) and not isinstance(v, bool) else v
-            if t.get("all_tasks") is not None and t["target"].endswith(")"):  # restricted to the tasks plain SAM does
+            if t.get("all_tasks") is not None:  # a target stated for the tasks plain SAM does
                 v = f"{v} (all tasks {fmt(t['all_tasks'], 4)})"
             L.append(f"| {t['target']} | {v} | "
                      f"{'yes' if t['met'] else ('no' if t['met'] is False else '–')} |")

@@ -249,8 +249,13 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
     # The click targets promise what casam does on tasks plain SAM can do; a task it fails at (its zero-shot box
     # below TARGET_HARD_ZERO_SHOT: retinal vessels) has its own target below, and the all-task value is kept beside.
     every = list(range(len(Z[-1]))) if Z else []
-    sam_tasks = [j for j in every if Z[-1][j] is not None and Z[-1][j] >= TARGET_HARD_ZERO_SHOT] or every
+    hard = [j for j in every if Z[-1][j] is not None and Z[-1][j] < TARGET_HARD_ZERO_SHOT]
+    sam_tasks = [j for j in every if Z[-1][j] is not None and j not in hard] or every
     where = "" if sam_tasks == every else f" on the tasks plain SAM does (zero-shot box >= {TARGET_HARD_ZERO_SHOT})"
+
+    def restricted(target: Dict[str, Any], all_tasks) -> Dict[str, Any]:
+        """A target stated for ``sam_tasks``, with its value over every task beside when that is another set."""
+        return {**target, "all_tasks": all_tasks} if where else target
 
     def click_avg(m: str):
         rc = get(m, "R_click")
@@ -259,8 +264,8 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
     for key, m, goal in (("casam_click", "casam", TARGET_CLICK), ("fresh_install_click", "fresh_install", TARGET_FRESH_CLICK)):
         v = click_avg(m)
         name = "CA-SAM" if m == "casam" else "fresh install"
-        t[key] = {**check(f"{name} click Avg-IoU >= {goal}{where}", v, v is not None and v >= goal),
-                  "all_tasks": get(m, "avg_iou_click")}
+        t[key] = restricted(check(f"{name} click Avg-IoU >= {goal}{where}", v, v is not None and v >= goal),
+                            get(m, "avg_iou_click"))
     fb = get("fresh_install", "avg_iou")
     v = None if fb is None or zs is None else fb - zs
     t["fresh_install_box"] = check(f"fresh install box Avg-IoU >= zero-shot - {TARGET_FRESH_BOX_DROP}", v,
@@ -278,7 +283,6 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
     t["no_cross_modality_route"] = check("an image of a modality that has a layer goes to that modality's layer or falls "
                                          "back, at every step (most images routed to another modality's layer)", v,
                                          v is not None and v == 0)
-    hard = [j for j, z in enumerate(Z[-1] if Z else []) if z is not None and z < TARGET_HARD_ZERO_SHOT]
     v = min(R[-1][j] for j in hard) if hard and R else None
     t["casam_box_hard_task"] = check(f"on a task the frozen backbone fails at (box IoU < {TARGET_HARD_ZERO_SHOT}), CA-SAM's final "
                                      f"box IoU >= {TARGET_HARD_BOX} (the lowest such task)", v, v is not None and v >= TARGET_HARD_BOX)
@@ -295,8 +299,8 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
     n_img = sum(p.get("n", 0) for p in keep)
     v = (round(sum(p["iou"][-1] * p.get("n", 0) for p in keep) / n_img, 4) if where and n_img
          else (cs["iou"][-1] if cs else None))
-    t["casam_sequence"] = {**check(f"CA-SAM IoU after the last click >= {TARGET_SEQUENCE}{where}", v,
-                                   v is not None and v >= TARGET_SEQUENCE), "all_tasks": cs["iou"][-1] if cs else None}
+    t["casam_sequence"] = restricted(check(f"CA-SAM IoU after the last click >= {TARGET_SEQUENCE}{where}", v,
+                                           v is not None and v >= TARGET_SEQUENCE), cs["iou"][-1] if cs else None)
     t["casam_sequence_monotone"] = check("CA-SAM mean IoU never drops from one click to the next", None if not cs else cs["monotone"],
                                          bool(cs and cs["monotone"]))
     return t
