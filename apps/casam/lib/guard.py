@@ -324,7 +324,14 @@ class GuardedDatastore:
         return image_id
 
     def get_image_uri(self, image_id: str) -> str:
-        return super().get_image_uri(self._check_id(image_id))  # type: ignore[misc]
+        image_id = self._check_id(image_id)
+        if not self.casam_dicomweb:
+            return super().get_image_uri(image_id)  # type: ignore[misc]
+        # MONAI Label's DICOMweb datastore adds a series it has just converted to its index while holding the index's
+        # file lock, and the index write inside takes this lock; the watcher's refresh takes this lock, then the file
+        # lock. Taking this lock first keeps one order (the two had deadlocked a first ROI on a DICOMweb volume).
+        with self.casam_lock:
+            return super().get_image_uri(image_id)  # type: ignore[misc]
 
     def get_label_uri(self, label_id: str, label_tag: str, *args, **kwargs) -> str:
         return super().get_label_uri(self._check_id(label_id), check_name(label_tag, "label tag"), *args, **kwargs)  # type: ignore[misc]
