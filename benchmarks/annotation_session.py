@@ -46,11 +46,12 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from latency import machine  # noqa: E402
 from mlserver import MonaiLabelServer  # noqa: E402
 
-from casam.config import HEAD_STEPS, default_data  # noqa: E402
-from casam.imageio import read_clinical  # noqa: E402
-from casam.interactive import next_click  # noqa: E402
-from casam.metrics import iou  # noqa: E402
-from casam.prompts import centroid_point, tight_box  # noqa: E402
+from casam.paths import default_data
+from casam.training.config import HEAD_STEPS
+from casam.data.clinical import read_clinical  # noqa: E402
+from casam.scoring.protocol import next_click  # noqa: E402
+from casam.scoring.metrics import iou  # noqa: E402
+from casam.prompts.masks import centroid_point, tight_box  # noqa: E402
 
 ARMS = {"novelty": "casam_novelty", "random": "random", "plain": "random"}
 TARGETS = (0.8, 0.9)

@@ -35,7 +35,8 @@ sys.path.insert(0, str(REPO / "benchmarks"))
 from latency import Bench, centre, datastore, machine, summary  # noqa: E402
 from mlserver import MonaiLabelServer  # noqa: E402
 
-from casam.config import HEAD_STEPS, default_data  # noqa: E402
+from casam.paths import default_data
+from casam.training.config import HEAD_STEPS
 
 INSTITUTION = "BENCH"
 RATIO = 2.0  # the target: p95 while training <= RATIO x idle p95

@@ -1,12 +1,12 @@
 #!/usr/bin/env python
-"""Fits the click chooser's weights (``casam.clicks.CHOOSER_WEIGHTS``) and measures them.
+"""Fits the click chooser's weights (``casam.prompts.clicks.CHOOSER_WEIGHTS``) and measures them.
 
 One click at each training object's centre is answered with box proposals of every half-size, all refined
-(:func:`casam.clicks.propose`); the weights of the linear score over :data:`casam.clicks.FEATURES` maximise the
+(:func:`casam.prompts.clicks.propose`); the weights of the linear score over :data:`casam.prompts.clicks.FEATURES` maximise the
 expected IoU of a softmax choice (L2-regularised). The fit uses the training splits only; the result file
 reports the held-out test splits, leave-one-task-out fits (each task chosen by weights fitted on the
 others) to show how the weights carry to data they never saw, and ``shipped_fused``: the product's answer,
-the refined proposals averaged by a softmax of the shipped scores (:func:`casam.clicks.fuse_proposals`).
+the refined proposals averaged by a softmax of the shipped scores (:func:`casam.prompts.clicks.fuse_proposals`).
 
 Example (the committed result: benchmarks/results/click_chooser.json)::
 
@@ -28,14 +28,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from casam.backbone import load_backbone  # noqa: E402
-from casam.reporting import machine_info  # noqa: E402
-from casam.clicks import (CHOOSER_WEIGHTS, FEATURES, HALF_SIZES, REFERENCE_SIZE, ClickConfig, _agreement,  # noqa: E402
-                          _paired_iou, fuse_proposals, proposal_scores, propose)
-from casam.data import discover_tasks, load_cases, spread  # noqa: E402
-from casam.prompts import centroid_point  # noqa: E402
-from casam.preprocess import points_to_model  # noqa: E402
-from casam.training import EmbeddingCache, make_samples  # noqa: E402
+from casam.model.backbone import load_backbone  # noqa: E402
+from casam.evaluation.provenance import machine_info  # noqa: E402
+from casam.prompts.clicks import (CHOOSER_WEIGHTS, FEATURES, HALF_SIZES, REFERENCE_SIZE, ClickConfig, agreement,  # noqa: E402
+                          paired_iou, fuse_proposals, proposal_scores, propose)
+from casam.data.datasets import discover_tasks, load_cases, spread  # noqa: E402
+from casam.prompts.masks import centroid_point  # noqa: E402
+from casam.model.preprocess import points_to_model  # noqa: E402
+from casam.training.embeddings import EmbeddingCache
+from casam.scoring.samples import make_samples
 
 
 def split_samples(data: str, cache: Optional[str], images: Dict[str, int]):
@@ -61,7 +62,7 @@ def run_record(script: str, argv, t0: float) -> dict:
 @torch.no_grad()
 def candidates(backbone, samples):
     """Per object: (features K×F, IoU of each refined proposal with the truth K, IoU of the shipped chooser's
-    fused answer, :func:`casam.clicks.fuse_proposals` at ``ClickConfig().fuse``)."""
+    fused answer, :func:`casam.prompts.clicks.fuse_proposals` at ``ClickConfig().fuse``)."""
     half = torch.tensor([float(s) * backbone.img_size / REFERENCE_SIZE for s in HALF_SIZES])[:, None]
     to_low = backbone.lowres_size / backbone.img_size
     temperature = ClickConfig().fuse
@@ -73,9 +74,9 @@ def candidates(backbone, samples):
             p = propose(run, fg, s.geom.resized_hw, to_low, half, len(HALF_SIZES), lambda m: torch.zeros(len(m)))
             m = (p.logits[:, 0] > 0).flatten(1)
             truth = (t.lowres > 0.5).flatten()[None].expand_as(m)
-            score = proposal_scores(p, None, lambda masks: _agreement(masks, fg * to_low, fg[:0]))  # as the product
+            score = proposal_scores(p, None, lambda masks: agreement(masks, fg * to_low, fg[:0]))  # as the product
             fused = fuse_proposals(p, score, temperature, fg, to_low, s.geom.resized_hw)[0][0, 0] > 0
-            out.append((p.features, _paired_iou(m, truth), float(_paired_iou(fused.flatten()[None], truth[:1])[0])))
+            out.append((p.features, paired_iou(m, truth), float(paired_iou(fused.flatten()[None], truth[:1])[0])))
     return out
 
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
-"""Compares settings of how casam answers later clicks (``casam.clicks.ClickConfig``) on click sequences.
+"""Compares settings of how casam answers later clicks (``casam.prompts.clicks.ClickConfig``) on click sequences.
 
 Each object of some images per task gets a sequence of clicks as interactive benchmarks score them (the first
-at its centre, each next one at the centre of the largest error region, :func:`casam.interactive.click_sequence`),
+at its centre, each next one at the centre of the largest error region, :func:`casam.scoring.protocol.click_sequence`),
 answered on plain LiteMedSAM (what a fresh install serves) with each variant of the settings. Meant for the
 training splits, so the settings are chosen without the test images that ``benchmarks/continual.py`` reports.
 
@@ -32,9 +32,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from click_chooser import run_record, split_samples  # noqa: E402
 
-from casam.scoring import sequences  # noqa: E402
-from casam.clicks import ClickConfig  # noqa: E402
-from casam.interactive import summarise  # noqa: E402
+from casam.scoring.score import sequences  # noqa: E402
+from casam.prompts.clicks import ClickConfig  # noqa: E402
+from casam.scoring.protocol import summarise  # noqa: E402
 
 
 def parse_variant(text: str) -> Tuple[str, Dict[str, Any]]:

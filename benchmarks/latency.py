@@ -18,7 +18,7 @@ points ``[i, j, k]``, ``roi`` ``[i0, i1, j0, j1(, k0, k1)]``); a client opens an
 * ``volume_further_click``: further clicks on an open volume (background, then foreground clicks beside the first).
 * ``volume_corrective_click``: click sequences on an open volume as interactive benchmarks make them: a first click
   on a tumour pixel of a slice near the largest, then clicks at the centre of the largest error region of that
-  slice's mask (:func:`casam.interactive.next_click`); the clicked slice's IoU is recorded after each click.
+  slice's mask (:func:`casam.scoring.protocol.next_click`); the clicked slice's IoU is recorded after each click.
 * ``roi_volume``: a 3D ROI over the whole 38-slice volume (its box jittered by a few pixels each time), on an
   open volume whose slices were encoded in the background; ``roi_volume_cold``: the same right after opening.
 
@@ -49,10 +49,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 from mlserver import MonaiLabelServer  # noqa: E402
 
-from casam.config import default_data  # noqa: E402
-from casam.imageio import read_clinical  # noqa: E402
-from casam.interactive import next_click  # noqa: E402
-from casam.metrics import iou  # noqa: E402
+from casam.paths import default_data  # noqa: E402
+from casam.data.clinical import read_clinical  # noqa: E402
+from casam.scoring.protocol import next_click  # noqa: E402
+from casam.scoring.metrics import iou  # noqa: E402
 
 VOLUME = "TCGA_DU_5849_19950405"
 TARGETS = {  # scenario → (statistic, limit ms): issue 12 item 7, judged on the server's p95
@@ -97,12 +97,12 @@ def vm_hwm(pid: int) -> Optional[int]:
 
 
 def machine() -> Dict[str, Any]:
-    """The client machine (here also the server's): :func:`casam.reporting.machine_info`, with the allocator
+    """The client machine (here also the server's): :func:`casam.evaluation.provenance.machine_info`, with the allocator
     setting the server gets from this environment (``CASAM_MALLOC_KEEP_MB``, :mod:`casam.runtime`)."""
     import torch
 
-    from casam.reporting import machine_info
-    from casam.config import malloc_keep_mb
+    from casam.evaluation.provenance import machine_info
+    from casam.runtime import malloc_keep_mb
 
     info = machine_info("cuda" if torch.cuda.is_available() else "cpu")
     info.pop("malloc_tuned", None)  # this client process's, not the server's

@@ -22,15 +22,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from casam.model.router import VAE_EPOCHS
+from casam.paths import default_cache, default_data
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from casam import config as casam_config  # noqa: E402
-from casam.backbone import load_backbone  # noqa: E402
-from casam.reporting import machine_info  # noqa: E402
-from casam.data import discover_tasks, load_cases, spread  # noqa: E402
-from casam.router import Router  # noqa: E402
-from casam.training import EmbeddingCache, TrainConfig, fit_router, make_samples, split_samples  # noqa: E402
+from casam.model.backbone import load_backbone  # noqa: E402
+from casam.evaluation.provenance import machine_info  # noqa: E402
+from casam.data.datasets import discover_tasks, load_cases, spread  # noqa: E402
+from casam.model.router import Router  # noqa: E402
+from casam.training.layer import fit_router, split_samples
+from casam.training.embeddings import EmbeddingCache
+from casam.training.config import TrainConfig
+from casam.scoring.samples import make_samples
 
 
 def features(tasks, bb, cache_dir, max_train_cases):
@@ -76,7 +80,7 @@ def main() -> int:
     p.add_argument("--cache", default=None, help="embedding cache folder (default $CASAM_CACHE or ~/.casam/cache)")
     p.add_argument("--max-train-cases", type=int, default=None, help="training cases per task, evenly spaced (default all)")
     p.add_argument("--seeds", default="0,1,2,3")
-    p.add_argument("--vae-epochs", default=f"10,{casam_config.VAE_EPOCHS}")
+    p.add_argument("--vae-epochs", default=f"10,{VAE_EPOCHS}")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     p.add_argument("--name", default="router_seeds")
@@ -84,9 +88,9 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.time()
-    tasks = discover_tasks(args.data or casam_config.default_data())
+    tasks = discover_tasks(args.data or default_data())
     bb = load_backbone("litemedsam", None, "cpu")
-    feats = features(tasks, bb, args.cache or casam_config.default_cache(), args.max_train_cases)
+    feats = features(tasks, bb, args.cache or default_cache(), args.max_train_cases)
     rows = []
     for ep in [int(x) for x in args.vae_epochs.split(",")]:
         for seed in [int(x) for x in args.seeds.split(",")]:

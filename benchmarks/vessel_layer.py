@@ -25,13 +25,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from casam.backbone import load_backbone  # noqa: E402
-from casam.config import default_data  # noqa: E402
-from casam.data import discover_tasks, load_cases  # noqa: E402
-from casam.registry import LayerRegistry  # noqa: E402
-from casam.reporting import json_safe, machine_info  # noqa: E402
-from casam.scoring import mask_scores, predict_sample  # noqa: E402
-from casam.training import EmbeddingCache, TrainConfig, make_samples, train_layer  # noqa: E402
+from casam.model.backbone import load_backbone  # noqa: E402
+from casam.paths import default_data  # noqa: E402
+from casam.data.datasets import discover_tasks, load_cases  # noqa: E402
+from casam.registry.store import LayerRegistry  # noqa: E402
+from casam.evaluation.provenance import json_safe, machine_info  # noqa: E402
+from casam.scoring.score import mask_scores, predict_sample  # noqa: E402
+from casam.training.layer import train_layer
+from casam.training.embeddings import EmbeddingCache
+from casam.training.config import TrainConfig
+from casam.scoring.samples import make_samples
 
 PROMPTS = ("box", "click")
 

@@ -11,38 +11,42 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import config
-from .errors import CasamError
+from casam.errors import CasamError
+from casam.model.backbone import DEFAULT_BACKBONE
+from casam.paths import default_cache, default_registry
+from casam.runtime import DEFAULT_DEVICE
+from casam.training.config import HEAD_STEPS
 
 
 def _backbone_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--backbone", default=config.DEFAULT_BACKBONE,
-                   help=f"litemedsam, vit_b, vit_l, vit_h or tiny (default {config.DEFAULT_BACKBONE})")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE,
+                   help=f"litemedsam, vit_b, vit_l, vit_h or tiny (default {DEFAULT_BACKBONE})")
     p.add_argument("--checkpoint", default=None, help="weights file (required for vit_*; optional for litemedsam)")
-    p.add_argument("--device", default=config.DEFAULT_DEVICE,
-                   help=f"torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, … (default {config.DEFAULT_DEVICE})")
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help=f"torch device: auto (cuda when available, else cpu), cpu, cuda, cuda:1, … (default {DEFAULT_DEVICE})")
 
 
 def _registry_arg(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--registry", default=None, help=f"layer registry folder (default $CASAM_REGISTRY or {config.default_registry()})")
+    p.add_argument("--registry", default=None, help=f"layer registry folder (default $CASAM_REGISTRY or {default_registry()})")
 
 
 def _registry(args):
-    from .registry import LayerRegistry
+    from casam.registry.store import LayerRegistry
 
-    return LayerRegistry(args.registry or config.default_registry())
+    return LayerRegistry(args.registry or default_registry())
 
 
 def _backbone(args):
-    from .backbone import load_backbone
+    from casam.model.backbone import load_backbone
 
     return load_backbone(args.backbone, args.checkpoint, args.device)
 
 
 def cmd_add_layer(args) -> int:
-    from .data import load_cases, read_meta
-    from .online import writer_lock
-    from .training import TrainConfig, train_layer
+    from casam.data.datasets import load_cases, read_meta
+    from casam.registry.store import writer_lock
+    from casam.training.config import TrainConfig
+    from casam.training.layer import train_layer
 
     cases = [c for c in read_meta(args.data) if c.mask is not None and (args.split == "all" or c.split == args.split)]
     institutions = sorted({c.institution for c in cases})
@@ -66,7 +70,7 @@ def cmd_add_layer(args) -> int:
         images, masks, patients = load_cases(cs)
         with writer_lock(reg):  # the app's online trainer and a federated sync take the same lock
             info = train_layer(bb, images, masks, patients, reg, inst, args.modality, cfg,
-                               cache_dir=args.cache or config.default_cache(), extra={"source": str(Path(args.data).resolve())})
+                               cache_dir=args.cache or default_cache(), extra={"source": str(Path(args.data).resolve())})
         print(json.dumps({k: info.to_dict()[k] for k in ("name", "institution", "n_images", "n_patients", "tau", "val_iou", "zero_shot_val_iou")}))
     return 0
 
@@ -75,8 +79,8 @@ def cmd_predict(args) -> int:
     import numpy as np
     from PIL import Image
 
-    from .data import read_image
-    from .predictor import CASAMPredictor
+    from casam.data.datasets import read_image
+    from casam.inference.predictor import CASAMPredictor
 
     image = read_image(args.image)
     points = [p for p in (args.point or [])] + [p for p in (args.neg_point or [])]
@@ -108,36 +112,36 @@ def cmd_layers(args) -> int:
 
 
 def cmd_benchmark(args) -> int:
-    from .evaluation.benchmark import main as bench_main
+    from casam.evaluation.benchmark import main as bench_main
 
     rest = list(args.rest)
     return bench_main(rest[1:] if rest[:1] == ["--"] else rest)
 
 
 def cmd_federated(args) -> int:
-    from .federated.job import main as federated_main
+    from casam.federated.job import main as federated_main
 
     return federated_main(args.rest)
 
 
 def cmd_export_bundle(args) -> int:
-    from .bundle import export_bundle
+    from casam.bundle.export import export_bundle
 
-    out = export_bundle(args.registry or config.default_registry(), args.out, backbone=args.backbone, checkpoint=args.checkpoint,
+    out = export_bundle(args.registry or default_registry(), args.out, backbone=args.backbone, checkpoint=args.checkpoint,
                         template=args.template)
     print(f"bundle written to {out}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluation.evaluate import run
+    from casam.evaluation.evaluate import run
 
     run(args)
     return 0
 
 
 def cmd_demo(args) -> int:
-    from .demo import run_demo
+    from casam.demo import run_demo
 
     return run_demo(args)
 
@@ -156,9 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--batch-size", type=int, default=6)
     a.add_argument("--lr", type=float, default=1e-4)
     a.add_argument("--max-images", type=int, default=None, help="cap on training images (faster on CPU)")
-    a.add_argument("--head-steps", type=int, default=config.HEAD_STEPS,
+    a.add_argument("--head-steps", type=int, default=HEAD_STEPS,
                    help=f"steps of the institution's refinement head at the image's resolution (default "
-                        f"{config.HEAD_STEPS}; 0: the Alignment Layer alone)")
+                        f"{HEAD_STEPS}; 0: the Alignment Layer alone)")
     a.add_argument("--seed", type=int, default=0)
     a.add_argument("--cache", default=None, help="embedding cache folder (default $CASAM_CACHE)")
     _backbone_args(a)
@@ -192,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("rest", nargs=argparse.REMAINDER)
     f.set_defaults(func=cmd_federated)
 
-    from .evaluation.evaluate import add_parser as add_evaluate
+    from casam.evaluation.evaluate import add_parser as add_evaluate
 
     ev = add_evaluate(sub)
     _backbone_args(ev)

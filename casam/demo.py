@@ -20,13 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .backbone import load_backbone
-from .errors import CasamError
-from .metrics import iou
-from .predictor import CASAMPredictor
-from .prompts import centroid_point, tight_box
-from .registry import LayerRegistry
-from .training import PROMPT_TYPES, TrainConfig, split_by_patient, train_layer
+from casam.errors import CasamError
+from casam.inference.predictor import CASAMPredictor
+from casam.model.backbone import load_backbone
+from casam.prompts.masks import PROMPT_TYPES, centroid_point, tight_box
+from casam.registry.store import LayerRegistry
+from casam.scoring.metrics import iou
+from casam.training.config import TrainConfig
+from casam.training.layer import split_by_patient, train_layer
 
 
 def mni_files() -> dict:

@@ -22,10 +22,18 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import logging
+import os
 import platform
 from typing import Optional
 
-from .config import malloc_keep_mb
+# "auto": CUDA when torch sees a GPU, else the CPU (casam.runtime.resolve_device), for the command line, the
+# MONAI Label app, the bundle and the benchmarks alike. Layers are stored on the CPU, so a layer trained on a GPU
+# serves on a CPU-only box.
+DEFAULT_DEVICE = "auto"
+
+# glibc keeps this much freed memory for reuse (casam.runtime): no page faults for every large tensor.
+MALLOC_KEEP_MB = 2047
+
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +55,7 @@ def tune_allocator(keep_mb: Optional[int] = None) -> bool:
     """Makes glibc keep freed memory for reuse (see the module docstring). Only the first call acts.
 
     Call it before the threads that do the work are started: the app does so at start-up, and
-    :func:`casam.backbone.load_backbone` calls it too.
+    :func:`casam.model.backbone.load_backbone` calls it too.
 
     Args:
         keep_mb: MiB kept (default ``CASAM_MALLOC_KEEP_MB``, 2047; 0 leaves glibc's defaults; capped at
@@ -80,3 +88,28 @@ def tune_allocator(keep_mb: Optional[int] = None) -> bool:
 def allocator_tuned() -> bool:
     """Whether :func:`tune_allocator` changed glibc's settings in this process."""
     return bool(_applied)
+
+
+def resolve_device(device: Optional[str] = None) -> str:
+    """The torch device a device option names.
+
+    Args:
+        device: ``auto`` (also ``None`` or empty: :data:`DEFAULT_DEVICE`), ``cpu``, ``cuda``, ``cuda:1``, …
+
+    Returns:
+        ``device`` itself, or for ``auto`` ``cuda`` when torch sees a GPU and ``cpu`` otherwise.
+    """
+    device = str(device or DEFAULT_DEVICE)
+    if device != "auto":
+        return device
+    import torch  # only here: reading paths and defaults needs no torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def malloc_keep_mb() -> int:
+    """Returns ``$CASAM_MALLOC_KEEP_MB`` (default 2047; 0 or an unreadable value: leave glibc's defaults)."""
+    try:
+        return int(os.environ.get("CASAM_MALLOC_KEEP_MB", MALLOC_KEEP_MB))
+    except ValueError:
+        return 0

@@ -397,7 +397,7 @@ def run(tag: str = "smoke", base: str = "debian-local:bookworm", port: int = 821
         # ---- a DICOM series in Orthanc, one click each, labels back as DICOM SEG
         from monailabel.client import MONAILabelClient
 
-        from casam.imageio import read_clinical
+        from casam.data.clinical import read_clinical
 
         series, source = make_series(workdir)
         for s in series:

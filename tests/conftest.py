@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from casam.config import default_data
+from casam.paths import default_data
 
 DATA = default_data()
 
@@ -34,7 +34,7 @@ def disk_image(rng: np.random.Generator, size=(48, 64), bright=True, texture=0.0
 
 @pytest.fixture(scope="session")
 def tiny():
-    from casam.backbone import load_backbone
+    from casam.model.backbone import load_backbone
 
     return load_backbone("tiny")
 

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from casam.alignment import AlignmentLayer, CAResBlock, alignment_macs, count_parameters, describe
+from casam.model.alignment import AlignmentLayer, CAResBlock, alignment_macs, count_parameters, describe
 
 
 def test_parameter_count_matches_method():
@@ -36,7 +36,7 @@ def test_fresh_block_is_identity_and_trains():
 
 
 def test_fresh_layer_starts_from_the_backbone_neck(tiny):
-    from casam.alignment import fresh_layer
+    from casam.model.alignment import fresh_layer
 
     w, b = tiny.output_norm()
     layer = fresh_layer(tiny)
@@ -51,7 +51,7 @@ def test_fresh_layer_starts_from_the_backbone_neck(tiny):
 
 
 def test_fresh_layer_gives_the_same_masks_as_plain_sam(tiny):
-    from casam.alignment import fresh_layer
+    from casam.model.alignment import fresh_layer
 
     rng = np.random.default_rng(0)
     z = tiny.encode(tiny.prepare(rng.integers(0, 255, (48, 64), dtype=np.uint8))[0])

@@ -101,7 +101,7 @@ def test_training_reports_its_status_and_stops_at_its_time_limit(tmp_path, disks
 
 def test_watchdog_ends_a_background_training_that_does_not_stop_by_itself(tmp_path, monkeypatch):
     import lib.trainers.casam as trainers
-    from casam.online import TrainingMonitor
+    from casam.training.online import TrainingMonitor
 
     trainer = CASAMTrainer(_config(tmp_path, max_train_minutes="0.5"))
     status = {"state": "running", "pid": os.getpid(), "auto": True, "new_layers": []}

@@ -22,7 +22,7 @@ from disk_studies import disk_studies
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("monailabel")
-from casam.registry import LayerRegistry  # noqa: E402
+from casam.registry.store import LayerRegistry  # noqa: E402
 from mlserver import MonaiLabelServer  # noqa: E402
 
 N_IMAGES = 10

@@ -22,8 +22,8 @@ pytest.importorskip("monailabel")
 nib = pytest.importorskip("nibabel")
 from monailabel.client import MONAILabelClient  # noqa: E402
 
-from casam.imageio import read_clinical  # noqa: E402
-from casam.prompts import tight_box  # noqa: E402
+from casam.data.clinical import read_clinical  # noqa: E402
+from casam.prompts.masks import tight_box  # noqa: E402
 from mlserver import MonaiLabelServer  # noqa: E402
 
 VOLUMES = DATA / "brain_mri_lgg" / "volumes"

@@ -26,8 +26,8 @@ monailabel = pytest.importorskip("monailabel")
 from monailabel.client import MONAILabelClient  # noqa: E402
 from monailabel.client.client import MONAILabelClientException  # noqa: E402
 
-from casam.imageio import read_clinical  # noqa: E402
-from casam.prompts import tight_box  # noqa: E402
+from casam.data.clinical import read_clinical  # noqa: E402
+from casam.prompts.masks import tight_box  # noqa: E402
 from mlserver import MonaiLabelServer  # noqa: E402
 
 TASK = DATA / "brain_mri_lgg"

@@ -1,12 +1,14 @@
 """The backbone's CPU speed-ups keep its function: BatchNorm folded into convolutions, channels-last inputs, and the
-mask decoder with its image-side work done once per embedding (casam.decoder)."""
+mask decoder with its image-side work done once per embedding (casam.model.decoder)."""
 
 import copy
 
 import pytest
 import torch
 
-from casam.backbone import fuse_conv_bn
+from casam.model.backbone import fuse_conv_bn
+from casam.paths import default_cache, default_registry
+from casam.runtime import DEFAULT_DEVICE, resolve_device
 
 
 def _tinyvit():
@@ -43,7 +45,7 @@ def test_fuse_leaves_other_modules_alone():
 
 
 def _sam_decode(bb, z, pts, boxes):
-    """SAM's own MaskDecoder call (single-mask output), as casam made it before casam.decoder."""
+    """SAM's own MaskDecoder call (single-mask output), as casam made it before casam.model.decoder."""
     pe, md = bb.sam.prompt_encoder, bb.sam.mask_decoder
     sparse, dense = pe(points=pts, boxes=boxes, masks=None)
     return md(image_embeddings=z, image_pe=pe.get_dense_pe(), sparse_prompt_embeddings=sparse,
@@ -52,7 +54,7 @@ def _sam_decode(bb, z, pts, boxes):
 
 @pytest.mark.parametrize("name", ["tiny", "vit_b"])
 def test_decoder_with_shared_image_work_gives_sams_answer_and_gradient(name):
-    from casam.backbone import load_backbone
+    from casam.model.backbone import load_backbone
 
     bb = load_backbone(name, random_init=True) if name != "tiny" else load_backbone("tiny")
     torch.manual_seed(1)
@@ -80,18 +82,18 @@ def test_decoder_with_shared_image_work_gives_sams_answer_and_gradient(name):
 
 
 def test_auto_device_is_cuda_when_available_else_cpu(monkeypatch, tmp_path):
-    """``auto`` (casam.config.DEFAULT_DEVICE) loads a backbone on a CPU-only box; the path defaults honour their env."""
-    from casam import config
-    from casam.backbone import load_backbone
+    """``auto`` (casam.runtime.DEFAULT_DEVICE) loads a backbone on a CPU-only box; the path defaults honour their env."""
+    pass
+    from casam.model.backbone import load_backbone
 
-    assert config.DEFAULT_DEVICE == "auto"
+    assert DEFAULT_DEVICE == "auto"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert config.resolve_device() == config.resolve_device("auto") == "cpu"
-    assert config.resolve_device("cuda:1") == "cuda:1"
+    assert resolve_device() == resolve_device("auto") == "cpu"
+    assert resolve_device("cuda:1") == "cuda:1"
     assert load_backbone("tiny", device="auto").device.type == "cpu"
     monkeypatch.delenv("CASAM_REGISTRY", raising=False)
     monkeypatch.setenv("CASAM_CACHE", "")  # empty: unset
-    assert config.default_registry(tmp_path) == tmp_path / "registry"
-    assert config.default_cache(tmp_path) == tmp_path / "cache"
+    assert default_registry(tmp_path) == tmp_path / "registry"
+    assert default_cache(tmp_path) == tmp_path / "cache"
     monkeypatch.setenv("CASAM_REGISTRY", str(tmp_path / "r"))
-    assert config.default_registry(tmp_path / "elsewhere") == config.default_registry() == tmp_path / "r"
+    assert default_registry(tmp_path / "elsewhere") == default_registry() == tmp_path / "r"

@@ -270,7 +270,7 @@ def test_watcher_survives_concurrent_writes_in_process(tmp_path):
     raised ``dictionary changed size during iteration`` in the watcher's thread, which then ended)."""
     from monailabel.datastore.local import LocalDatastore
 
-    from casam.imageio import ImageLimits
+    from casam.data.clinical import ImageLimits
 
     sys.path.insert(0, str(APP))
     try:

@@ -8,7 +8,8 @@ import pytest
 
 from conftest import DATA, needs_data
 
-from casam.evaluation.benchmark import METHODS, build_parser, main
+from casam.evaluation.benchmark import build_parser, main
+from casam.evaluation.stages import METHODS
 
 
 def test_help_lists_the_flags(capsys):

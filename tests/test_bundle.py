@@ -13,15 +13,19 @@ import pytest
 import torch
 from PIL import Image
 
-from casam.backbone import load_backbone
-from casam.bundle import (LARGE_FILES, ZOO_INFERENCE_KEYS, ZOO_MAX_FILE_BYTES, BundleInferer, BundleNetwork,
-                          check_bundle, export_bundle, load_bundle_predictor, parse_prompt_file, read_manifest)
-from casam.data import read_meta, load_cases
+from casam.model.backbone import load_backbone
+from casam.bundle.export import export_bundle
+from casam.bundle.layout import LARGE_FILES
+from casam.bundle.check import ZOO_INFERENCE_KEYS, ZOO_MAX_FILE_BYTES, check_bundle, read_bundle_manifest
+from casam.bundle.inferer import BundleInferer, BundleNetwork, parse_prompt_file
+from casam.bundle.load import load_bundle_predictor
+from casam.data.datasets import read_meta, load_cases
 from casam.errors import CasamError, PromptError, RegistryError
-from casam.predictor import CASAMPredictor
-from casam.prompts import binary_masks, tight_box
-from casam.registry import LayerRegistry
-from casam.training import TrainConfig, train_layer
+from casam.inference.predictor import CASAMPredictor
+from casam.prompts.masks import binary_masks, tight_box
+from casam.registry.store import LayerRegistry
+from casam.training.layer import train_layer
+from casam.training.config import TrainConfig
 
 from conftest import DATA, needs_data
 
@@ -101,7 +105,7 @@ def check_metadata(meta: dict) -> None:
 def zoo_verify(bundle: Path, hosted: bool = True) -> None:
     """What MONAI Model Zoo's CI (ci/verify_bundle.py) checks on a submitted bundle, run offline.
 
-    Files, large files, inference keys and version (casam.bundle.check_bundle); the metadata schema with
+    Files, large files, inference keys and version (casam.bundle.check.check_bundle); the metadata schema with
     MONAI's own `verify_metadata` against eval/schema.json, as the zoo's CI runs it; `verify_net_in_out` is run
     by the callers (it loads the network)."""
     assert check_bundle(bundle, hosted=hosted) == []
@@ -159,7 +163,7 @@ def test_template_files():
     cfg = json.loads((TEMPLATE / "configs" / "inference.json").read_text())
     assert {"bundle_root", "device", "dataset_dir", "output_dir", "network_def", "predictor", "inferer", "run"} <= set(cfg)
     assert set(ZOO_INFERENCE_KEYS) <= set(cfg)
-    assert cfg["network_def"]["_target_"] == "casam.bundle.BundleNetwork"
+    assert cfg["network_def"]["_target_"] == "casam.bundle.inferer.BundleNetwork"
     assert (TEMPLATE / "docs" / "data_license.txt").is_file()
     # what the zoo's CI says of the template: no models yet (model.pt is written at export), all else in place
     assert check_bundle(TEMPLATE) == ["preferred file models/model.pt is missing"]
@@ -182,7 +186,7 @@ def test_export_run_verify_tiny(tmp_path, tiny, tiny_registry, disks):
     bundle = tmp_path / "casam_bundle"
     assert cli_main(["export-bundle", "--registry", str(tiny_registry.root), "--out", str(bundle), "--backbone", "tiny"]) == 0
     # layout and manifest
-    man = read_manifest(bundle)
+    man = read_bundle_manifest(bundle)
     assert man["backbone"]["name"] == "tiny" and man["backbone"]["weights"] is None
     names = [l["name"] for l in man["layers"]]
     assert names == [i.name for i in tiny_registry.list()] and all(l["active"] for l in man["layers"])
@@ -253,7 +257,7 @@ def test_large_files_listed(tmp_path, tiny_registry):
     """A file over the zoo's 25 MB limit is listed in large_files.yml with its sha256; check_bundle catches the rest."""
     import yaml
 
-    from casam.bundle import _write_large_files
+    from casam.bundle.export import write_large_files
 
     bundle = export_bundle(tiny_registry.root, tmp_path / "b", backbone="tiny")
     big = bundle / "models" / "backbone" / "big.pth"
@@ -262,12 +266,12 @@ def test_large_files_listed(tmp_path, tiny_registry):
         f.truncate(ZOO_MAX_FILE_BYTES + 1)
     assert check_bundle(bundle) == [f"models/backbone/big.pth ({ZOO_MAX_FILE_BYTES + 1:,} bytes) is over 25 MB and not "
                                     f"in large_files.yml"]
-    _write_large_files(bundle)
+    write_large_files(bundle)
     (entry,) = yaml.safe_load((bundle / LARGE_FILES).read_text())["large_files"]
     assert entry["path"] == "models/backbone/big.pth" and entry["hash_type"] == "sha256" and len(entry["hash_val"]) == 64
     assert check_bundle(bundle, hosted=False) == []
     assert check_bundle(bundle) == ["models/backbone/big.pth: no url in large_files.yml (host the file, then fill it in)"]
-    _write_large_files(bundle, "https://models.example.org/casam_bundle/")
+    write_large_files(bundle, "https://models.example.org/casam_bundle/")
     assert yaml.safe_load((bundle / LARGE_FILES).read_text())["large_files"][0]["url"] == \
         "https://models.example.org/casam_bundle/models/backbone/big.pth"
     assert check_bundle(bundle) == []
@@ -357,12 +361,12 @@ def test_export_errors(tmp_path, tiny_registry):
     export_bundle(tiny_registry.root, tmp_path / "empty", backbone="tiny")
     (tmp_path / "reg0").mkdir()
     b = export_bundle(tmp_path / "reg0", tmp_path / "plain", backbone="tiny")
-    assert read_manifest(b)["layers"] == [] and load_bundle_predictor(b, "cpu").layers == []
+    assert read_bundle_manifest(b)["layers"] == [] and load_bundle_predictor(b, "cpu").layers == []
 
 
 def test_tampered_bundle_is_refused(tmp_path, tiny_registry):
     b = export_bundle(tiny_registry.root, tmp_path / "b", backbone="tiny")
-    name = read_manifest(b)["layers"][0]["name"]
+    name = read_bundle_manifest(b)["layers"][0]["name"]
     f = b / "models" / "layers" / name / "layer.safetensors"
     data = bytearray(f.read_bytes())
     data[-1] ^= 0xFF
@@ -387,7 +391,7 @@ def test_litemedsam_bundle_real_images(tmp_path):
 
     bundle = export_bundle(reg.root, tmp_path / "bundle", backbone="litemedsam",
                            large_files_url="https://models.example.org/casam_bundle")
-    man = read_manifest(bundle)
+    man = read_bundle_manifest(bundle)
     weights = bundle / man["backbone"]["weights"]
     assert weights.name == "lite_medsam.pth" and man["backbone"]["sha256"] == bb.hash
     # MONAI Model Zoo's checks: the ~40 MB weights and model.pt are listed as large files, with their sha256
@@ -428,12 +432,12 @@ def test_metadata_for_sam_vit():
     """A SAM ViT bundle declares its 1024² ImageNet-normalised input (no SAM checkpoint is needed to check this)."""
     from types import SimpleNamespace
 
-    from casam.bundle import _fill_metadata
+    from casam.bundle.export import fill_metadata
 
     meta = json.loads((TEMPLATE / "configs" / "metadata.json").read_text())
     bb = SimpleNamespace(name="vit_b", img_size=1024, normalization="imagenet")
     manifest = {"backbone": {"id": "vit_b@0123456789ab", "license": "Apache-2.0 (SAM)"}, "layers": []}
-    out = _fill_metadata(meta, bb, manifest)
+    out = fill_metadata(meta, bb, manifest)
     check_metadata(out)
     img = out["network_data_format"]["inputs"]["image"]
     assert img["spatial_shape"] == [1024, 1024] and img["value_range"] == [-2.118, 2.64]

@@ -1,4 +1,4 @@
-"""Clicks answered through box proposals (casam.clicks) and the click-sequence protocol (casam.interactive)."""
+"""Clicks answered through box proposals (casam.prompts.clicks) and the click-sequence protocol (casam.scoring.protocol)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from casam.clicks import (FEATURES, ClickConfig, Proposals, click_depth, cut_background, decode_clicks, edit_boxes,
+from casam.prompts.clicks import (FEATURES, ClickConfig, Proposals, click_depth, cut_background, decode_clicks, edit_boxes,
                           fill_missed, fuse_proposals, proposal_features)
-from casam.interactive import click_sequence, next_click, summarise
+from casam.scoring.protocol import click_sequence, next_click, summarise
 
 L = 64
 

@@ -7,7 +7,7 @@ import numpy as np
 from PIL import Image
 
 from casam.cli import main
-from casam.data import discover_tasks, read_image, read_mask, spread, stream_order
+from casam.data.datasets import discover_tasks, read_image, read_mask, spread, stream_order
 from casam.errors import ImageError
 import pytest
 

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from casam.cache import ByteCache, nbytes
-from casam.prefetch import Prefetcher, image_key, middle_out
-from casam.predictor import CASAMPredictor
-from casam.routing import Routing
-from casam.volume import segment_volume
+from casam.inference.cache import ByteCache, nbytes
+from casam.inference.prefetch import Prefetcher, image_key, middle_out
+from casam.inference.predictor import CASAMPredictor
+from casam.inference.routing import Routing
+from casam.inference.volume import segment_volume
 from conftest import disk_image
 
 
@@ -180,7 +180,7 @@ def _encoding(tiny, files, max_slices):
 
 
 def test_background_encoding_fills_the_cache_and_the_click_uses_it(tiny, files, monkeypatch):
-    from casam.imageio import read_clinical
+    from casam.data.clinical import read_clinical
 
     served = files[0]
     with _encoding(tiny, files, 5) as (p, pf, key, cached):
@@ -233,7 +233,7 @@ def test_a_request_pauses_the_slice_being_encoded_in_the_background(tiny, files)
 
 
 def test_a_request_waiting_for_the_slice_being_encoded_gets_it(tiny, files, monkeypatch):
-    from casam.imageio import read_clinical
+    from casam.data.clinical import read_clinical
 
     served = files[0]
     with _slow_background(tiny) as inside, _encoding(tiny, files, 3) as (p, pf, key, cached):

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from casam.alignment import AlignmentLayer
-from casam.refine import RefineHead
-from casam.registry import LAYER_FILE, ROUTER_FILE, LayerInfo, LayerRegistry
-from casam.router import FeatureVAE
+from casam.model.alignment import AlignmentLayer
+from casam.model.head import RefineHead
+from casam.registry.store import LAYER_FILE, ROUTER_FILE, LayerInfo, LayerRegistry
+from casam.model.router import FeatureVAE
 from conftest import DATA, needs_data
 
 pytest.importorskip("nvflare")
@@ -125,7 +125,7 @@ def test_site_skips_with_a_reason_and_sync_is_idempotent(tmp_path, tiny):
 def test_sync_waits_for_the_registry_writer_lock(tmp_path, tiny):
     import threading
 
-    from casam.online import writer_lock
+    from casam.registry.store import writer_lock
 
     merged = LayerRegistry(tmp_path / "merged")
     coord.merge(merged, {"a": _layer_payload(tmp_path, tiny, "A")}, tiny.hash, 0.02)
@@ -211,10 +211,10 @@ def small_root(tmp_path: Path, train_patients: int, slices: int, test_images: in
 
 
 def run_three_hospitals(tmp_path, backbone_name, recipe, min_labels, train_patients, slices, test_images):
-    from casam.backbone import load_backbone
+    from casam.model.backbone import load_backbone
     from casam.federated.job import compare, dataset_sites, simulate, train_central
-    from casam.predictor import CASAMPredictor
-    from casam.training import TrainConfig
+    from casam.inference.predictor import CASAMPredictor
+    from casam.training.layer import TrainConfig
 
     sites = dataset_sites(small_root(tmp_path, train_patients, slices, test_images), DATASET)
     assert sorted(sites) == ["tcga-cs", "tcga-du", "tcga-ht"]

@@ -1,4 +1,4 @@
-"""Readers refuse corrupt, truncated, complex or oversized data; labels must fit their image (casam.imageio)."""
+"""Readers refuse corrupt, truncated, complex or oversized data; labels must fit their image (casam.data.clinical)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import pytest
 import SimpleITK as sitk
 
 from casam.errors import ImageError, LimitError
-from casam.imageio import ImageLimits, check_label, read_clinical, read_label
+from casam.data.clinical import check_label, read_clinical, read_label
+from casam.data.safety import ImageLimits
 
 
 def _volume(path, arr=None, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), compress=True):
@@ -159,7 +160,7 @@ def test_labels_are_checked_against_their_image(tmp_path):
 def test_training_skips_labels_that_do_not_fit(tmp_path):
     from PIL import Image
 
-    from casam.online import LabelledItem, load_items
+    from casam.training.online import LabelledItem, load_items
 
     items = []
     for name, label in [("good", np.pad(np.ones((8, 8), np.uint8), 12)), ("shape", np.ones((16, 16), np.uint8)),

@@ -8,13 +8,16 @@ it, and an image of another modality is not sent to it.
 import numpy as np
 import pytest
 
-from casam.backbone import load_backbone
-from casam.data import discover_tasks, load_cases
-from casam.metrics import iou
-from casam.predictor import CASAMPredictor
-from casam.prompts import centroid_point, tight_box
-from casam.registry import LayerRegistry
-from casam.training import EmbeddingCache, TrainConfig, make_samples, train_layer
+from casam.model.backbone import load_backbone
+from casam.data.datasets import discover_tasks, load_cases
+from casam.scoring.metrics import iou
+from casam.inference.predictor import CASAMPredictor
+from casam.prompts.masks import centroid_point, tight_box
+from casam.registry.store import LayerRegistry
+from casam.training.layer import train_layer
+from casam.training.embeddings import EmbeddingCache
+from casam.training.config import TrainConfig
+from casam.scoring.samples import make_samples
 from conftest import DATA, needs_data
 
 pytestmark = [pytest.mark.slow, needs_data]

@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from casam.metrics import boundary_iou, continual_summary, dice, iou
+from casam.scoring.metrics import boundary_iou, continual_summary, dice, iou
 
 
 def test_iou_dice():

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 
 from casam.errors import ImageError, PromptError
-from casam.imageio import read_clinical, read_label, write_label
-from casam.online import (LabelledItem, TrainingMonitor, TrainingStopped, institution_of, label_slices, load_items,
-                          patient_of, plan, train_institution)
-from casam.prompts import voxel_prompts
-from casam.registry import LayerRegistry
-from casam.training import TrainConfig
+from casam.data.clinical import read_clinical, read_label, write_label
+from casam.training.online import LabelledItem, TrainingMonitor, TrainingStopped, label_slices, load_items, plan, train_institution
+from casam.data.dicom import institution_of, patient_of
+from casam.prompts.masks import voxel_prompts
+from casam.registry.store import LayerRegistry
+from casam.training.config import TrainConfig
 
 
 SHORT = {k: v for k, v in (("vae_epochs", 2), ("head_steps", 0)) if hasattr(TrainConfig(), k)}  # a short recipe

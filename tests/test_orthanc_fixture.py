@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from casam.config import default_data
+from casam.paths import default_data
 from orthanc_fixture import (
     MR_IMAGE_STORAGE,
     OrthancServer,

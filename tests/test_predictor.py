@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from casam.errors import ImageError, PromptError, UnknownLayerError
-from casam.predictor import CASAMPredictor, check_prompts
-from casam.routing import Routing
+from casam.inference.predictor import CASAMPredictor, check_prompts
+from casam.inference.routing import Routing
 
 
 def test_check_prompts():
@@ -59,7 +59,7 @@ def test_cached_embedding_reused(tiny, disks, monkeypatch):
 
 
 def test_gate_serves_a_layer_only_for_prompt_types_it_beat_plain_sam_on(tiny):
-    from casam.registry import LayerInfo
+    from casam.registry.store import LayerInfo
 
     info = LayerInfo("site-v1", "site", 1, extra={"use": {"box": False, "click": True},
                                                   "val": {"box": {"layer": 0.70, "plain": 0.72},

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from casam.errors import ImageError
-from casam.preprocess import (apply_window, as_rgb, box_to_model, geometry_for, logits_to_image, mask_to_model,
+from casam.model.preprocess import (apply_window, as_rgb, box_to_model, geometry_for, logits_to_image, mask_to_model,
                               points_to_model, to_model_input)
 
 

@@ -1,16 +1,16 @@
-"""The refinement head (casam.refine) and the gate's evidence rule (casam.evidence)."""
+"""The refinement head (casam.model.head) and the gate's evidence rule (casam.registry.evidence)."""
 
 import numpy as np
 import pytest
 import torch
 
-from casam.alignment import AlignmentLayer
-from casam.evidence import decide
-from casam.predictor import CASAMPredictor
-from casam.refine import (HEAD_PREFIX, HeadConfig, HeadExample, RefineHead, corrective_clicks, image_tensor, refine,
-                          split_head_state, to_head_resolution, train_head)
-from casam.registry import LayerInfo, LayerRegistry
-from casam.router import FeatureVAE
+from casam.model.alignment import AlignmentLayer
+from casam.registry.evidence import decide
+from casam.inference.predictor import CASAMPredictor
+from casam.model.head import HEAD_PREFIX, RefineHead, corrective_clicks, image_tensor, refine, split_head_state
+from casam.training.head import HeadConfig, HeadExample, to_head_resolution, train_head
+from casam.registry.store import LayerInfo, LayerRegistry
+from casam.model.router import FeatureVAE
 
 
 def _lines(rng, size=64):

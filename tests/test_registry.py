@@ -3,11 +3,11 @@ import json
 import pytest
 import torch
 
-import casam.registry as regmod
-from casam.alignment import AlignmentLayer
+import casam.registry.store as regmod
+from casam.model.alignment import AlignmentLayer
 from casam.errors import RegistryError, UnknownLayerError
-from casam.registry import LayerInfo, LayerRegistry, slug
-from casam.router import FeatureVAE
+from casam.registry.store import LayerInfo, LayerRegistry, slug
+from casam.model.router import FeatureVAE
 
 
 def _add(reg, inst, backbone, seed=0):

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from casam.router import FeatureVAE, Router, calibrate_tau, pool_embedding, train_vae
+from casam.model.router import FeatureVAE, Router, calibrate_tau, pool_embedding, train_vae
 
 
 def _feats(seed, n, shift):

@@ -1,10 +1,10 @@
-"""casam.routing.Routing: built from the router's raw result, gated per prompt type, written out as before."""
+"""casam.inference.routing.Routing: built from the router's raw result, gated per prompt type, written out as before."""
 
 import json
 
-from casam.registry import LayerInfo
-from casam.router import Route
-from casam.routing import PARAM_KEYS, Routing
+from casam.registry.store import LayerInfo
+from casam.model.router import Route
+from casam.inference.routing import PARAM_KEYS, Routing
 
 A = LayerInfo("a-v1", "A", 1, tau=2.0, extra={"use": {"box": True, "click": False},
                                               "val": {"box": {"layer": 0.8, "plain": 0.7}, "click": {"layer": 0.5, "plain": 0.6}}})

@@ -9,13 +9,14 @@ import sys
 import pytest
 
 from casam.runtime import glibc
+from casam.runtime import MALLOC_KEEP_MB, malloc_keep_mb
 
 pytestmark = pytest.mark.skipif(not glibc(), reason="glibc's allocator only")
 
 PROBE = """
 import json, resource, threading
 import torch
-from casam.backbone import load_backbone
+from casam.model.backbone import load_backbone
 from casam.runtime import allocator_tuned
 bb = load_backbone("tiny")  # load_backbone tunes the allocator first
 x = torch.randn(1, 16, 1024, 1024)  # 64 MiB, the size of a LiteMedSAM stage-1 activation
@@ -58,9 +59,9 @@ def test_kept_memory_is_reused_without_page_faults():
 
 
 def test_unreadable_setting_leaves_glibc_alone(monkeypatch):
-    from casam import config
+    pass
 
     monkeypatch.setenv("CASAM_MALLOC_KEEP_MB", "lots")
-    assert config.malloc_keep_mb() == 0
+    assert malloc_keep_mb() == 0
     monkeypatch.delenv("CASAM_MALLOC_KEEP_MB")
-    assert config.malloc_keep_mb() == config.MALLOC_KEEP_MB
+    assert malloc_keep_mb() == MALLOC_KEEP_MB

@@ -2,11 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from casam.predictor import CASAMPredictor
-from casam.registry import LayerRegistry
-from casam.training import (EmbeddingCache, TrainConfig, casam_loss, evaluate, fit, make_samples, split_by_patient,
-                            train_layer)
-from casam.alignment import AlignmentLayer, fresh_layer
+from casam.inference.predictor import CASAMPredictor
+from casam.registry.store import LayerRegistry
+from casam.training.layer import split_by_patient, train_layer
+from casam.training.embeddings import EmbeddingCache
+from casam.training.config import TrainConfig
+from casam.training.losses import casam_loss
+from casam.training.fit import evaluate, fit
+from casam.scoring.samples import make_samples
+from casam.model.alignment import AlignmentLayer, fresh_layer
 
 CFG = TrainConfig(epochs=2, batch_size=4, vae_epochs=3, tau_folds=3)
 

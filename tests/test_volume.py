@@ -1,8 +1,8 @@
 import numpy as np
 
-from casam.predictor import Prediction
-from casam.routing import Routing
-from casam.volume import segment_volume
+from casam.inference.predictor import Prediction
+from casam.inference.routing import Routing
+from casam.inference.volume import segment_volume
 
 
 class OraclePredictor:

@@ -22,7 +22,7 @@ from monailabel.tasks.activelearning.random import Random
 import casam
 from casam.errors import CasamError
 from casam.monailabel_auth import install as pin_token_algorithms
-from casam.prefetch import Prefetcher
+from casam.inference.prefetch import Prefetcher
 from lib.autotrain import AutoTrainer, install_train_guard
 from lib.configs.casam import CASAMConfig
 from lib.gate import install_request_gate, install_threaded_infer

@@ -8,6 +8,6 @@ Modules:
     report: the reports' number format, the benchmark's Markdown table, R heatmaps and atomic JSON write.
     evaluate: ``casam evaluate``: a registry's layers judged on your own labelled test images.
 
-How a prompt is scored (:mod:`casam.scoring`) and the click-sequence protocol (:mod:`casam.interactive`) stay in
+How a prompt is scored (:mod:`casam.scoring.score`) and the click-sequence protocol (:mod:`casam.scoring.protocol`) stay in
 the core: training's validation uses them too.
 """

@@ -1,10 +1,10 @@
 """The continual stream benchmark: CA-SAM against its baselines on every task of a data root.
 
-Tasks come from :func:`casam.data.discover_tasks` (stream order of the data README). Each image is encoded
+Tasks come from :func:`casam.data.datasets.discover_tasks` (stream order of the data README). Each image is encoded
 once by the frozen backbone (disk cache) and the samples are shared by every method:
 
 ``zero_shot``     plain LiteMedSAM (the frozen backbone), no training; a click is its raw point prompt;
-``fresh_install`` what a new user gets: plain SAM with casam's click answer (:mod:`casam.clicks`), no layer;
+``fresh_install`` what a new user gets: plain SAM with casam's click answer (:mod:`casam.prompts.clicks`), no layer;
 ``seq_decoder``   the mask decoder fine-tuned task after task (one copy, continued: forgets);
 ``seq_layer``     one Alignment Layer trained task after task (the same layer keeps training: forgets);
 ``casam``         CA-SAM: a fresh Alignment Layer + router VAE per task (``train_layer`` into a temporary
@@ -15,7 +15,7 @@ once by the frozen backbone (disk cache) and the samples are shared by every met
 
 After each task every method is evaluated on the test split of every task (seen and not yet seen): R[k][j]
 is the mean IoU (per mask) on task j after learning task k, with the tight ground-truth box per class and with
-one click at the mask's centroid pixel. After the last task, click sequences (:mod:`casam.interactive`: up to 5
+one click at the mask's centroid pixel. After the last task, click sequences (:mod:`casam.scoring.protocol`: up to 5
 clicks, each next one at the centre of the largest error) score the interactive use.
 
 A run is a sequence of named stages over one state (:mod:`casam.evaluation.stages`: encode, plain scores, one
@@ -36,11 +36,26 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .. import config as casam_config
-from .report import write_outputs
-from .results import assemble, final_results
-from .stages import (METHODS, casam_step, encode, joint, log, log_rows, plain_scores, prepare, seq_decoder_step,
-                     seq_layer_step, sequences, start_arms)
+from casam.evaluation.report import write_outputs
+from casam.evaluation.results import assemble, final_results
+from casam.evaluation.stages import (
+    METHODS,
+    casam_step,
+    encode,
+    joint,
+    log,
+    log_rows,
+    plain_scores,
+    prepare,
+    seq_decoder_step,
+    seq_layer_step,
+    sequences,
+    start_arms,
+)
+from casam.model.backbone import DEFAULT_BACKBONE
+from casam.model.router import VAE_EPOCHS
+from casam.paths import default_data
+from casam.training.config import HEAD_STEPS
 
 __all__ = ["METHODS", "DEFAULT_METHODS", "REDUCED", "build_parser", "resolve", "run", "main"]
 
@@ -55,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Continual stream benchmark: frozen SAM, sequential decoder fine-tuning, one shared Alignment "
                     "Layer, CA-SAM (router and oracle) and joint training, evaluated after every task on every task.",
     )
-    p.add_argument("--data", default=None, help=f"data root with MANIFEST.tsv (default $CASAM_DATA or {casam_config.default_data()})")
+    p.add_argument("--data", default=None, help=f"data root with MANIFEST.tsv (default $CASAM_DATA or {default_data()})")
     p.add_argument("--tasks", default=None,
                    help="comma-separated subset of tasks, by name (e.g. dermoscopy_ph2,brain_mri_lgg@TCGA_DU) or by "
                         "position in the stream (0,1); kept in stream order (default: all)")
@@ -73,12 +88,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-train-cases", type=int, default=None, help="read at most this many training cases per task (evenly spaced)")
     p.add_argument("--max-test-cases", type=int, default=None, help="read at most this many test cases per task (evenly spaced)")
     p.add_argument("--head-steps", type=int, default=None,
-                   help=f"steps of each institution's refinement head (default {casam_config.HEAD_STEPS}; 0 = the Alignment "
+                   help=f"steps of each institution's refinement head (default {HEAD_STEPS}; 0 = the Alignment "
                         f"Layer alone)")
     p.add_argument("--batch-size", type=int, default=6)
     p.add_argument("--lr", type=float, default=1e-4)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--backbone", default=casam_config.DEFAULT_BACKBONE, help="litemedsam (default), vit_b, vit_l, vit_h or tiny")
+    p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="litemedsam (default), vit_b, vit_l, vit_h or tiny")
     p.add_argument("--checkpoint", default=None, help="backbone weights (required for vit_*)")
     p.add_argument("--device", default="auto", help="torch device; auto = cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -102,14 +117,14 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         defaults = dict(REDUCED)
     for k, v in defaults.items():
         if k == "backbone":
-            if args.backbone == casam_config.DEFAULT_BACKBONE:
+            if args.backbone == DEFAULT_BACKBONE:
                 args.backbone = v
         elif getattr(args, k, None) is None:
             setattr(args, k, v)
     if getattr(args, "head_steps", None) is None:
-        args.head_steps = casam_config.HEAD_STEPS
+        args.head_steps = HEAD_STEPS
     if not hasattr(args, "vae_epochs"):
-        args.vae_epochs = casam_config.VAE_EPOCHS
+        args.vae_epochs = VAE_EPOCHS
     if args.max_images is not None and args.max_images <= 0:
         args.max_images = None
     if args.device == "auto":

@@ -6,7 +6,7 @@ one click at its centre, three ways:
 
 * ``routed``: the product with the registry (router, per-prompt-type gate, plain-SAM fallback);
 * ``plain``: the frozen backbone alone (box prompt; a click as the decoder's raw point prompt);
-* ``fresh``: a fresh install, no layer (box prompt; the click answered by :mod:`casam.clicks`).
+* ``fresh``: a fresh install, no layer (box prompt; the click answered by :mod:`casam.prompts.clicks`).
 
 It reports IoU and Dice per task and prompt, which layer the router chose (counts) and the fallback rate, as
 a table on stdout and as ``evaluate.json`` + ``evaluate.md``.
@@ -24,12 +24,12 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..data import Case, discover_tasks, load_cases, read_meta, spread
-from ..errors import CasamError
-from ..predictor import NONE, CASAMPredictor
-from ..prompts import binary_masks
-from ..scoring import PROMPTS, mask_metrics, mask_prompts, raw_click
-from .report import fmt
+from casam.data.datasets import Case, discover_tasks, load_cases, read_meta, spread
+from casam.errors import CasamError
+from casam.evaluation.report import fmt
+from casam.inference.predictor import NONE, CASAMPredictor
+from casam.prompts.masks import binary_masks
+from casam.scoring.score import PROMPTS, mask_metrics, mask_prompts, raw_click
 
 WAYS = ("routed", "plain", "fresh")
 
@@ -137,12 +137,12 @@ def table(res: Dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
     """Runs ``casam evaluate`` (see :func:`add_parser` for ``args``) and writes evaluate.json / evaluate.md."""
-    from ..backbone import load_backbone
-    from ..registry import LayerRegistry
+    from casam.model.backbone import load_backbone
+    from casam.registry.store import LayerRegistry
 
     t0 = time.time()
     tasks = find_tasks(args.data, args.split)
-    from ..config import default_registry
+    from casam.paths import default_registry
 
     registry = LayerRegistry(args.registry or default_registry())
     predictor = CASAMPredictor(load_backbone(args.backbone, args.checkpoint, args.device), registry, cache_size=4)

@@ -14,13 +14,13 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..alignment import describe
-from ..data import Task
-from ..metrics import continual_summary
-from ..reporting import json_safe, machine_info
-from ..scoring import PROMPTS
-from ..training import TrainConfig
-from .stages import CASAM_METHODS, BenchmarkState
+from casam.data.datasets import Task
+from casam.evaluation.provenance import json_safe, machine_info
+from casam.evaluation.stages import CASAM_METHODS, BenchmarkState
+from casam.model.alignment import describe
+from casam.scoring.metrics import continual_summary
+from casam.scoring.score import PROMPTS
+from casam.training.config import TrainConfig
 
 __all__ = ["LABELS", "FALLBACK", "TARGET_BWT", "TARGET_BOX_TASK_DROP", "TARGET_CLICK", "TARGET_FRESH_CLICK",
            "TARGET_FRESH_BOX_DROP", "TARGET_REGRET", "TARGET_UNSEEN_FALLBACK", "TARGET_SEQUENCE", "TARGET_SERVE_SECONDS",
@@ -58,7 +58,7 @@ NOTES = {
     "casam": ("the VAE router picks the layer (lowest score; plain SAM when the score is above that layer's tau); "
               "the layer decodes only the prompt types where it beat plain SAM on its validation split; "
               "each (layer, image) prediction is computed once and reused, since layers never change"),
-    "fresh_install": "the product with an empty registry: plain SAM for boxes, casam.clicks for clicks",
+    "fresh_install": "the product with an empty registry: plain SAM for boxes, casam.prompts.clicks for clicks",
 }
 
 
@@ -189,13 +189,13 @@ def assemble(state: BenchmarkState, partial: bool) -> Dict[str, Any]:
         "backbone": {"name": bb.name, "id": bb.id, "img_size": bb.img_size, "embed_size": bb.embed_size},
         "tasks": state.names,
         "task_data": state.counts,
-        "prompts": {"box": "tight ground-truth box per class", "click": "one click at the foreground pixel nearest the mask centroid, answered as each method answers clicks (zero_shot: the decoder's raw point prompt; the others: casam.clicks box proposals)"},
+        "prompts": {"box": "tight ground-truth box per class", "click": "one click at the foreground pixel nearest the mask centroid, answered as each method answers clicks (zero_shot: the decoder's raw point prompt; the others: casam.prompts.clicks box proposals)"},
         "metrics": "IoU per mask averaged over the task's test masks; R[k][j] = after learning task k, on task j (rows "
                    "lower-triangular); R_all also has the not-yet-seen tasks; avg_iou = mean of the last row; "
                    "bwt = mean_j<T R[T][j] - R[j][j]; unseen_delta = mean over k<j of R_all[k][j] - zero-shot[j]",
         "methods": out_methods,
         "router": router,
-        "layer": {"params": params, "gmac": round(gmac, 3), "note": f"one Alignment Layer at {bb.embed_size}x{bb.embed_size} (casam.alignment.describe)"},
+        "layer": {"params": params, "gmac": round(gmac, 3), "note": f"one Alignment Layer at {bb.embed_size}x{bb.embed_size} (casam.model.alignment.describe)"},
         "machine": machine_info(args.device),
         "command": " ".join([state.prog] + [shlex.quote(a) for a in state.argv]),
         "seconds": round(time.time() - state.t_start, 1),

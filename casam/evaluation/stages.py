@@ -30,18 +30,22 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 import numpy as np
 import torch
 
-from .. import config as casam_config
-from .. import scoring
-from ..alignment import fresh_layer
-from ..backbone import Backbone, load_backbone
-from ..clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
-from ..data import Task, discover_tasks, load_cases, spread
-from ..interactive import summarise
-from ..registry import LayerInfo, LayerRegistry
-from ..router import Router
-from ..scoring import PROMPTS, ImageScores, aggregate, score_image
-from ..training import EmbeddingCache, Sample, TrainConfig, fit, make_samples, split_samples, train_layer
-from .report import fmt
+from casam.data.datasets import Task, discover_tasks, load_cases, spread
+from casam.evaluation.report import fmt
+from casam.model.alignment import fresh_layer
+from casam.model.backbone import Backbone, load_backbone
+from casam.model.router import Router
+from casam.paths import default_cache, default_data
+from casam.prompts.clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
+from casam.registry.store import LayerInfo, LayerRegistry
+from casam.scoring import score as scoring
+from casam.scoring.protocol import summarise
+from casam.scoring.samples import Sample, make_samples
+from casam.scoring.score import PROMPTS, ImageScores, aggregate, score_image
+from casam.training.config import TrainConfig
+from casam.training.embeddings import EmbeddingCache
+from casam.training.fit import fit
+from casam.training.layer import split_samples, train_layer
 
 __all__ = ["METHODS", "CASAM_METHODS", "SEQUENCE_METHODS", "RESULTS_DIR", "BenchmarkState", "Grid", "log",
            "select_tasks", "train_subset", "encode_seconds", "serve_timing", "layer_scores", "router_step", "prepare",
@@ -193,7 +197,7 @@ def select_tasks(tasks: List[Task], spec: Optional[str]) -> List[Task]:
 
 
 def train_subset(samples: Sequence[Sample], cfg: TrainConfig) -> List[Sample]:
-    """The training images ``train_layer`` uses (:func:`casam.training.split_samples`)."""
+    """The training images ``train_layer`` uses (:func:`casam.training.layer.split_samples`)."""
     return split_samples([s for s in samples if s.targets], cfg)[0]
 
 
@@ -333,11 +337,11 @@ def prepare(args: argparse.Namespace, argv: Sequence[str], prog: str) -> Benchma
         torch.set_num_threads(args.threads)
     out_dir = Path(args.out) if args.out else RESULTS_DIR
     out_dir.mkdir(parents=True, exist_ok=True)
-    data_root = Path(args.data) if args.data else casam_config.default_data()
+    data_root = Path(args.data) if args.data else default_data()
     tasks = select_tasks(discover_tasks(data_root), args.tasks)
     if not tasks:
         raise SystemExit(f"casam benchmark: no task found in {data_root}")
-    cache_dir = None if str(args.cache).lower() == "none" else (args.cache or casam_config.default_cache())
+    cache_dir = None if str(args.cache).lower() == "none" else (args.cache or default_cache())
     cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_images=args.max_images,
                       vae_epochs=args.vae_epochs, head_steps=args.head_steps)
     log(f"tasks ({len(tasks)}): {', '.join(t.name for t in tasks)}; methods: {', '.join(args.method_list)}; epochs "

@@ -1,7 +1,7 @@
 """The coordinator's side: check every returned layer, append the good ones to one registry, report the rest.
 
 This is not FedAvg: nothing is averaged. Each site's layer is checked on its own (:func:`check_layer`) and, when it
-passes, appended to the coordinator's :class:`~casam.registry.LayerRegistry` as a new layer (or a new version of
+passes, appended to the coordinator's :class:`~casam.registry.store.LayerRegistry` as a new layer (or a new version of
 that institution's layer). The merged registry then goes back to every site (:func:`registry_layers`).
 """
 
@@ -15,9 +15,15 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
-from ..errors import RegistryError
-from ..registry import LayerInfo, LayerRegistry
-from .payload import PayloadError, check_outgoing, describe
+from casam.errors import RegistryError
+from casam.federated.payload import PayloadError, check_outgoing, describe
+from casam.registry.store import LayerInfo, LayerRegistry
+
+# Federated CA-SAM (casam.federated): labelled training images a site needs before it trains a layer, and how
+# far below plain SAM (per prompt type, on the site's validation patients) a returned layer may be and still merge.
+FED_MIN_LABELS = 5
+
+FED_MAX_VAL_DROP = 0.02
 
 log = logging.getLogger(__name__)
 
@@ -94,7 +100,7 @@ def check_layer(payload: Dict[str, Any], backbone_hash: str, max_val_drop: float
     Checks: only allowed fields (:func:`~casam.federated.payload.check_outgoing`), checksums of both files, the
     backbone hash, that the weights load into an Alignment Layer and a router VAE of the declared shape and are
     finite, a finite τ, and validation no worse than plain SAM by more than ``max_val_drop`` on every prompt type
-    the layer serves (:meth:`~casam.registry.LayerInfo.serves`, as the predictor decides; it serves plain SAM for
+    the layer serves (:meth:`~casam.registry.store.LayerInfo.serves`, as the predictor decides; it serves plain SAM for
     the others).
 
     Args:

@@ -8,7 +8,7 @@ report beside the coordinator's registry; every answer a site sends is described
 the site.
 
 Constructor arguments are plain values (paths, names, numbers), so NVFlare's job API can write them into the
-job's config files; left empty, a site reads its settings from its environment (see :mod:`casam.config`).
+job's config files; left empty, a site reads its settings from its environment (see :mod:`casam.paths`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from pathlib import Path
 from typing import Any, Dict, Optional
 
 from nvflare.apis.controller_spec import Task
@@ -28,11 +27,13 @@ from nvflare.apis.shareable import ReservedHeaderKey, Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.fuel.utils import fobs
 
-from .. import config
-from ..registry import LayerRegistry
-from . import coordinator as coord
-from .payload import describe
-from .site import sync, train_round
+from casam.federated import coordinator as coord
+from casam.federated.coordinator import FED_MAX_VAL_DROP, FED_MIN_LABELS
+from casam.federated.payload import describe
+from casam.federated.site import sync, train_round
+from casam.model.backbone import DEFAULT_BACKBONE
+from casam.paths import default_cache, default_registry
+from casam.registry.store import LayerRegistry
 
 TRAIN_TASK = "casam_train"
 SYNC_TASK = "casam_sync"
@@ -52,9 +53,9 @@ def _shareable(d: Dict[str, Any]) -> Shareable:
 
 
 def _load_backbone(name: str, checkpoint: str):
-    from ..backbone import load_backbone
+    from casam.model.backbone import load_backbone
 
-    return load_backbone(name or config.DEFAULT_BACKBONE, checkpoint or None, "cpu")
+    return load_backbone(name or DEFAULT_BACKBONE, checkpoint or None, "cpu")
 
 
 class CasamCoordinator(Controller):
@@ -70,9 +71,9 @@ class CasamCoordinator(Controller):
         train_timeout: seconds a round waits for the sites (0 = no limit).
     """
 
-    def __init__(self, registry: str = "", backbone: str = config.DEFAULT_BACKBONE, checkpoint: str = "",
-                 num_rounds: int = 1, recipe: Optional[dict] = None, min_labels: int = config.FED_MIN_LABELS,
-                 max_val_drop: float = config.FED_MAX_VAL_DROP, train_timeout: int = 0):
+    def __init__(self, registry: str = "", backbone: str = DEFAULT_BACKBONE, checkpoint: str = "",
+                 num_rounds: int = 1, recipe: Optional[dict] = None, min_labels: int = FED_MIN_LABELS,
+                 max_val_drop: float = FED_MAX_VAL_DROP, train_timeout: int = 0):
         super().__init__()
         self.registry = registry
         self.backbone = backbone
@@ -87,7 +88,7 @@ class CasamCoordinator(Controller):
         self._held: Dict[str, set] = {}  # site -> layer names it acknowledged holding
 
     def start_controller(self, fl_ctx: FLContext) -> None:
-        self._reg = LayerRegistry(self.registry or config.default_registry())
+        self._reg = LayerRegistry(self.registry or default_registry())
         self._backbone_hash = _load_backbone(self.backbone, self.checkpoint).hash
         self.log_info(fl_ctx, f"casam coordinator: registry {self._reg.root}, backbone {self.backbone} ({self._backbone_hash[:12]})")
 
@@ -164,7 +165,7 @@ class CasamSiteExecutor(Executor):
         modality: free text stored with the layer.
     """
 
-    def __init__(self, data: str = "", institution: str = "", registry: str = "", backbone: str = config.DEFAULT_BACKBONE,
+    def __init__(self, data: str = "", institution: str = "", registry: str = "", backbone: str = DEFAULT_BACKBONE,
                  checkpoint: str = "", cache: str = "", modality: str = ""):
         super().__init__()
         self.data = data
@@ -177,7 +178,7 @@ class CasamSiteExecutor(Executor):
         self._bb = None
 
     def _registry(self) -> LayerRegistry:
-        return LayerRegistry(self.registry or config.default_registry())
+        return LayerRegistry(self.registry or default_registry())
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
         site = fl_ctx.get_identity_name()
@@ -188,7 +189,7 @@ class CasamSiteExecutor(Executor):
                 data = self.data or os.environ.get("CASAM_SITE_DATA", "")
                 inst = self.institution or os.environ.get("CASAM_SITE_INSTITUTION", "") or site
                 payload = train_round(_plain(shareable), self._bb, data, inst, site, self.modality,
-                                      self.cache or config.default_cache())
+                                      self.cache or default_cache())
                 out = _shareable(payload)
                 self._log_outbox(task_name, describe(payload, len(fobs.dumps(out))))
                 self.log_info(fl_ctx, f"{site}: {payload['status']} {payload['reason']}")

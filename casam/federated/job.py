@@ -17,16 +17,20 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .. import config
-from ..backbone import Backbone, load_backbone
-from ..data import discover_tasks
-from ..errors import CasamError
-from ..predictor import CASAMPredictor
-from ..registry import LayerRegistry, slug
-from ..reporting import json_safe, machine_info
-from ..scoring import PROMPTS, aggregate, score_image
-from ..training import EmbeddingCache, TrainConfig, make_samples, train_layer
-from .site import load_site_labels
+from casam.data.datasets import discover_tasks
+from casam.errors import CasamError
+from casam.evaluation.provenance import json_safe, machine_info
+from casam.federated.coordinator import FED_MAX_VAL_DROP, FED_MIN_LABELS
+from casam.federated.site import load_site_labels
+from casam.inference.predictor import CASAMPredictor
+from casam.model.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
+from casam.paths import default_data
+from casam.registry.store import LayerRegistry, slug
+from casam.scoring.samples import make_samples
+from casam.scoring.score import PROMPTS, aggregate, score_image
+from casam.training.config import TrainConfig
+from casam.training.embeddings import EmbeddingCache
+from casam.training.layer import train_layer
 
 JOB_NAME = "casam_federated"
 ALLOWED = ("casam.federated.flare",)  # the component classes a participant must allow (see allow_components)
@@ -49,8 +53,8 @@ def dataset_sites(root: str | Path, dataset: str) -> Dict[str, Dict[str, str]]:
 
 
 def build_job(sites: Optional[Dict[str, Dict[str, str]]], coordinator_registry: str = "", site_registries: str = "",
-              backbone: str = config.DEFAULT_BACKBONE, checkpoint: str = "", recipe: Optional[dict] = None,
-              num_rounds: int = 1, min_labels: int = config.FED_MIN_LABELS, max_val_drop: float = config.FED_MAX_VAL_DROP,
+              backbone: str = DEFAULT_BACKBONE, checkpoint: str = "", recipe: Optional[dict] = None,
+              num_rounds: int = 1, min_labels: int = FED_MIN_LABELS, max_val_drop: float = FED_MAX_VAL_DROP,
               cache: str = "", min_clients: int = 1):
     """Builds the NVFlare job.
 
@@ -72,7 +76,12 @@ def build_job(sites: Optional[Dict[str, Dict[str, str]]], coordinator_registry: 
     """
     from nvflare.job_config.api import FedJob
 
-    from .flare import SYNC_TASK, TRAIN_TASK, CasamCoordinator, CasamSiteExecutor
+    from casam.federated.flare import (
+        SYNC_TASK,
+        TRAIN_TASK,
+        CasamCoordinator,
+        CasamSiteExecutor,
+    )
 
     job = FedJob(name=JOB_NAME, min_clients=len(sites) if sites else min_clients)
     job.set_app_packages(["casam"])  # installed at every site (install.sh); not copied into the job
@@ -128,7 +137,7 @@ def train_central(backbone: Backbone, sites: Dict[str, Dict[str, str]], registry
 
 def routed_iou(backbone: Backbone, registry: LayerRegistry, spec: Dict[str, str], cache: Optional[str] = None) -> Dict[str, Any]:
     """Routed IoU of a registry on a site's test split, as the app serves it: the router picks a layer per image
-    (plain SAM on fallback), and a layer serves only the prompt types it may serve (:meth:`casam.registry.LayerInfo.serves`).
+    (plain SAM on fallback), and a layer serves only the prompt types it may serve (:meth:`casam.registry.store.LayerInfo.serves`).
 
     Returns:
         {prompt (box, click): mean IoU over every mask, "own_layer": share of images routed to the site's own
@@ -152,7 +161,7 @@ def routed_iou(backbone: Backbone, registry: LayerRegistry, spec: Dict[str, str]
 
 
 def simulate(sites: Dict[str, Dict[str, str]], workdir: str | Path, backbone: str, recipe: Dict[str, Any], num_rounds: int = 1,
-             checkpoint: str = "", min_labels: int = config.FED_MIN_LABELS, max_val_drop: float = config.FED_MAX_VAL_DROP,
+             checkpoint: str = "", min_labels: int = FED_MIN_LABELS, max_val_drop: float = FED_MAX_VAL_DROP,
              cache: str = "", log_config: Optional[str] = None) -> Dict[str, Any]:
     """Runs the job in NVFlare's simulator (one process per site).
 
@@ -204,14 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", default=None, help="write the results JSON here (e.g. benchmarks/results/federated.json)")
     s.add_argument("--no-central", action="store_true", help="skip the central reference and the IoU comparison")
     for a in (s, sub.add_parser("export-job", help="write the job folder a real consortium submits with `nvflare job submit`")):
-        a.add_argument("--backbone", default=config.DEFAULT_BACKBONE, help="litemedsam (default), vit_b, vit_l, vit_h or tiny")
+        a.add_argument("--backbone", default=DEFAULT_BACKBONE, help="litemedsam (default), vit_b, vit_l, vit_h or tiny")
         a.add_argument("--checkpoint", default="", help="backbone weights file (vit_*)")
         a.add_argument("--epochs", type=int, default=24)
         a.add_argument("--max-images", type=int, default=None, help="cap on training images per site")
         a.add_argument("--lr", type=float, default=1e-4)
         a.add_argument("--seed", type=int, default=0)
-        a.add_argument("--min-labels", type=int, default=config.FED_MIN_LABELS)
-        a.add_argument("--max-val-drop", type=float, default=config.FED_MAX_VAL_DROP)
+        a.add_argument("--min-labels", type=int, default=FED_MIN_LABELS)
+        a.add_argument("--max-val-drop", type=float, default=FED_MAX_VAL_DROP)
         a.add_argument("--cache", default="", help="embedding cache folder of the sites (default $CASAM_CACHE)")
     al = sub.add_parser("allow", help="let an NVFlare participant build casam's components (adds them to the "
                         "class_allow_list of its local/resources.json)")
@@ -229,7 +238,7 @@ def _recipe(args) -> Dict[str, Any]:
 
 def run_simulation(args, argv: Sequence[str]) -> Dict[str, Any]:
     """``casam federated simulate``: the simulator run, the central reference, the results dict."""
-    root = Path(args.data) if args.data else config.default_data()
+    root = Path(args.data) if args.data else default_data()
     sites = dataset_sites(root, args.dataset)
     recipe = _recipe(args)
     with tempfile.TemporaryDirectory(prefix="casam-fed-") as tmp:

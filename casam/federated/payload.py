@@ -20,7 +20,7 @@ import json
 import struct
 from typing import Any, Dict, Optional
 
-from ..registry import LAYER_FILE, ROUTER_FILE
+from casam.registry.store import LAYER_FILE, ROUTER_FILE
 
 FILES = (LAYER_FILE, ROUTER_FILE)
 STATUSES = ("layer", "unchanged", "skipped")

@@ -1,7 +1,7 @@
 """A site's side of a federated round: read its own labels, train its own layer, answer with the layer only.
 
 The site never sends images, masks, embeddings or patient ids. It trains with the same code as
-``casam add-layer`` (:func:`casam.training.train_layer`) into a temporary registry, and answers with
+``casam add-layer`` (:func:`casam.training.layer.train_layer`) into a temporary registry, and answers with
 :mod:`casam.federated.payload`'s flat dict. After the coordinator merged every site's layer, the site copies the
 merged registry into the registry its MONAI Label app serves (:func:`sync`); the app's predictor reloads when
 the registry's signature changes, so no restart is needed.
@@ -18,24 +18,19 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..backbone import Backbone
-from ..data import load_cases, read_meta
-from ..errors import CasamError, RegistryError
-from ..online import LabelledItem, load_items, patient_of, writer_lock
-from ..registry import LayerRegistry
-from ..training import TrainConfig, train_layer
-from .payload import check_outgoing, sanitize_meta
+from casam.data.datasets import load_cases, read_meta
+from casam.data.dicom import patient_of
+from casam.data.formats import strip_suffix
+from casam.errors import CasamError, RegistryError
+from casam.federated.payload import check_outgoing, sanitize_meta
+from casam.model.backbone import Backbone
+from casam.registry.store import LayerRegistry, writer_lock
+from casam.training.config import TrainConfig
+from casam.training.layer import train_layer
+from casam.training.online import LabelledItem, load_items
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".png", ".jpg", ".jpeg", ".tif", ".tiff", ".npy")
-
-
-def _strip(name: str) -> str:
-    for suf in IMAGE_SUFFIXES:
-        if name.lower().endswith(suf):
-            return name[: -len(suf)]
-    return Path(name).stem
 
 
 def load_site_labels(source: str | Path, institution: str, split: str = "train") -> Tuple[list, list, list]:
@@ -68,12 +63,12 @@ def load_site_labels(source: str | Path, institution: str, split: str = "train")
         return load_cases(cases)
     final = source / "labels" / "final"
     if final.is_dir():
-        images = {_strip(p.name): p for p in source.iterdir() if p.is_file() or p.is_dir() and p.name != "labels"}
+        images = {strip_suffix(p.name): p for p in source.iterdir() if p.is_file() or p.is_dir() and p.name != "labels"}
         items = []
         for lab in sorted(p for p in final.iterdir() if not p.name.startswith(".") and not p.name.endswith(".json")):
-            img = images.get(_strip(lab.name))
+            img = images.get(strip_suffix(lab.name))
             if img is not None:
-                iid = _strip(img.name)
+                iid = strip_suffix(img.name)
                 items.append(LabelledItem(iid, str(img), str(lab), institution, patient_of(iid, img)))
         images_, masks, patients, _, skipped = load_items(items)
         if skipped:
@@ -151,7 +146,7 @@ def train_round(request: Dict[str, Any], backbone: Backbone, source: str | Path,
 
 def sync(registry: LayerRegistry, layers: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Copies the coordinator's merged registry into a site's registry (layers it already holds are left alone),
-    holding the registry's writer lock (:func:`casam.online.writer_lock`), so it waits for a running online trainer.
+    holding the registry's writer lock (:func:`casam.registry.store.writer_lock`), so it waits for a running online trainer.
 
     Args:
         registry: the site's registry (the one its MONAI Label app serves).

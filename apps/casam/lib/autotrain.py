@@ -24,7 +24,8 @@ from typing import Any, Callable, Dict, Optional
 from fastapi import HTTPException
 
 from casam.errors import LimitError
-from casam.online import plan, writer_lock
+from casam.training.online import plan
+from casam.registry.store import writer_lock
 from lib.configs.options import flag
 from lib.hooks import wrap_endpoint
 from lib.trainers.casam import ACTIVE, active_task, labelled_items

@@ -12,7 +12,7 @@ the client names. The app closes these holes in two places:
 * :class:`GuardedDatastore` (mixed into the app's datastore by :func:`guard_datastore`) refuses ids and tags
   that are not plain names, DICOMweb ids that are not UIDs, an uploaded image that its reader cannot read, a
   label that cannot be read as class ids, a final label that does not fit its image
-  (:func:`casam.imageio.check_label`), and an upload that would take the clients' uploads in the datastore
+  (:func:`casam.data.clinical.check_label`), and an upload that would take the clients' uploads in the datastore
   over ``max_datastore_upload_mb``. It serialises every change and every walk over the datastore's index with
   one lock: uploads and label saves (request threads) and the watcher's refresh (watchdog's thread), which
   MONAI Label lets race (``dictionary changed size during iteration`` killed the watcher); the watcher's
@@ -42,14 +42,14 @@ from typing import Any, Callable, Iterator, Optional, Tuple
 
 from fastapi import HTTPException
 
-from casam.data import IMAGE_SUFFIXES
+from casam.data.formats import UPLOAD_SUFFIXES
 from casam.errors import CasamError, LimitError
-from casam.imageio import ImageLimits, check_label, read_clinical, read_label
+from casam.data.clinical import check_label, read_clinical, read_label
+from casam.data.safety import ImageLimits
 from lib.hooks import wrap_endpoint
 
 log = logging.getLogger(__name__)
 
-UPLOAD_SUFFIXES = IMAGE_SUFFIXES + (".nii", ".nii.gz", ".nrrd", ".mha", ".dcm")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+ -]{0,199}")
 _UID = re.compile(r"[0-9]+(\.[0-9]+)*")
 _TEMP = re.compile(r"tmp[a-z0-9_]{8}(\.[A-Za-z0-9]+){0,2}")

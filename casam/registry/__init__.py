@@ -1,0 +1,10 @@
+"""The layer store: one folder per institution's layer, and the gate's rule for serving a layer."""
+
+from __future__ import annotations
+
+from casam.registry.evidence import decide
+from casam.registry.store import LayerInfo, LayerRegistry, remove_incomplete, slug, writer_lock
+
+__all__ = [
+    'decide', 'LayerInfo', 'slug', 'LayerRegistry', 'writer_lock', 'remove_incomplete',
+]

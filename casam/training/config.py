@@ -1,0 +1,69 @@
+"""The settings of one layer's training, with CA-SAM's recipe as defaults."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+from casam.model.preprocess import (
+    Window,
+)
+from casam.model.router import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS
+
+# Optimiser steps of an institution's refinement head (casam.model.head); 0 trains none.
+HEAD_STEPS = 400
+# Clicks of each validation sequence that decides whether corrective clicks' edits stand against a head
+# (casam.training.head.click_edit_evidence: the first click and CLICK_EDIT_CLICKS - 1 corrective ones).
+CLICK_EDIT_CLICKS = 3
+
+
+@dataclass
+class TrainConfig:
+    """Settings of one layer's training. Defaults are CA-SAM's recipe (METHOD.md).
+
+    Attributes:
+        epochs: passes over the training images (24).
+        batch_size: images per optimiser step (6).
+        lr: Adam learning rate (1e-4).
+        seed: seed of every random choice (split, prompts, init, order).
+        val_fraction: share of patients held out for validation (split by patient).
+        max_images: cap on training images (a reduced CPU recipe); None = all.
+        box_prob: probability of a box prompt (else a point); 1.0 = boxes only (default), METHOD: 0.5.
+        gate_lr: learning rate of the layer's gate (opens it fast enough for a short training).
+        select_best: validate after every epoch and keep the best one (epoch 0 = plain SAM).
+        jitter: box jitter in model-input pixels (±5).
+        focal_gamma, focal_alpha: focal loss settings (2, 0.25).
+        vae_epochs, vae_lr, vae_batch_size, vae_beta: router VAE training (100, 5e-4, 6, 16.5; METHOD's code: 10 epochs).
+        tau_folds, tau_percentile: threshold calibration (5-fold CV, 97th percentile).
+        window: intensity window for the images (see casam.model.preprocess.apply_window).
+        head_steps: optimiser steps of the institution's refinement head (casam.model.head), trained after the layer
+            on the layer's answers; 0 trains none.
+        head_lr, head_crop, head_batch_size: its Adam learning rate, crop side and crops per step.
+    """
+
+    epochs: int = 24
+    batch_size: int = 6
+    lr: float = 1e-4
+    seed: int = 0
+    val_fraction: float = 0.2
+    max_images: Optional[int] = None
+    box_prob: float = 1.0
+    gate_lr: float = 1e-2
+    select_best: bool = True
+    jitter: float = 5.0
+    focal_gamma: float = 2.0
+    focal_alpha: float = 0.25
+    vae_epochs: int = VAE_EPOCHS
+    vae_lr: float = 5e-4
+    vae_batch_size: int = 6
+    vae_beta: float = VAE_BETA
+    tau_folds: int = TAU_FOLDS
+    tau_percentile: float = TAU_PERCENTILE
+    window: Window = "auto"
+    head_steps: int = HEAD_STEPS
+    head_lr: float = 3e-3
+    head_crop: int = 160
+    head_batch_size: int = 8
+
+    def to_dict(self) -> dict:
+        return asdict(self)
