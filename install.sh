@@ -5,7 +5,8 @@
 #
 # Environment knobs:
 #   PYTHON=python3.11       interpreter used to create .venv (default: python3; must be >= 3.10)
-#   CASAM_SKIP_APT=1        skip the Debian packages (orthanc, orthanc-dicomweb)
+#   CASAM_SKIP_APT=1        skip the Debian packages (orthanc, orthanc-dicomweb, chromium)
+#   CASAM_SKIP_BROWSER=1    skip chromium + playwright (only the OHIF browser test needs them)
 #   CASAM_SKIP_SELF=1       skip the editable install of casam itself (docker/Dockerfile installs the
 #                           dependencies first, in a layer that code changes do not invalidate)
 #
@@ -227,6 +228,15 @@ else
             fi
         fi
     fi
+fi
+
+# ---------------------------------------------------------------------------------------------
+# 7b. headless Chromium + Playwright for the OHIF browser test (tests/test_ohif_browser.py)
+# ---------------------------------------------------------------------------------------------
+if [[ "${CASAM_SKIP_BROWSER:-0}" == "1" || "${CASAM_SKIP_APT:-0}" == "1" ]]; then
+    say "browser (chromium, playwright): skipped"
+else
+    VPY="$VPY" bash "$ROOT/tests/browser_setup.sh" || warn "chromium/playwright not installed; the OHIF browser test will try again or skip"
 fi
 
 # ---------------------------------------------------------------------------------------------
