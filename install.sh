@@ -146,7 +146,7 @@ ensure "dcmqi (itkimage2segimage, DICOM SEG writer)" "dcmqi"
 # ---------------------------------------------------------------------------------------------
 # 5. test / benchmark deps
 # ---------------------------------------------------------------------------------------------
-ensure "test deps" "pytest>=7" "pynrrd" "SimpleITK" "pillow" "matplotlib>=3.7" "safetensors"
+ensure "test deps" "pytest>=7" "pynrrd" "SimpleITK" "pillow" "matplotlib>=3.7" "safetensors" "ruff>=0.4"
 
 # The demo (`casam demo`) reads the MNI152 2009 template files that nilearn ships as package data; nilearn
 # itself is never imported, so it is installed without its dependencies (they would pull pandas/numpy 2).

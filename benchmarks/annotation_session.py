@@ -1,8 +1,9 @@
 """The clinician's loop through the real server: annotate, the app trains by itself, the next image is easier.
 
-One arm of issue 28's annotation-session benchmark. The server is started as the README does (``python -m
-monailabel.main start_server --app apps/casam --studies <copy>``, via ``tests/mlserver.py``) on a copy of one
-task's training images (one institution's), with an empty registry, and driven with
+One arm of the annotation-session benchmark (benchmarks/README.md). The server is started as the README does
+(``python -m monailabel.main start_server --app apps/casam --studies <copy>``, via
+:class:`casam.evaluation.server.MonaiLabelServer`) on a copy of one task's training images (one institution's),
+with an empty registry, and driven with
 ``monailabel.client.MONAILabelClient``:
 
 1. ``/activelearning/<strategy>`` gives the next image;
@@ -40,18 +41,17 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "benchmarks"))
-from latency import machine  # noqa: E402
-from mlserver import MonaiLabelServer  # noqa: E402
-
+from casam.data.clinical import read_clinical
+from casam.evaluation.server import MonaiLabelServer
 from casam.paths import default_data
+from casam.prompts.masks import centroid_point, tight_box
+from casam.scoring.metrics import iou
+from casam.scoring.protocol import next_click
 from casam.training.config import HEAD_STEPS
-from casam.data.clinical import read_clinical  # noqa: E402
-from casam.scoring.protocol import next_click  # noqa: E402
-from casam.scoring.metrics import iou  # noqa: E402
-from casam.prompts.masks import centroid_point, tight_box  # noqa: E402
+from latency import machine
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "apps" / "casam"  # the app the server runs
 
 ARMS = {"novelty": "casam_novelty", "random": "random", "plain": "random"}
 TARGETS = (0.8, 0.9)
@@ -118,7 +118,9 @@ class Session:
 
 def task_rows(task: Path, split: str, institution: Optional[str]) -> List[Dict[str, str]]:
     with open(task / "meta.csv") as f:
-        return [r for r in csv.DictReader(f) if r["split"] == split and (not institution or r["institution"] == institution)]
+        return [
+            r for r in csv.DictReader(f) if r["split"] == split and (not institution or r["institution"] == institution)
+        ]
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -151,48 +153,83 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             shutil.copy(task / "images" / f"{r['case']}.png", studies)
     done: Dict[str, Any] = json.loads(args.out.read_text()) if args.out.exists() else {}
     images: List[Dict[str, Any]] = done.get("images", [])
-    conf = {"backbone": "litemedsam", "registry": str(args.work / "registry"), "cache": str(args.work / "cache"),
-            "labels": "object", "min_images": str(args.train_after), "epochs": str(args.epochs),
-            "train_after_labels": "0" if args.arm == "plain" else str(args.train_after),
-            "train_threads": "0", "train_nice": "0", "head_steps": str(args.head_steps)}
+    conf = {
+        "backbone": "litemedsam",
+        "registry": str(args.work / "registry"),
+        "cache": str(args.work / "cache"),
+        "labels": "object",
+        "min_images": str(args.train_after),
+        "epochs": str(args.epochs),
+        "train_after_labels": "0" if args.arm == "plain" else str(args.train_after),
+        "train_threads": "0",
+        "train_nice": "0",
+        "head_steps": str(args.head_steps),
+    }
     report: Dict[str, Any] = {
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]), "machine": machine(),
-        "server": "python -m monailabel.main start_server --app apps/casam --studies <copy> " +
-                  " ".join(f"--conf {k} {v}" for k, v in conf.items() if k not in ("registry", "cache")),
-        "task": args.task, "institution": institution, "arm": args.arm, "strategy": ARMS[args.arm],
-        "wait_for_training": not args.no_wait, "started": done.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
-        "images": images, "layers": done.get("layers", [])}
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "machine": machine(),
+        "server": "python -m monailabel.main start_server --app apps/casam --studies <copy> "
+        + " ".join(f"--conf {k} {v}" for k, v in conf.items() if k not in ("registry", "cache")),
+        "task": args.task,
+        "institution": institution,
+        "arm": args.arm,
+        "strategy": ARMS[args.arm],
+        "wait_for_training": not args.no_wait,
+        "started": done.get("started", time.strftime("%Y-%m-%dT%H:%M:%S%z")),
+        "images": images,
+        "layers": done.get("layers", []),
+    }
 
     def save() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(report, indent=2, default=str))
 
-    srv = MonaiLabelServer(str(studies), args.work / f"server-{int(time.time())}", conf=conf, ports=range(8400, 8500))
+    srv = MonaiLabelServer(
+        str(studies), args.work / f"server-{int(time.time())}", APP, conf=conf, ports=range(8400, 8500)
+    )
     with srv:
         s = Session(srv, task, args.work / "client")
         while len(images) < len(rows):
             case = s.client.next_sample(ARMS[args.arm], {}).get("id")
             if not case:
                 break
-            rec: Dict[str, Any] = {"order": len(images) + 1, "case": case,
-                                   "layers_served": [i["name"] for i in srv.info().get("layers", [])]}
+            rec: Dict[str, Any] = {
+                "order": len(images) + 1,
+                "case": case,
+                "layers_served": [i["name"] for i in srv.info().get("layers", [])],
+            }
             rec["box"] = s.annotate(case, "box", args.clicks)
             rec["click"] = s.annotate(case, "click", args.clicks)
-            s.client.save_label(case, str(task / "masks" / f"{case}.png"), tag="final",
-                                params={"institution": institution, "patient": patients.get(case, case)})
+            s.client.save_label(
+                case,
+                str(task / "masks" / f"{case}.png"),
+                tag="final",
+                params={"institution": institution, "patient": patients.get(case, case)},
+            )
             rec["waited_for_training_s"] = 0.0 if args.no_wait else s.wait_training()
             last = srv.info()["train_stats"]["casam"].get("last_training") or {}
             for layer in last.get("institutions") or []:  # the server's last training, one entry per institution
                 if layer.get("layer") and layer["layer"] not in {x.get("layer") for x in report["layers"]}:
-                    report["layers"].append({"layer": layer["layer"], "after_labels": rec["order"],
-                                             "trained_on": layer.get("images"), "decision": layer.get("reason"),
-                                             "val_iou": layer.get("val_iou"), "plain_val_iou": layer.get("zero_shot_val_iou"),
-                                             "seconds": layer.get("seconds"), "finished": last.get("finished")})
+                    report["layers"].append(
+                        {
+                            "layer": layer["layer"],
+                            "after_labels": rec["order"],
+                            "trained_on": layer.get("images"),
+                            "decision": layer.get("reason"),
+                            "val_iou": layer.get("val_iou"),
+                            "plain_val_iou": layer.get("zero_shot_val_iou"),
+                            "seconds": layer.get("seconds"),
+                            "finished": last.get("finished"),
+                        }
+                    )
             images.append(rec)
             save()
-            print(f"{rec['order']:3d} {case}: box {rec['box']['first_iou']:.3f} -> {rec['box']['curve'][-1]:.3f} "
-                  f"({len(rec['box']['curve']) - 1} clicks), click {rec['click']['first_iou']:.3f}, layer "
-                  f"{rec['box']['layers'][0]}, waited {rec['waited_for_training_s']} s", flush=True)
+            print(
+                f"{rec['order']:3d} {case}: box {rec['box']['first_iou']:.3f} -> {rec['box']['curve'][-1]:.3f} "
+                f"({len(rec['box']['curve']) - 1} clicks), click {rec['click']['first_iou']:.3f}, layer "
+                f"{rec['box']['layers'][0]}, waited {rec['waited_for_training_s']} s",
+                flush=True,
+            )
         s.wait_training()
         test = task_rows(task, "test", args.test_institution)
         scores = []
@@ -202,11 +239,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             x0, y0, x1, y1 = (int(v) for v in tight_box(truth))
             box, res = s.infer(r["case"], {"roi": [x0, x1, y0, y1]})
             click, res_c = s.infer(r["case"], {"foreground": [[int(v) for v in centroid_point(truth)[0]]]})
-            scores.append({"case": r["case"], "institution": r["institution"], "box_iou": round(iou(box, truth), 4),
-                           "click_iou": round(iou(click, truth), 4), "layer_box": res.get("layer"),
-                           "layer_click": res_c.get("layer")})
-        report["test"] = {"images": scores, "box_iou": round(float(np.mean([x["box_iou"] for x in scores])), 4),
-                          "click_iou": round(float(np.mean([x["click_iou"] for x in scores])), 4)}
+            scores.append(
+                {
+                    "case": r["case"],
+                    "institution": r["institution"],
+                    "box_iou": round(iou(box, truth), 4),
+                    "click_iou": round(iou(click, truth), 4),
+                    "layer_box": res.get("layer"),
+                    "layer_click": res_c.get("layer"),
+                }
+            )
+        report["test"] = {
+            "images": scores,
+            "box_iou": round(float(np.mean([x["box_iou"] for x in scores])), 4),
+            "click_iou": round(float(np.mean([x["click_iou"] for x in scores])), 4),
+        }
         report["final_layers"] = srv.info().get("layers", [])
     report["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     save()

@@ -1,7 +1,7 @@
-"""2D click latency through the real server, idle and while the app trains a layer by itself (issue 28 item 3).
+"""2D click latency through the real server, idle and while the app trains a layer by itself.
 
 The server is started as the README does (``python -m monailabel.main start_server --app apps/casam --studies
-<copy> ...``, via ``tests/mlserver.py``, not niced) on a temporary copy of brain-MRI slices, and driven with
+<copy> ...``, via :mod:`casam.evaluation.server`, not niced) on a temporary copy of brain-MRI slices, and driven with
 ``monailabel.client.MONAILabelClient``. ``--clicks`` pictures are opened one after the other (``GET
 /datastore/image``, as the Slicer plugin downloads them: the server encodes them in the background), and
 each gets a foreground click at its tumour's centre once encoded (``2d_click`` of ``benchmarks/latency.py``):
@@ -30,13 +30,13 @@ import numpy as np
 import psutil
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-from latency import Bench, centre, datastore, machine, summary  # noqa: E402
-from mlserver import MonaiLabelServer  # noqa: E402
-
+from casam.evaluation.server import MonaiLabelServer
 from casam.paths import default_data
 from casam.training.config import HEAD_STEPS
+from latency import Bench, centre, datastore, machine, summary
+
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "apps" / "casam"  # the app the server runs
 
 INSTITUTION = "BENCH"
 RATIO = 2.0  # the target: p95 while training <= RATIO x idle p95
@@ -105,11 +105,14 @@ def main() -> None:
         conf["train_threads"] = str(args.train_threads)
     if args.train_nice is not None:
         conf["train_nice"] = str(args.train_nice)
-    srv = MonaiLabelServer(str(studies), work / "server", conf=conf, ports=range(8300, 8400))
-    result: Dict[str, Any] = {"command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
-                              "server": "python -m monailabel.main start_server --app apps/casam --studies <copy> " +
-                                        " ".join(f"--conf {k} {v}" for k, v in conf.items() if k not in ("registry", "cache")),
-                              "machine": machine(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    srv = MonaiLabelServer(str(studies), work / "server", APP, conf=conf, ports=range(8300, 8400))
+    result: Dict[str, Any] = {
+        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "server": "python -m monailabel.main start_server --app apps/casam --studies <copy> "
+        + " ".join(f"--conf {k} {v}" for k, v in conf.items() if k not in ("registry", "cache")),
+        "machine": machine(),
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
     load: List[Dict[str, Any]] = []
     with srv:
         b = Bench(srv, work / "client")
@@ -118,10 +121,13 @@ def main() -> None:
         click_pictures(b, "idle", idle_pics)
         t0 = time.time()
         for case, _ in idle_pics[: args.labels]:
-            r = requests.put(f"{srv.url}/datastore/label", params={"image": case, "tag": "final"},
-                             data={"params": json.dumps({"institution": INSTITUTION, "patient": case.rsplit("_", 1)[0]})},
-                             files={"label": ("l.png", (args.data / "brain_mri_lgg" / "masks" / f"{case}.png").read_bytes())},
-                             timeout=300)
+            r = requests.put(
+                f"{srv.url}/datastore/label",
+                params={"image": case, "tag": "final"},
+                data={"params": json.dumps({"institution": INSTITUTION, "patient": case.rsplit("_", 1)[0]})},
+                files={"label": ("l.png", (args.data / "brain_mri_lgg" / "masks" / f"{case}.png").read_bytes())},
+                timeout=300,
+            )
             r.raise_for_status()
         while training(srv).get("state") != "running":
             if time.time() - t0 > 120:
@@ -134,15 +140,26 @@ def main() -> None:
             time.sleep(1)
         status = training(srv)
         load.append({"phase": "end", "loadavg": os.getloadavg(), "other_cores": others_cpu(srv.proc.pid)})
-    idle, busy = summary(b.samples["idle"]), summary(b.samples.get("during_training", []) or [{"server_ms": np.nan, "client_ms": np.nan}])
+    idle, busy = (
+        summary(b.samples["idle"]),
+        summary(b.samples.get("during_training", []) or [{"server_ms": np.nan, "client_ms": np.nan}]),
+    )
     ratio = busy["server_ms"]["p95"] / idle["server_ms"]["p95"]
     result.update(
-        idle=idle, during_training=busy, clicks_outside_training=outside, load=load,
-        p95_ratio=round(ratio, 2), target=f"server p95 during training <= {RATIO:g} x idle",
-        met=bool(ratio <= RATIO), training={k: status.get(k) for k in (
-            "state", "auto", "priority", "institution", "epochs", "epoch", "seconds", "new_layers", "results")},
+        idle=idle,
+        during_training=busy,
+        clicks_outside_training=outside,
+        load=load,
+        p95_ratio=round(ratio, 2),
+        target=f"server p95 during training <= {RATIO:g} x idle",
+        met=bool(ratio <= RATIO),
+        training={
+            k: status.get(k)
+            for k in ("state", "auto", "priority", "institution", "epochs", "epoch", "seconds", "new_layers", "results")
+        },
         training_seconds_after_clicks=round(time.time() - clicked, 1),
-        samples={k: v for k, v in b.samples.items() if k != "warmup"})
+        samples={k: v for k, v in b.samples.items() if k != "warmup"},
+    )
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2, default=str))
     args.out.with_suffix(".md").write_text(markdown(result))
@@ -151,19 +168,28 @@ def main() -> None:
 
 def markdown(r: Dict[str, Any]) -> str:
     m, t = r["machine"], r["training"]
-    rows = "\n".join(f"| {name} | {s['n']} | {s['server_ms']['p50']} | {s['server_ms']['p95']} | {s['client_ms']['p50']} | "
-                     f"{s['client_ms']['p95']} |" for name, s in (("idle", r["idle"]), ("during training", r["during_training"])))
-    load = "; ".join(f"{x['phase']}: load {', '.join(f'{v:.2f}' for v in x['loadavg'])}, other processes "
-                     f"{x['other_cores']} cores" for x in r["load"])
+    rows = "\n".join(
+        f"| {name} | {s['n']} | {s['server_ms']['p50']} | {s['server_ms']['p95']} | {s['client_ms']['p50']} | "
+        f"{s['client_ms']['p95']} |"
+        for name, s in (("idle", r["idle"]), ("during training", r["during_training"]))
+    )
+    load = "; ".join(
+        f"{x['phase']}: load {', '.join(f'{v:.2f}' for v in x['loadavg'])}, other processes {x['other_cores']} cores"
+        for x in r["load"]
+    )
     shared = any(x["other_cores"] >= 0.2 for x in r["load"])
-    res = "; ".join(f"{x.get('layer')}: validation box IoU {x.get('val_iou') or float('nan'):.3f} vs plain SAM "
-                    f"{x.get('zero_shot_val_iou') or float('nan'):.3f}" for x in t.get("results") or [])
+    res = "; ".join(
+        f"{x.get('layer')}: validation box IoU {x.get('val_iou') or float('nan'):.3f} vs plain SAM "
+        f"{x.get('zero_shot_val_iou') or float('nan'):.3f}"
+        for x in t.get("results") or []
+    )
     return f"""# 2D click latency while the app trains by itself
 
-`{r['command']}` ({r['started']})
+`{r["command"]}` ({r["started"]})
 
-Server: `{r['server']}` (not niced). Machine: {m.get('cpu')} ({m.get('cpu_id')}; {', '.join(m.get('simd') or [])}), {m.get('cores')} cores,
-torch {m.get('torch')}, GPU {m.get('gpu')}.
+Server: `{r["server"]}` (not niced). Machine: {m.get("cpu")} ({m.get("cpu_id")}; \
+{", ".join(m.get("simd") or [])}), {m.get("cores")} cores,
+torch {m.get("torch")}, GPU {m.get("gpu")}.
 
 A foreground click at the tumour's centre of an opened brain-MRI picture, once the server has encoded it in
 the background; the server's `latency_ms` and the client's wall time, in ms.
@@ -172,15 +198,15 @@ the background; the server's `latency_ms` and the client's wall time, in ms.
 | --- | --- | --- | --- | --- | --- |
 {rows}
 
-Server p95 during training / idle: **{r['p95_ratio']}** ({r['target']}: {'met' if r['met'] else 'not met'}).
-{r['clicks_outside_training']} clicks of the second set were not fully within the training and are left out.
+Server p95 during training / idle: **{r["p95_ratio"]}** ({r["target"]}: {"met" if r["met"] else "not met"}).
+{r["clicks_outside_training"]} clicks of the second set were not fully within the training and are left out.
 
-The automatic training: state {t.get('state')}, priority {t.get('priority')}, {t.get('epochs')} epochs,
-{t.get('seconds')} s in all ({r['training_seconds_after_clicks']} s of them after the last click), new layers
-{t.get('new_layers')} ({res}).
+The automatic training: state {t.get("state")}, priority {t.get("priority")}, {t.get("epochs")} epochs,
+{t.get("seconds")} s in all ({r["training_seconds_after_clicks"]} s of them after the last click), new layers
+{t.get("new_layers")} ({res}).
 
 Load: {load}.
-{SHARED if shared else 'No other job took a noticeable share of the CPU during this run.'}
+{SHARED if shared else "No other job took a noticeable share of the CPU during this run."}
 """
 
 

@@ -2,8 +2,9 @@
 """Fits the click chooser's weights (``casam.prompts.clicks.CHOOSER_WEIGHTS``) and measures them.
 
 One click at each training object's centre is answered with box proposals of every half-size, all refined
-(:func:`casam.prompts.clicks.propose`); the weights of the linear score over :data:`casam.prompts.clicks.FEATURES` maximise the
-expected IoU of a softmax choice (L2-regularised). The fit uses the training splits only; the result file
+(:func:`casam.prompts.clicks.propose`); the weights of the linear score over
+:data:`casam.prompts.clicks.FEATURES` maximise the expected IoU of a softmax choice (L2-regularised). The fit
+uses the training splits only; the result file
 reports the held-out test splits, leave-one-task-out fits (each task chosen by weights fitted on the
 others) to show how the weights carry to data they never saw, and ``shipped_fused``: the product's answer,
 the refined proposals averaged by a softmax of the shipped scores (:func:`casam.prompts.clicks.fuse_proposals`).
@@ -26,17 +27,24 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from casam.model.backbone import load_backbone  # noqa: E402
-from casam.evaluation.provenance import machine_info  # noqa: E402
-from casam.prompts.clicks import (CHOOSER_WEIGHTS, FEATURES, HALF_SIZES, REFERENCE_SIZE, ClickConfig, agreement,  # noqa: E402
-                          paired_iou, fuse_proposals, proposal_scores, propose)
-from casam.data.datasets import discover_tasks, load_cases, spread  # noqa: E402
-from casam.prompts.masks import centroid_point  # noqa: E402
-from casam.model.preprocess import points_to_model  # noqa: E402
-from casam.training.embeddings import EmbeddingCache
-from casam.scoring.samples import make_samples
+from casam.data.datasets import discover_tasks, load_cases, spread
+from casam.evaluation.provenance import machine_info
+from casam.model.backbone import load_backbone
+from casam.model.preprocess import points_to_model
+from casam.prompts.clicks import (
+    CHOOSER_WEIGHTS,
+    FEATURES,
+    HALF_SIZES,
+    REFERENCE_SIZE,
+    ClickConfig,
+    agreement,
+    fuse_proposals,
+    paired_iou,
+    proposal_scores,
+    propose,
+)
+from casam.prompts.masks import centroid_point
+from casam.scoring.samples import EmbeddingCache, make_samples
 
 
 def split_samples(data: str, cache: Optional[str], images: Dict[str, int]):
@@ -54,9 +62,11 @@ def split_samples(data: str, cache: Optional[str], images: Dict[str, int]):
 
 def run_record(script: str, argv, t0: float) -> dict:
     """What a result file says of the run that made it: its command, machine and seconds since ``t0``."""
-    return {"command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
-            "machine": machine_info("cpu"),
-            "seconds": round(time.time() - t0, 1)}
+    return {
+        "command": f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine_info("cpu"),
+        "seconds": round(time.time() - t0, 1),
+    }
 
 
 @torch.no_grad()
@@ -90,7 +100,7 @@ def fit(cands, reg=1e-2, temp=0.1, steps=400, lr=0.05):
     w = torch.zeros(len(FEATURES), requires_grad=True)
     opt = torch.optim.Adam([w], lr=lr)
     for _ in range(steps):
-        loss = -sum((torch.softmax((f @ w) / temp, 0) * g).sum() for f, g, _ in cands) / len(cands) + reg * (w ** 2).sum()
+        loss = -sum((torch.softmax((f @ w) / temp, 0) * g).sum() for f, g, _ in cands) / len(cands) + reg * (w**2).sum()
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -118,19 +128,29 @@ def main(argv=None) -> int:
     rows = {}
     for t in tasks:
         loto = fit([c for u in tasks if u != t for c in data[u]["train"]])
-        rows[t] = {split: {"objects": len(data[t][split]),
-                           "predicted_iou_only": round(choose(refined_iou, data[t][split]), 4),
-                           "fitted": round(choose(w, data[t][split]), 4),
-                           "shipped": round(choose(shipped, data[t][split]), 4),
-                           "shipped_fused": round(float(np.mean([v for _, _, v in data[t][split]])), 4),
-                           "fitted_without_this_task": round(choose(loto, data[t][split]), 4),
-                           "best_proposal": round(float(np.mean([float(g.max()) for _, g, _ in data[t][split]])), 4)}
-                   for split in ("train", "test")}
-    mean = {split: {k: round(float(np.mean([rows[t][split][k] for t in tasks])), 4) for k in rows[tasks[0]][split]
-                    if k != "objects"} for split in ("train", "test")}
+        rows[t] = {
+            split: {
+                "objects": len(data[t][split]),
+                "predicted_iou_only": round(choose(refined_iou, data[t][split]), 4),
+                "fitted": round(choose(w, data[t][split]), 4),
+                "shipped": round(choose(shipped, data[t][split]), 4),
+                "shipped_fused": round(float(np.mean([v for _, _, v in data[t][split]])), 4),
+                "fitted_without_this_task": round(choose(loto, data[t][split]), 4),
+                "best_proposal": round(float(np.mean([float(g.max()) for _, g, _ in data[t][split]])), 4),
+            }
+            for split in ("train", "test")
+        }
+    mean = {
+        split: {
+            k: round(float(np.mean([rows[t][split][k] for t in tasks])), 4)
+            for k in rows[tasks[0]][split]
+            if k != "objects"
+        }
+        for split in ("train", "test")
+    }
     result = {
         "what": "first-click IoU (low-res frame) of the proposal chosen by each weighting; one click at the object's "
-                "centre, plain LiteMedSAM, all proposals refined",
+        "centre, plain LiteMedSAM, all proposals refined",
         **run_record("click_chooser.py", argv, t0),
         "features": list(FEATURES),
         "fitted_weights": {f: round(float(v), 4) for f, v in zip(FEATURES, w)},

@@ -27,14 +27,10 @@ from typing import Any, Dict, Tuple
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from click_chooser import run_record, split_samples  # noqa: E402
-
-from casam.scoring.score import sequences  # noqa: E402
-from casam.prompts.clicks import ClickConfig  # noqa: E402
-from casam.scoring.protocol import summarise  # noqa: E402
+from casam.prompts.clicks import ClickConfig
+from casam.scoring.protocol import summarise
+from casam.scoring.score import sequences
+from click_chooser import run_record, split_samples
 
 
 def parse_variant(text: str) -> Tuple[str, Dict[str, Any]]:

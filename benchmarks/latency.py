@@ -1,9 +1,10 @@
-"""Click latency through the real HTTP server (issue 12 item 7): p50/p95 server-side ``latency_ms`` and client wall
+"""Click latency through the real HTTP server: p50/p95 server-side ``latency_ms`` and client wall
 time per scenario, the server's peak memory, machine info; ``benchmarks/results/latency.{json,md}``.
 
 The server is started as the README does (``python -m monailabel.main start_server --app apps/casam --studies
-<copy> ...``, via ``tests/mlserver.py``) on a temporary copy of brain-MRI slices (2D PNG) and of the 38-slice
-volume ``TCGA_DU_5849_19950405`` (copies under other ids for the first-click trials), and driven with
+<copy> ...``, via :class:`casam.evaluation.server.MonaiLabelServer`) on a temporary copy of brain-MRI slices
+(2D PNG) and of the 38-slice volume ``TCGA_DU_5849_19950405`` (copies under other ids for the first-click
+trials), and driven with
 ``monailabel.client.MONAILabelClient`` with 3D Slicer's request shapes (voxel ``foreground`` / ``background``
 points ``[i, j, k]``, ``roi`` ``[i0, i1, j0, j1(, k0, k1)]``); a client opens an image with ``GET
 /datastore/image`` as the Slicer plugin downloads it. Scenarios:
@@ -45,20 +46,23 @@ import numpy as np
 import psutil
 import requests
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-from mlserver import MonaiLabelServer  # noqa: E402
+from casam.data.clinical import read_clinical
+from casam.evaluation.server import MonaiLabelServer
+from casam.paths import default_data
+from casam.scoring.metrics import iou
+from casam.scoring.protocol import next_click
 
-from casam.paths import default_data  # noqa: E402
-from casam.data.clinical import read_clinical  # noqa: E402
-from casam.scoring.protocol import next_click  # noqa: E402
-from casam.scoring.metrics import iou  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
+APP = REPO / "apps" / "casam"  # the app the server runs
 
 VOLUME = "TCGA_DU_5849_19950405"
-TARGETS = {  # scenario → (statistic, limit ms): issue 12 item 7, judged on the server's p95
-    "2d_click": ("p95", 100), "volume_further_click": ("p95", 300), "volume_corrective_click": ("p95", 300),
+TARGETS = {  # scenario → (statistic, limit ms): the latency targets, judged on the server's p95
+    "2d_click": ("p95", 100),
+    "volume_further_click": ("p95", 300),
+    "volume_corrective_click": ("p95", 300),
     "volume_first_click": ("p95", 1500),
-    "roi_volume": ("p95", 10000), "roi_volume_cold": ("p95", 10000),
+    "roi_volume": ("p95", 10000),
+    "roi_volume_cold": ("p95", 10000),
 }
 
 
@@ -99,12 +103,10 @@ def vm_hwm(pid: int) -> Optional[int]:
 def machine() -> Dict[str, Any]:
     """The client machine (here also the server's): :func:`casam.evaluation.provenance.machine_info`, with the allocator
     setting the server gets from this environment (``CASAM_MALLOC_KEEP_MB``, :mod:`casam.runtime`)."""
-    import torch
-
     from casam.evaluation.provenance import machine_info
-    from casam.runtime import malloc_keep_mb
+    from casam.runtime import malloc_keep_mb, resolve_device
 
-    info = machine_info("cuda" if torch.cuda.is_available() else "cpu")
+    info = machine_info(resolve_device("auto"))
     info.pop("malloc_tuned", None)  # this client process's, not the server's
     info["server_malloc_keep_mb"] = malloc_keep_mb()
     return info
@@ -115,8 +117,12 @@ def summary(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
     out: Dict[str, Any] = {"n": len(samples)}
     for k in ("server_ms", "client_ms"):
         v = np.array([s[k] for s in samples], float)
-        out[k] = {"p50": round(float(np.percentile(v, 50)), 1), "p95": round(float(np.percentile(v, 95)), 1),
-                  "min": round(float(v.min()), 1), "max": round(float(v.max()), 1)}
+        out[k] = {
+            "p50": round(float(np.percentile(v, 50)), 1),
+            "p95": round(float(np.percentile(v, 95)), 1),
+            "min": round(float(v.min()), 1),
+            "max": round(float(v.max()), 1),
+        }
     out["embedding_cached"] = sum(bool(s.get("embedding_cached")) for s in samples)
     for k in ("iou_3d", "iou_slice"):
         if any(s.get(k) is not None for s in samples):
@@ -125,7 +131,9 @@ def summary(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
         out["stopped_for_time"] = sum(bool(s.get("pending")) for s in samples)
     kinds = sorted({s["kind"] for s in samples if s.get("kind")})
     if kinds:
-        out["by_kind"] = {kind: summary([{**s, "kind": None} for s in samples if s.get("kind") == kind]) for kind in kinds}
+        out["by_kind"] = {
+            kind: summary([{**s, "kind": None} for s in samples if s.get("kind") == kind]) for kind in kinds
+        }
     return out
 
 
@@ -152,8 +160,14 @@ class Bench:
             time.sleep(0.25)
         return time.time() - t0
 
-    def click(self, scenario: str, image_id: str, params: Dict[str, Any], kind: Optional[str] = None,
-              truth: Optional[np.ndarray] = None) -> Tuple[Dict[str, Any], Optional[np.ndarray]]:
+    def click(
+        self,
+        scenario: str,
+        image_id: str,
+        params: Dict[str, Any],
+        kind: Optional[str] = None,
+        truth: Optional[np.ndarray] = None,
+    ) -> Tuple[Dict[str, Any], Optional[np.ndarray]]:
         """One request; with ``truth`` (the volume's), the 3D IoU and the prompted slice's IoU are recorded.
 
         Returns:
@@ -165,8 +179,14 @@ class Bench:
         res = json.loads(result) if isinstance(result, str) else result
         mask = read_clinical(path).array > 0 if truth is not None else None
         os.unlink(path)
-        sample = {"server_ms": res["latency_ms"], "client_ms": round(wall, 1), "embedding_cached": res["embedding_cached"],
-                  "slices": res.get("slices"), "pending": res.get("pending_slices"), "kind": kind}
+        sample = {
+            "server_ms": res["latency_ms"],
+            "client_ms": round(wall, 1),
+            "embedding_cached": res["embedding_cached"],
+            "slices": res.get("slices"),
+            "pending": res.get("pending_slices"),
+            "kind": kind,
+        }
         if mask is not None:
             k = res["slice"]
             sample.update(iou_3d=round(iou(mask, truth), 4), iou_slice=round(iou(mask[k], truth[k]), 4))
@@ -236,15 +256,21 @@ def run_corrective(b: Bench, truth: np.ndarray, k: int, n: int, rng: np.random.G
                 break
             (cx, cy), label = nxt[0][0].astype(int).tolist(), nxt[1]
             (fg if label == 1 else bg).append([cx, cy, kk])
-            res, mask = b.click("volume_corrective_click", "vol00", {"foreground": fg, "background": bg},
-                                "foreground" if label == 1 else "background", truth=truth)
+            res, mask = b.click(
+                "volume_corrective_click",
+                "vol00",
+                {"foreground": fg, "background": bg},
+                "foreground" if label == 1 else "background",
+                truth=truth,
+            )
             curve.append(iou(mask[kk], truth[kk]))
         curves.append(curve + [curve[-1]] * (per + 1 - len(curve)))
     return [round(float(v), 4) for v in np.mean(curves, 0)]
 
 
-def run_volumes(b: Bench, truth: np.ndarray, n_first: int, think: float, n_further: int, n_roi: int,
-                n_corrective: int = 20) -> Dict[str, Any]:
+def run_volumes(
+    b: Bench, truth: np.ndarray, n_first: int, think: float, n_further: int, n_roi: int, n_corrective: int = 20
+) -> Dict[str, Any]:
     k = int(np.argmax(truth.reshape(truth.shape[0], -1).sum(1)))
     x, y = centre(truth[k])
     ys, xs = np.nonzero(truth[k])
@@ -263,7 +289,9 @@ def run_volumes(b: Bench, truth: np.ndarray, n_first: int, think: float, n_furth
     for i in range(n_further):
         kind = "background" if i % 2 == 0 else "foreground"
         if kind == "background":  # a background click outside the tumour, near its box
-            bg.append([int(np.clip(xs.min() - rng.integers(3, 12), 0, 255)), int(rng.integers(ys.min(), ys.max() + 1)), k])
+            bg.append(
+                [int(np.clip(xs.min() - rng.integers(3, 12), 0, 255)), int(rng.integers(ys.min(), ys.max() + 1)), k]
+            )
         else:  # a foreground click inside the tumour
             j = int(rng.integers(len(xs)))
             fg.append([int(xs[j]), int(ys[j]), k])
@@ -293,20 +321,31 @@ def verdicts(results: Dict[str, Any]) -> Dict[str, Any]:
 def markdown(report: Dict[str, Any]) -> str:
     m = report["machine"]
     cpu = f"{m['cpu']} ({m['cpu_id']}, {'/'.join(m.get('simd', [])).upper()})" if m.get("cpu_id") else m["cpu"]
-    lines = ["# Click latency (benchmarks/latency.py)", "", f"`{report['command']}`", "",
-             f"Machine: {cpu}, server CASAM_MALLOC_KEEP_MB={m.get('server_malloc_keep_mb', '?')}, {m['cores']} cores, torch "
-             f"{m['torch']}, GPU: {m.get('gpu') or 'none'}. Load average before / after: "
-             f"{report['load_before']} / {report['load_after']}. Server peak RSS (process + children, sampled): "
-             f"{report['server_peak_rss_mb']} MiB (VmHWM of the server process: {report['server_vmhwm_mb']} MiB).", "",
-             "| scenario | n | server p50 ms | server p95 ms | client p50 ms | client p95 ms | target | met |",
-             "|---|---|---|---|---|---|---|---|"]
-    rows = [(n, s) for name, sc in report["scenarios"].items()
-            for n, s in [(name, sc)] + [(f"{name} ({k})", v) for k, v in sc.get("by_kind", {}).items()]]
+    lines = [
+        "# Click latency (benchmarks/latency.py)",
+        "",
+        f"`{report['command']}`",
+        "",
+        f"Machine: {cpu}, server CASAM_MALLOC_KEEP_MB={m.get('server_malloc_keep_mb', '?')}, {m['cores']} cores, torch "
+        f"{m['torch']}, GPU: {m.get('gpu') or 'none'}. Load average before / after: "
+        f"{report['load_before']} / {report['load_after']}. Server peak RSS (process + children, sampled): "
+        f"{report['server_peak_rss_mb']} MiB (VmHWM of the server process: {report['server_vmhwm_mb']} MiB).",
+        "",
+        "| scenario | n | server p50 ms | server p95 ms | client p50 ms | client p95 ms | target | met |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    rows = [
+        (n, s)
+        for name, sc in report["scenarios"].items()
+        for n, s in [(name, sc)] + [(f"{name} ({k})", v) for k, v in sc.get("by_kind", {}).items()]
+    ]
     for name, s in rows:
         t = report["targets"].get(name)
-        lines.append(f"| {name} | {s['n']} | {s['server_ms']['p50']} | {s['server_ms']['p95']} | {s['client_ms']['p50']} | "
-                     f"{s['client_ms']['p95']} | {'≤ %d ms (%s)' % (t['target_ms'], t['statistic']) if t else ''} | "
-                     f"{('yes' if t['met'] else 'no') if t else ''} |")
+        lines.append(
+            f"| {name} | {s['n']} | {s['server_ms']['p50']} | {s['server_ms']['p95']} | {s['client_ms']['p50']} | "
+            f"{s['client_ms']['p95']} | {'≤ %d ms (%s)' % (t['target_ms'], t['statistic']) if t else ''} | "
+            f"{('yes' if t['met'] else 'no') if t else ''} |"
+        )
     lines += ["", "Notes: " + json.dumps(report["notes"])]
     return "\n".join(lines) + "\n"
 
@@ -321,17 +360,23 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument("--further-clicks", type=int, default=20)
     ap.add_argument("--corrective-clicks", type=int, default=20)
     ap.add_argument("--rois", type=int, default=20)
-    ap.add_argument("--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"),
-                    help="extra --conf for the server")
+    ap.add_argument(
+        "--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="extra --conf for the server"
+    )
     ap.add_argument("--workdir", default=None, help="temporary folder (default: a new one, removed afterwards)")
     args = ap.parse_args(argv)
     data = Path(args.data)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="casam-latency-"))
     studies, pictures = datastore(data, work, args.pictures, args.first_clicks + 2)
     truth = read_clinical(data / "brain_mri_lgg" / "volumes" / f"{VOLUME}_label.nii.gz").array > 0
-    conf = {"backbone": "litemedsam", "registry": str(work / "registry"), "cache": str(work / "cache"),
-            "labels": "tumour", **dict(args.conf)}
-    srv = MonaiLabelServer(str(studies), work / "server", conf=conf)
+    conf = {
+        "backbone": "litemedsam",
+        "registry": str(work / "registry"),
+        "cache": str(work / "cache"),
+        "labels": "tumour",
+        **dict(args.conf),
+    }
+    srv = MonaiLabelServer(str(studies), work / "server", APP, conf=conf)
     (work / "server").mkdir(exist_ok=True)
     load_before = [round(v, 2) for v in os.getloadavg()]
     t0 = time.time()
@@ -342,8 +387,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         b = Bench(srv, work / "client")
         srv.info()
         run_pictures(b, pictures)
-        notes = run_volumes(b, truth, args.first_clicks, args.think, args.further_clicks, args.rois,
-                            args.corrective_clicks)
+        notes = run_volumes(
+            b, truth, args.first_clicks, args.think, args.further_clicks, args.rois, args.corrective_clicks
+        )
         notes["caches"] = srv.info()["cache"]["caches"]
         hwm = vm_hwm(srv.proc.pid)
     finally:
@@ -352,14 +398,25 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     results = {name: summary(s) for name, s in b.samples.items()}
     report = {
         "command": "python benchmarks/latency.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "server_command": " ".join(["python -m monailabel.main start_server --app apps/casam --studies <copy>"]
-                                   + [f"--conf {k} {v}" for k, v in conf.items() if k not in ("registry", "cache")]),
-        "machine": machine(), "load_before": load_before, "load_after": [round(v, 2) for v in os.getloadavg()],
-        "seconds": round(time.time() - t0, 1), "server_peak_rss_mb": round(peak / 2**20, 1),
+        "server_command": " ".join(
+            ["python -m monailabel.main start_server --app apps/casam --studies <copy>"]
+            + [f"--conf {k} {v}" for k, v in conf.items() if k not in ("registry", "cache")]
+        ),
+        "machine": machine(),
+        "load_before": load_before,
+        "load_after": [round(v, 2) for v in os.getloadavg()],
+        "seconds": round(time.time() - t0, 1),
+        "server_peak_rss_mb": round(peak / 2**20, 1),
         "server_vmhwm_mb": round(hwm / 2**20, 1) if hwm else None,
-        "images": {"pictures": [c for c, _ in pictures], "volume": f"brain_mri_lgg/volumes/{VOLUME}_image.nii.gz",
-                   "volume_shape": list(truth.shape)},
-        "think_s": args.think, "scenarios": results, "targets": verdicts(results), "notes": notes,
+        "images": {
+            "pictures": [c for c, _ in pictures],
+            "volume": f"brain_mri_lgg/volumes/{VOLUME}_image.nii.gz",
+            "volume_shape": list(truth.shape),
+        },
+        "think_s": args.think,
+        "scenarios": results,
+        "targets": verdicts(results),
+        "notes": notes,
         "samples": b.samples,
     }
     out = Path(args.out)

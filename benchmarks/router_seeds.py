@@ -4,7 +4,7 @@
 Only the router is trained (no Alignment Layer), once per task in stream order, exactly as ``train_layer``
 does it (patient-level validation split, 5-fold τ, the VAE on the training part), for several seeds and
 router-VAE epoch counts. After each task it routes every test image among the routers seen so far and
-reports the share of images of a not-yet-seen modality that fall back (issue 11's target: ≥ 90 % at every
+reports the share of images of a not-yet-seen modality that fall back (the target: ≥ 90 % at every
 step); after the last task, the share of seen images routed to their own task's layer and to a layer of their
 own modality.
 
@@ -22,19 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from casam.model.router import VAE_EPOCHS
+
+from casam.data.datasets import discover_tasks, load_cases, spread
+from casam.evaluation.provenance import machine_info
+from casam.model.backbone import load_backbone
+from casam.model.router import VAE_EPOCHS, Router
 from casam.paths import default_cache, default_data
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from casam.model.backbone import load_backbone  # noqa: E402
-from casam.evaluation.provenance import machine_info  # noqa: E402
-from casam.data.datasets import discover_tasks, load_cases, spread  # noqa: E402
-from casam.model.router import Router  # noqa: E402
-from casam.training.layer import fit_router, split_samples
-from casam.training.embeddings import EmbeddingCache
+from casam.scoring.samples import EmbeddingCache, make_samples
 from casam.training.config import TrainConfig
-from casam.scoring.samples import make_samples
+from casam.training.layer import fit_router, split_samples
 
 
 def features(tasks, bb, cache_dir, max_train_cases):
@@ -78,7 +74,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--data", default=None)
     p.add_argument("--cache", default=None, help="embedding cache folder (default $CASAM_CACHE or ~/.casam/cache)")
-    p.add_argument("--max-train-cases", type=int, default=None, help="training cases per task, evenly spaced (default all)")
+    p.add_argument(
+        "--max-train-cases", type=int, default=None, help="training cases per task, evenly spaced (default all)"
+    )
     p.add_argument("--seeds", default="0,1,2,3")
     p.add_argument("--vae-epochs", default=f"10,{VAE_EPOCHS}")
     p.add_argument("--threads", type=int, default=None)
@@ -96,26 +94,45 @@ def main() -> int:
         for seed in [int(x) for x in args.seeds.split(",")]:
             r = {"vae_epochs": ep, "seed": seed, **replay(tasks, feats, seed, ep)}
             rows.append(r)
-            print(f"vae_epochs {ep:4d} seed {seed}: new-modality fallback per step "
-                  f"{[None if v is None else round(v, 3) for v in r['new_modality_fallback']]}, own layer "
-                  f"{r['own_layer']:.3f}, own modality {r['own_modality']:.3f}", flush=True)
-    res = {"benchmark": "router replay over seeds (benchmarks/router_seeds.py)", "tasks": [t.name for t in tasks],
-           "train_images": [len(tr) for tr, _ in feats], "test_images": [len(te) for _, te in feats],
-           "command": "python " + " ".join(sys.argv), "machine": machine_info("cpu"),
-           "seconds": round(time.time() - t0, 1), "rows": rows}
+            print(
+                f"vae_epochs {ep:4d} seed {seed}: new-modality fallback per step "
+                f"{[None if v is None else round(v, 3) for v in r['new_modality_fallback']]}, own layer "
+                f"{r['own_layer']:.3f}, own modality {r['own_modality']:.3f}",
+                flush=True,
+            )
+    res = {
+        "benchmark": "router replay over seeds (benchmarks/router_seeds.py)",
+        "tasks": [t.name for t in tasks],
+        "train_images": [len(tr) for tr, _ in feats],
+        "test_images": [len(te) for _, te in feats],
+        "command": "python " + " ".join(sys.argv),
+        "machine": machine_info("cpu"),
+        "seconds": round(time.time() - t0, 1),
+        "rows": rows,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.json").write_text(json.dumps(res, indent=1))
-    md = [f"# Router replay: new-modality fallback over seeds\n", f"Tasks: {', '.join(res['tasks'])}; training images per task "
-          f"{res['train_images']} (before the validation split), test images {res['test_images']}.\n",
-          "| VAE epochs | seed | new-modality fallback per step | lowest | seen → own layer | seen → own modality |",
-          "|---|---|---|---|---|---|"]
+    md = [
+        "# Router replay: new-modality fallback over seeds\n",
+        f"Tasks: {', '.join(res['tasks'])}; training images per task "
+        f"{res['train_images']} (before the validation split), test images {res['test_images']}.\n",
+        "| VAE epochs | seed | new-modality fallback per step | lowest | seen → own layer | seen → own modality |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in rows:
         steps = " / ".join("–" if v is None else f"{v:.3f}" for v in r["new_modality_fallback"])
-        md.append(f"| {r['vae_epochs']} | {r['seed']} | {steps} | {r['lowest']:.3f} | {r['own_layer']:.3f} | {r['own_modality']:.3f} |")
+        md.append(
+            f"| {r['vae_epochs']} | {r['seed']} | {steps} | {r['lowest']:.3f} | "
+            f"{r['own_layer']:.3f} | {r['own_modality']:.3f} |"
+        )
     m = res["machine"]
-    md += ["", f"Command: `{res['command']}`", "",
-           f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}; {res['seconds']:.0f} s."]
+    md += [
+        "",
+        f"Command: `{res['command']}`",
+        "",
+        f"Machine: {m.get('cpu')}, {m.get('cores')} cores, torch {m.get('torch')}; {res['seconds']:.0f} s.",
+    ]
     (out / f"{args.name}.md").write_text("\n".join(md) + "\n")
     return 0
 

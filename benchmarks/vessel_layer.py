@@ -23,18 +23,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from casam.model.backbone import load_backbone  # noqa: E402
-from casam.paths import default_data  # noqa: E402
-from casam.data.datasets import discover_tasks, load_cases  # noqa: E402
-from casam.registry.store import LayerRegistry  # noqa: E402
-from casam.evaluation.provenance import json_safe, machine_info  # noqa: E402
-from casam.scoring.score import mask_scores, predict_sample  # noqa: E402
-from casam.training.layer import train_layer
-from casam.training.embeddings import EmbeddingCache
+from casam.data.datasets import discover_tasks, load_cases
+from casam.evaluation.provenance import json_safe, machine_info
+from casam.model.backbone import load_backbone
+from casam.paths import default_data
+from casam.registry.store import LayerRegistry
+from casam.scoring.samples import EmbeddingCache, make_samples
+from casam.scoring.score import mask_scores, predict_sample
 from casam.training.config import TrainConfig
-from casam.scoring.samples import make_samples
+from casam.training.layer import train_layer
 
 PROMPTS = ("box", "click")
 
@@ -92,21 +89,36 @@ def main(argv=None) -> int:
         print(f"{name}: box {own['box']:.3f} click {own['click']:.3f} use {use}", flush=True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    res = json_safe({"command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]), "machine": machine_info("cpu"),
-                  "task": args.task, "n_test": len(test), "results": results,
-                  "note": "IoU per test image (one mask each), mean; 'served' = what the gate lets through"})
+    res = json_safe(
+        {
+            "command": "python " + " ".join([sys.argv[0], *(argv or sys.argv[1:])]),
+            "machine": machine_info("cpu"),
+            "task": args.task,
+            "n_test": len(test),
+            "results": results,
+            "note": "IoU per test image (one mask each), mean; 'served' = what the gate lets through",
+        }
+    )
     (out / "vessel_layer.json").write_text(json.dumps(res, indent=2))
-    lines = [f"# Retinal vessels: Alignment Layer alone vs layer + refinement head ({len(test)} test images)", "",
-             f"Command: `{res['command']}`  ", f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores", "",
-             "| arm | training images | box IoU | click IoU | served box / click | validation box gain ± SE | s after encoding |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Retinal vessels: Alignment Layer alone vs layer + refinement head ({len(test)} test images)",
+        "",
+        f"Command: `{res['command']}`  ",
+        f"Machine: {res['machine']['cpu']}, {res['machine']['cores']} cores",
+        "",
+        "| arm | training images | box IoU | click IoU | served box / click | validation box gain ± SE "
+        "| s after encoding |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, r in results.items():
         if name == "plain SAM":
             lines.append(f"| plain SAM | 0 | {r['box']:.3f} | {r['click']:.3f} | | | |")
             continue
         ev = r["evidence"]["box"]
-        lines.append(f"| {name} | {r['n_train']} | {r['box']:.3f} | {r['click']:.3f} | {r['served']['box']:.3f} / "
-                     f"{r['served']['click']:.3f} | {ev['gain']:+.3f} ± {ev['se']:.3f} | {r['seconds_after_encode']} |")
+        lines.append(
+            f"| {name} | {r['n_train']} | {r['box']:.3f} | {r['click']:.3f} | {r['served']['box']:.3f} / "
+            f"{r['served']['click']:.3f} | {ev['gain']:+.3f} ± {ev['se']:.3f} | {r['seconds_after_encode']} |"
+        )
     (out / "vessel_layer.md").write_text("\n".join(lines) + "\n")
     picture(bb, test, test_imgs, layers[max(layers, key=lambda k: results[k]["box"])][0], out / "vessel_layer.png")
     print("\n".join(lines))

@@ -6,9 +6,11 @@ that picks the layer for each image or falls back to plain SAM for images unlike
 The public API, importable from here (each name is loaded on first use, so ``import casam`` stays light)::
 
     import casam
+    from casam.paths import default_registry
+
     backbone = casam.load_backbone("litemedsam")
-    predictor = casam.CASAMPredictor(backbone, registry="~/.casam/registry")
-    answer = predictor.predict(image, box=[40, 30, 120, 110])
+    predictor = casam.CASAMPredictor(backbone, registry=default_registry())
+    answer = predictor.predict(image, box=[40, 30, 120, 110])  # answer.mask, answer.iou, answer.route
 
 Subpackages, one concern each:
 

@@ -29,6 +29,11 @@ from casam.scoring.metrics import iou
 from casam.training.config import TrainConfig
 from casam.training.layer import split_by_patient, train_layer
 
+# The demo's own short recipe (not CA-SAM's, TrainConfig's defaults): a few epochs at a higher learning rate, so
+# the demo finishes in minutes on a CPU.
+DEMO_EPOCHS = 3
+DEMO_LR = 3e-4
+
 
 def mni_files() -> dict:
     """Paths of the MNI152 2009 template files inside the installed nilearn package.
@@ -38,7 +43,8 @@ def mni_files() -> dict:
     """
     spec = importlib.util.find_spec("nilearn")
     if spec is None or not spec.submodule_search_locations:
-        raise CasamError("the demo reads the MNI152 template shipped in the PyPI package nilearn: pip install --no-deps nilearn")
+        raise CasamError("the demo reads the MNI152 template shipped in the PyPI package nilearn: "
+                         "pip install --no-deps nilearn")
     d = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "data"
     files = {k: d / f"mni_icbm152_{k}_tal_nlin_sym_09a_converted.nii.gz" for k in ("t1", "wm")}
     missing = [str(p) for p in files.values() if not p.exists()]
@@ -81,8 +87,9 @@ def _figure(path: Path, image, truth, rows) -> None:
 
     fig, ax = plt.subplots(len(rows), 3, figsize=(9.6, 3.3 * len(rows)), squeeze=False)
     for r, (prompt, draw, plain, aligned, ious) in enumerate(rows):
-        for a, (title, m) in zip(ax[r], [(f"white matter (truth), {prompt}", truth), (f"plain SAM IoU {ious[0]:.2f}", plain),
-                                         (f"CA-SAM IoU {ious[1]:.2f}", aligned)]):
+        panels = [(f"white matter (truth), {prompt}", truth), (f"plain SAM IoU {ious[0]:.2f}", plain),
+                  (f"CA-SAM IoU {ious[1]:.2f}", aligned)]
+        for a, (title, m) in zip(ax[r], panels):
             a.imshow(image, cmap="gray")
             a.imshow(np.ma.masked_where(m == 0, m), cmap="autumn", alpha=0.5, interpolation="nearest")
             draw(a)
@@ -97,7 +104,8 @@ def _draw_box(box):
     def draw(a):
         import matplotlib.patches as patches
 
-        a.add_patch(patches.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, color="cyan", lw=1.2))
+        a.add_patch(patches.Rectangle((box[0], box[1]), box[2] - box[0], box[3] - box[1], fill=False, color="cyan",
+                                      lw=1.2))
     return draw
 
 
@@ -106,7 +114,17 @@ def _draw_click(point):
 
 
 def run_demo(args) -> int:
-    """Runs the demo (see the module docstring). ``args`` has out, epochs, backbone, checkpoint, device."""
+    """Runs the demo (see the module docstring).
+
+    Args:
+        args: ``out``, ``epochs``, ``backbone``, ``checkpoint`` and ``device`` (``casam demo``'s options).
+
+    Returns:
+        0.
+
+    Raises:
+        CasamError: nilearn (the template's files) is not installed.
+    """
     t0 = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,9 +136,10 @@ def run_demo(args) -> int:
     reg = LayerRegistry(out / "registry")
     for info in reg.list():  # re-running the demo starts from an empty registry
         reg.remove(info.name)
-    cfg = TrainConfig(epochs=args.epochs, lr=3e-4, seed=0)
-    info = train_layer(bb, [images[i] for i in train_idx], [masks[i] for i in train_idx], [blocks[i] for i in train_idx],
-                       reg, "MNI152 template (demo)", "MR T1", cfg, cache_dir=out / "cache",
+    cfg = TrainConfig(epochs=args.epochs, lr=DEMO_LR, seed=0)
+    info = train_layer(bb, [images[i] for i in train_idx], [masks[i] for i in train_idx],
+                       [blocks[i] for i in train_idx], reg, "MNI152 template (demo)", "MR T1", cfg,
+                       cache_dir=out / "cache",
                        extra={"source": "nilearn MNI152 2009 template, white matter > 0.5"})
     print(f"[demo] trained layer {info.name}: tau={info.tau:.4g}, {info.extra['seconds']} s")
     pred = CASAMPredictor(bb, reg)
@@ -132,7 +151,8 @@ def run_demo(args) -> int:
         for prompt, kw in (("box", {"box": box}), ("click", {"points": click, "point_labels": [1]})):
             plain = pred.predict(images[i], layer="none", key=f"z{zs[i]}", **kw)
             auto = pred.predict(images[i], key=f"z{zs[i]}", **kw)
-            row[f"plain_sam_{prompt}_iou"], row[f"casam_{prompt}_iou"] = iou(plain.mask, masks[i]), iou(auto.mask, masks[i])
+            row[f"plain_sam_{prompt}_iou"] = iou(plain.mask, masks[i])
+            row[f"casam_{prompt}_iou"] = iou(auto.mask, masks[i])
             row["routed_to"], row[f"{prompt}_served_by"] = auto.route.layer, auto.route.used
         rows.append(row)
     from matplotlib import cbook
@@ -146,7 +166,7 @@ def run_demo(args) -> int:
         "layer": info.to_dict(),
         "test_slices": len(rows),
         **{f"{w}_{p}_iou": float(np.mean([r[f"{w}_{p}_iou"] for r in rows])) for w in ("plain_sam", "casam")
-           for p in ("box", "click")},
+           for p in PROMPT_TYPES},
         "layer_used_for": {p: info.serves(p) for p in PROMPT_TYPES},
         "routed_to_layer": float(np.mean([r["routed_to"] == info.name for r in rows])),
         "out_of_domain_photo": ood.route.to_dict(("fallback", "score", "tau")),
@@ -168,7 +188,9 @@ def run_demo(args) -> int:
           f"{summary['casam_box_iou']:.3f}; one click: plain SAM {summary['plain_sam_click_iou']:.3f} -> CA-SAM "
           f"{summary['casam_click_iou']:.3f}; router chose the layer for {summary['routed_to_layer']:.0%}; the layer "
           f"serves {', '.join(p for p in PROMPT_TYPES if info.serves(p)) or 'no prompt type'}")
-    print(f"[demo] out-of-domain photo: {'fell back to plain SAM' if ood.route.fallback else 'routed to ' + str(ood.route.layer)} "
+    where = "fell back to plain SAM" if ood.route.fallback else "routed to " + str(ood.route.layer)
+    print(f"[demo] out-of-domain photo: {where} "
           f"(score {ood.route.score:.4g} vs tau {ood.route.tau:.4g})")
-    print(f"[demo] wrote {out / 'summary.json'}, {out / 'demo.png'} and the registry {out / 'registry'} ({summary['seconds']} s)")
+    print(f"[demo] wrote {out / 'summary.json'}, {out / 'demo.png'} and the registry {out / 'registry'} "
+          f"({summary['seconds']} s)")
     return 0

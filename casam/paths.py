@@ -39,8 +39,15 @@ def default_cache(root: Optional[Union[str, Path]] = None) -> Path:
 
 
 def default_data() -> Path:
-    """Returns the folder of datasets (``$CASAM_DATA`` or ``../shared/data`` beside the checkout)."""
+    """Returns the data root: the folder of datasets with a ``MANIFEST.tsv``.
+
+    The default is relative to the working directory, not to where casam is installed: run from a casam
+    checkout, ``../shared/data`` is the data folder beside it.
+
+    Returns:
+        ``$CASAM_DATA``, else ``../shared/data`` from the working directory.
+    """
     env = os.environ.get("CASAM_DATA")
     if env:
         return Path(env).expanduser()
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data"
+    return Path.cwd().parent / "shared" / "data"

@@ -1,15 +1,14 @@
-"""Process settings for fast CPU inference and training: glibc's allocator keeps freed tensor memory for reuse.
+"""Process settings: the one resolution of the ``auto`` device, and glibc's allocator kept for fast CPU work.
 
 PyTorch's CPU allocator has no cache: every tensor is a ``malloc`` and every free a ``free``. glibc serves
 requests above its mmap threshold (at most 32 MiB by default) with fresh ``mmap`` pages and gives them back
-to the kernel on free, so each of LiteMedSAM's 64 MiB activations (its first stage runs at 256×256) and each
-Alignment Layer gradient is page-faulted and zeroed again on every call — on this project's 2-core CPU
-~170,000 page faults and ~0.5 s of kernel time per encoded image (1.15 s → 0.81 s per image without them).
-PyTorch's performance guide cures this by preloading jemalloc or tcmalloc; a MONAI Label server is started by
-``monailabel start_server``, so casam sets glibc itself, the same effect with nothing preloaded:
+to the kernel on free, so each of LiteMedSAM's large activations and each Alignment Layer gradient is
+page-faulted and zeroed again on every call, which costs a large share of an encoded image's time on a small
+CPU. PyTorch's performance guide cures this by preloading jemalloc or tcmalloc; a MONAI Label server is started
+by ``monailabel start_server``, so casam sets glibc itself, the same effect with nothing preloaded:
 
 - ``M_MMAP_THRESHOLD`` and ``M_TRIM_THRESHOLD``: allocations up to, and free memory at the top of the heap up
-  to, ``CASAM_MALLOC_KEEP_MB`` (default 2047 MiB) stay in the process for the next call;
+  to, ``CASAM_MALLOC_KEEP_MB`` (default :data:`MALLOC_KEEP_MB`) stay in the process for the next call;
 - ``M_ARENA_MAX`` = 1: threads created afterwards (MONAI Label's request threads, the prefetcher) share that
   heap; a thread arena would still ``mmap`` every large block.
 
@@ -26,12 +25,11 @@ import os
 import platform
 from typing import Optional
 
-# "auto": CUDA when torch sees a GPU, else the CPU (casam.runtime.resolve_device), for the command line, the
-# MONAI Label app, the bundle and the benchmarks alike. Layers are stored on the CPU, so a layer trained on a GPU
-# serves on a CPU-only box.
+# "auto": CUDA when torch sees a GPU, else the CPU (resolve_device), for the command line, the MONAI Label app,
+# the bundle and the benchmarks alike. Layers are stored on the CPU, so a layer trained on a GPU serves anywhere.
 DEFAULT_DEVICE = "auto"
 
-# glibc keeps this much freed memory for reuse (casam.runtime): no page faults for every large tensor.
+# glibc keeps this much freed memory for reuse (tune_allocator): no page faults for every large tensor.
 MALLOC_KEEP_MB = 2047
 
 

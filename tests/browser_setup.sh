@@ -17,27 +17,23 @@ fail() { printf '[browser-setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 # 1. chromium (Debian). fonts-liberation: metric-compatible Arial/Helvetica, so text in screenshots renders.
 APT_PKGS=(chromium fonts-liberation)
-APT_MISSING=()
-for p in "${APT_PKGS[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || APT_MISSING+=("$p")
-done
-if [[ ${#APT_MISSING[@]} -eq 0 ]]; then
-    say "apt: ${APT_PKGS[*]} already installed"
+if command -v chromium >/dev/null || [[ -n "${CASAM_CHROMIUM:-}" ]]; then
+    say "apt: chromium already installed"
 elif [[ "${CASAM_SKIP_APT:-0}" == "1" ]]; then
-    say "apt: skipped (CASAM_SKIP_APT=1); missing ${APT_MISSING[*]}"
+    say "apt: skipped (CASAM_SKIP_APT=1); chromium is missing"
 elif ! command -v apt-get >/dev/null; then
     say "apt: no apt-get on this system; install chromium yourself"
 else
     SUDO=()
     if [[ "$(id -u)" -ne 0 ]]; then
         if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then SUDO=(sudo -n); else
-            fail "not root and no passwordless sudo: cannot apt-get install ${APT_MISSING[*]}"; fi
+            fail "not root and no passwordless sudo: cannot apt-get install ${APT_PKGS[*]}"; fi
     fi
-    say "apt: installing ${APT_MISSING[*]}"
+    say "apt: installing ${APT_PKGS[*]}"
     export DEBIAN_FRONTEND=noninteractive
     "${SUDO[@]}" apt-get update -qq -o DPkg::Lock::Timeout=300 || fail "apt-get update failed"
-    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "${APT_MISSING[@]}" \
-        || fail "apt-get install ${APT_MISSING[*]} failed"
+    "${SUDO[@]}" apt-get install -y -qq --no-install-recommends -o DPkg::Lock::Timeout=300 "${APT_PKGS[@]}" \
+        || fail "apt-get install ${APT_PKGS[*]} failed"
 fi
 CHROMIUM="${CASAM_CHROMIUM:-$(command -v chromium || true)}"
 [[ -n "$CHROMIUM" && -x "$CHROMIUM" ]] || fail "chromium not found (apt-get install chromium, or set CASAM_CHROMIUM)"

@@ -8,9 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from casam.paths import default_data
-
-DATA = default_data()
+# The data root: $CASAM_DATA, else ../shared/data beside this checkout. It is exported as CASAM_DATA, so the
+# commands the tests start (casam benchmark, casam evaluate, the server) read the same root from any folder.
+DATA = Path(os.environ.get("CASAM_DATA") or Path(__file__).resolve().parents[2] / "shared" / "data").expanduser()
+os.environ["CASAM_DATA"] = str(DATA)
 
 
 def has_data() -> bool:

@@ -1,128 +1,19 @@
-"""A real MONAI Label server running the casam app on loopback, for end-to-end tests.
-
-The app folder is copied to a temporary folder first (``start_server`` creates model/, logs/ and bin/ in the
-app folder), the server runs from a clean working directory (MONAI Label reads a ``.env`` from it) with
-training tracking off (no mlflow) and nothing that could download.
-"""
+"""The MONAI Label server harness (:mod:`casam.evaluation.server`) on this checkout's ``apps/casam``."""
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, Optional, Union
 
-import requests
+from casam.evaluation import server
 
 REPO = Path(__file__).resolve().parents[1]
 APP = REPO / "apps" / "casam"
 
 
-def free_port(ports: Optional[range] = None) -> int:
-    """A free loopback port: any (the system's choice), or the first free one of ``ports``."""
-    for port in ports or [0]:
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return s.getsockname()[1]
-    raise RuntimeError(f"no free port in {ports}")
+class MonaiLabelServer(server.MonaiLabelServer):
+    """:class:`casam.evaluation.server.MonaiLabelServer` serving ``apps/casam`` (see there for the arguments)."""
 
-
-class MonaiLabelServer:
-    """``python -m monailabel.main start_server`` for apps/casam.
-
-    Args:
-        studies: studies folder or DICOMweb URL.
-        workdir: a temporary folder (app copy, logs, caches).
-        conf: ``--conf`` options.
-        env: extra environment variables.
-        ports: the ports it may take (default: any free one).
-    """
-
-    def __init__(self, studies: str, workdir: Path, conf: Optional[Dict[str, str]] = None, env: Optional[Dict[str, str]] = None,
-                 ports: Optional[range] = None):
-        self.studies, self.workdir = str(studies), Path(workdir)
-        # the app trains by itself after 5 labels; a test server trains only when a test asks (by request or conf),
-        # and its layers' refinement heads take 20 steps rather than 400 (tests of the head itself ask for more)
-        self.conf, self.extra_env = {"train_after_labels": "0", "head_steps": "20", **(conf or {})}, dict(env or {})
-        self.port = free_port(ports)
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.app_dir = self.workdir / "app"
-        self.log_path = self.workdir / "server.log"
-        self.proc: Optional[subprocess.Popen] = None
-
-    def start(self, timeout: float = 180) -> "MonaiLabelServer":
-        shutil.copytree(APP, self.app_dir, ignore=shutil.ignore_patterns("model", "logs", "bin", "__pycache__"))
-        cmd = [sys.executable, "-m", "monailabel.main", "start_server", "--app", str(self.app_dir), "--studies",
-               self.studies, "--host", "127.0.0.1", "--port", str(self.port)]
-        for k, v in self.conf.items():
-            cmd += ["--conf", k, str(v)]
-        env = dict(os.environ)
-        env.update({
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
-            "MONAI_LABEL_TRACKING_ENABLED": "false",
-            "MONAI_LABEL_AUTO_UPDATE_SCORING": "false",
-            "MONAI_LABEL_SESSION_PATH": str(self.workdir / "sessions"),
-            "MONAI_LABEL_DICOMWEB_CACHE_PATH": str(self.workdir / "dicom-cache"),
-            "PYTHONUNBUFFERED": "1",
-        })
-        env.update(self.extra_env)
-        run_dir = self.workdir / "cwd"
-        run_dir.mkdir(parents=True, exist_ok=True)
-        self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, cwd=run_dir, env=env, stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        t0 = time.time()
-        while time.time() - t0 < timeout:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"MONAI Label server exited ({self.proc.returncode}):\n{self.log_tail()}")
-            try:
-                if requests.get(self.url + "/info/", timeout=5).status_code == 200:
-                    return self
-            except requests.RequestException:
-                pass
-            time.sleep(1)
-        self.stop()
-        raise RuntimeError(f"MONAI Label server did not answer in {timeout:.0f}s:\n{self.log_tail()}")
-
-    def log_tail(self, n: int = 6000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n:]
-        except OSError:
-            return ""
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(10)
-        if getattr(self, "log", None):
-            self.log.close()
-
-    def __enter__(self):
-        return self.start()
-
-    def __exit__(self, *exc):
-        self.stop()
-
-    # --- helpers on the REST API --------------------------------------------------------------------
-    def info(self) -> dict:
-        r = requests.get(self.url + "/info/", timeout=30)
-        r.raise_for_status()
-        return r.json()
-
-    def train_sync(self, params: Optional[dict] = None, timeout: float = 1500) -> dict:
-        """Runs ``POST /train/casam?run_sync=true`` and returns the trainer's report."""
-        r = requests.post(self.url + "/train/casam", params={"run_sync": "true"}, json=params or {}, timeout=timeout)
-        assert r.status_code == 200, r.text
-        return r.json()
+    def __init__(self, studies: str, workdir: Union[str, Path], conf: Optional[Dict[str, str]] = None,
+                 env: Optional[Dict[str, str]] = None, ports: Optional[range] = None):
+        super().__init__(studies, workdir, APP, conf=conf, env=env, ports=ports)

@@ -818,7 +818,7 @@ def nifti_to_dicom_series(
     import nibabel as nib
     import pydicom
     from pydicom.dataset import Dataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID, generate_uid
+    from pydicom.uid import PYDICOM_IMPLEMENTATION_UID, ExplicitVRLittleEndian, generate_uid
 
     nifti_path = Path(nifti_path)
     img = nib.load(str(nifti_path))

@@ -1,4 +1,5 @@
 import numpy as np
+import pytest
 import torch
 
 from casam.model.alignment import AlignmentLayer, CAResBlock, alignment_macs, count_parameters, describe
@@ -45,7 +46,7 @@ def test_fresh_layer_starts_from_the_backbone_neck(tiny):
     z = tiny.encode(tiny.prepare(np.full((40, 40), 120, np.uint8))[0])
     with torch.no_grad():
         assert torch.equal(layer(z), z)
-        # ... and opened fully it is METHOD's layer (blocks start as the identity: the neck's norm re-applied)
+        # ... and opened fully it is the paper's layer (blocks start as the identity: the neck's norm re-applied)
         layer.gate.fill_(1.0)
         assert torch.allclose(layer(z), layer.norm(layer.norm(layer.norm(z))), atol=1e-5)
 
@@ -63,9 +64,8 @@ def test_fresh_layer_gives_the_same_masks_as_plain_sam(tiny):
     assert torch.equal(plain, aligned) and torch.equal(plain_iou, aligned_iou)
 
 
-def test_a_layer_saved_without_a_gate_loads_as_method_layer():
+def test_a_layer_state_without_a_gate_is_refused():
     layer = AlignmentLayer(16, 3)
     state = {k: v for k, v in layer.state_dict().items() if k != "gate"}
-    again = AlignmentLayer(16, 3)
-    again.load_state_dict(state)
-    assert float(again.gate.detach()) == 1.0
+    with pytest.raises(RuntimeError, match="gate"):
+        AlignmentLayer(16, 3).load_state_dict(state)

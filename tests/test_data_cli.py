@@ -4,14 +4,13 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from casam.cli import main
 from casam.data.datasets import discover_tasks, read_image, read_mask, spread, stream_order
 from casam.errors import ImageError
-import pytest
-
-from conftest import needs_data, DATA
+from conftest import DATA, needs_data
 
 
 def _write_folder(root: Path, data, institution="Site A"):
@@ -53,7 +52,9 @@ def test_read_errors(tmp_path):
         read_image(bad)
     with pytest.raises(ImageError):
         read_image(tmp_path / "missing.png")
-    Image.fromarray(np.dstack([np.zeros((4, 4)), np.ones((4, 4)), np.zeros((4, 4))]).astype(np.uint8)).save(tmp_path / "rgb.png")
+    Image.fromarray(np.dstack([np.zeros((4, 4)), np.ones((4, 4)), np.zeros((4, 4))]).astype(np.uint8)).save(
+        tmp_path / "rgb.png"
+    )
     with pytest.raises(ImageError, match="colour"):
         read_mask(tmp_path / "rgb.png")
 
@@ -69,8 +70,9 @@ def test_cli_add_list_predict_rollback(tmp_path, disks, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows[0]["name"] == "site-a-v1" and rows[0]["active"]
     out = tmp_path / "m.png"
-    assert main(["predict", str(tmp_path / "site" / "images" / "c0.png"), "--box", "5", "5", "40", "30", "--layer", "site-a-v1",
-                 "--out", str(out), *common]) == 0
+    image = str(tmp_path / "site" / "images" / "c0.png")
+    box = ["--box", "5", "5", "40", "30"]
+    assert main(["predict", image, *box, "--layer", "site-a-v1", "--out", str(out), *common]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["route"]["layer"] == "site-a-v1" and Image.open(out).size == (64, 48)
     assert main(["predict", str(tmp_path / "site" / "images" / "c0.png"), "--point", "500", "5", *common]) == 2

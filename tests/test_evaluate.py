@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
-
 from casam.cli import main
 from conftest import DATA, needs_data
 

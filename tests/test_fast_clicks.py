@@ -1,4 +1,4 @@
-"""Fast clicks (issue 12 item 7), as behaviour: byte-bounded caches, cached layer outputs and decodes that give
+"""Fast clicks, as behaviour: byte-bounded caches, cached layer outputs and decodes that give
 the same masks as an uncached predictor, background encoding that fills the cache and is used, and reads only
 what the app's ``locate`` serves. (Latency itself is measured by ``benchmarks/latency.py``, not asserted.)
 """
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from casam.inference.cache import ByteCache, nbytes
-from casam.inference.prefetch import Prefetcher, image_key, middle_out
 from casam.inference.predictor import CASAMPredictor
+from casam.inference.prefetch import Prefetcher, image_key, middle_out
 from casam.inference.routing import Routing
 from casam.inference.volume import segment_volume
 from conftest import disk_image

@@ -13,14 +13,14 @@ import torch
 
 from casam.model.alignment import AlignmentLayer
 from casam.model.head import RefineHead
-from casam.registry.store import LAYER_FILE, ROUTER_FILE, LayerInfo, LayerRegistry
 from casam.model.router import FeatureVAE
+from casam.registry.store import LAYER_FILE, ROUTER_FILE, LayerInfo, LayerRegistry
 from conftest import DATA, needs_data
 
 pytest.importorskip("nvflare")
 
 from casam.federated import coordinator as coord  # noqa: E402
-from casam.federated.payload import META_KEYS, PAYLOAD_KEYS, PayloadError, check_outgoing, describe, sanitize_meta  # noqa: E402
+from casam.federated.payload import META_KEYS, PAYLOAD_KEYS, PayloadError, check_outgoing, sanitize_meta  # noqa: E402
 from casam.federated.site import fingerprint, sync, train_round  # noqa: E402
 
 DATASET = "brain_mri_lgg"
@@ -40,7 +40,8 @@ def _layer_payload(tmp_path, backbone, institution="Hospital A", val=(0.8, 0.7),
 
 def test_sanitize_keeps_numbers_only_and_check_outgoing_refuses_the_rest(tmp_path, tiny):
     p = _layer_payload(tmp_path, tiny, extra={"image_ids": ["TCGA_CS_4941_19960909_11"], "source": "/data/hospital",
-                                              "loss_history": [0.9, 0.5], "val": {"box": {"layer": 0.8, "zero_shot": 0.7}}})
+                                              "loss_history": [0.9, 0.5],
+                                              "val": {"box": {"layer": 0.8, "zero_shot": 0.7}}})
     extra = p["meta"]["extra"]
     assert "image_ids" not in extra and "source" not in extra
     assert extra["loss_history"] == [0.9, 0.5] and extra["val"]["box"]["layer"] == 0.8
@@ -50,7 +51,8 @@ def test_sanitize_keeps_numbers_only_and_check_outgoing_refuses_the_rest(tmp_pat
     for bad in ({**p, "images": b"x"}, {**p, "meta": {**p["meta"], "patients": ["P1"]}},
                 {**p, "meta": {**p["meta"], "extra": {**extra, "case": "TCGA_CS_1"}}},
                 {**p, "files": {**p["files"], "embedding.npy": b"\0"}},
-                {"status": "skipped", "reason": "few labels", "institution": "A", "meta": {}, "files": {LAYER_FILE: b""}}):
+                {"status": "skipped", "reason": "few labels", "institution": "A", "meta": {},
+                 "files": {LAYER_FILE: b""}}):
         with pytest.raises(PayloadError):
             check_outgoing(bad)
 
@@ -58,7 +60,8 @@ def test_sanitize_keeps_numbers_only_and_check_outgoing_refuses_the_rest(tmp_pat
 def test_registry_export_put_roundtrip(tmp_path, tiny):
     p = _layer_payload(tmp_path, tiny)
     src = LayerRegistry(tmp_path / "src")
-    meta = {**p["meta"], "name": "hospital-a-v1", "sha256": {f: hashlib.sha256(b).hexdigest() for f, b in p["files"].items()}}
+    meta = {**p["meta"], "name": "hospital-a-v1",
+            "sha256": {f: hashlib.sha256(b).hexdigest() for f, b in p["files"].items()}}
     dst = LayerRegistry(tmp_path / "dst")
     assert dst.put(meta, p["files"]) is True and dst.put(meta, p["files"]) is False  # second time: already there
     assert src.put(meta, p["files"]) and src.export("hospital-a-v1")[1] == p["files"]
@@ -86,7 +89,8 @@ def test_coordinator_checks_merge_and_reject(tmp_path, tiny):
                                                                        "click": {"layer": 0.4, "plain": 0.6}},
                                                                "use": {"box": True, "click": False}})
     answers = {"a": good, "b": tampered, "c": worse, "d": other_bb, "e": per_prompt, "g": gated,
-               "f": {"status": "skipped", "reason": "3 labelled images, 5 needed", "institution": "F", "meta": {}, "files": {}}}
+               "f": {"status": "skipped", "reason": "3 labelled images, 5 needed", "institution": "F", "meta": {},
+                     "files": {}}}
     verdicts = {v.site: v for v in coord.merge(reg, answers, tiny.hash, max_val_drop=0.02, round_index=0)}
     assert verdicts["a"].status == "merged" and verdicts["a"].layer == "a-v1"
     assert verdicts["b"].status == "rejected" and "checksum" in verdicts["b"].reason
@@ -165,14 +169,16 @@ def test_fingerprint_changes_with_labels_only(disks):
 def test_export_job_and_allow(tmp_path, capsys):
     from casam.cli import main
 
-    assert main(["federated", "export-job", "--out", str(tmp_path / "jobs"), "--backbone", "tiny", "--epochs", "3"]) == 0
+    argv = ["federated", "export-job", "--out", str(tmp_path / "jobs"), "--backbone", "tiny", "--epochs", "3"]
+    assert main(argv) == 0
     job = tmp_path / "jobs" / "casam_federated"
     server = json.loads(next(job.rglob("config_fed_server.json")).read_text())
     client = json.loads(next(job.rglob("config_fed_client.json")).read_text())
     ctl = server["workflows"][0]
     assert ctl["path"] == "casam.federated.flare.CasamCoordinator" and ctl["args"]["recipe"]["epochs"] == 3
     ex = client["executors"][0]
-    assert ex["executor"]["path"] == "casam.federated.flare.CasamSiteExecutor" and set(ex["tasks"]) == {"casam_train", "casam_sync"}
+    assert ex["executor"]["path"] == "casam.federated.flare.CasamSiteExecutor"
+    assert set(ex["tasks"]) == {"casam_train", "casam_sync"}
     assert "data" not in ex["executor"]["args"]  # each site reads its own data folder from its environment
     assert not list(job.rglob("*.py"))  # casam is installed at every site, not shipped in the job
     local = tmp_path / "site" / "local"
@@ -211,10 +217,10 @@ def small_root(tmp_path: Path, train_patients: int, slices: int, test_images: in
 
 
 def run_three_hospitals(tmp_path, backbone_name, recipe, min_labels, train_patients, slices, test_images):
-    from casam.model.backbone import load_backbone
     from casam.federated.job import compare, dataset_sites, simulate, train_central
     from casam.inference.predictor import CASAMPredictor
-    from casam.training.layer import TrainConfig
+    from casam.model.backbone import load_backbone
+    from casam.training.config import TrainConfig
 
     sites = dataset_sites(small_root(tmp_path, train_patients, slices, test_images), DATASET)
     assert sorted(sites) == ["tcga-cs", "tcga-du", "tcga-ht"]
@@ -239,7 +245,8 @@ def run_three_hospitals(tmp_path, backbone_name, recipe, min_labels, train_patie
     assert served.refresh() is True and len(served.layers) == 3
 
     # what left each site: the site's own outbox log and what the coordinator received agree, and hold the layer only
-    layer_keys = set(AlignmentLayer(256).attach_head(RefineHead()).state_dict())  # the layer, with its head if it has one
+    # the layer, with its head if it has one
+    layer_keys = set(AlignmentLayer(256).attach_head(RefineHead()).state_dict())
     vae_keys = set(FeatureVAE().state_dict())
     for v in r0["verdicts"]:
         rec = v["received"]
@@ -247,11 +254,13 @@ def run_three_hospitals(tmp_path, backbone_name, recipe, min_labels, train_patie
         assert set(rec["files"]) == {LAYER_FILE, ROUTER_FILE}
         assert set(rec["files"][LAYER_FILE]["tensors"]) <= layer_keys
         assert set(rec["files"][ROUTER_FILE]["tensors"]) == vae_keys
-        outbox = [json.loads(ln) for ln in (work / "sites" / v["site"] / "federated" / "outbox.jsonl").read_text().splitlines()]
+        outbox_file = work / "sites" / v["site"] / "federated" / "outbox.jsonl"
+        outbox = [json.loads(ln) for ln in outbox_file.read_text().splitlines()]
         sent = [o for o in outbox if o["task"] == "casam_train"]
         assert sent[0]["files"][LAYER_FILE]["sha256"] == rec["files"][LAYER_FILE]["sha256"]
         assert 0 <= rec["wire_bytes"] - sent[0]["wire_bytes"] < 4096  # + NVFlare's envelope headers on the way
-        assert all(set(o["keys"]) <= {"added", "present", "conflicts", "signature"} for o in outbox if o["task"] == "casam_sync")
+        assert all(set(o["keys"]) <= {"added", "present", "conflicts", "signature"}
+                   for o in outbox if o["task"] == "casam_sync")
         info = merged.get(v["layer"]).to_dict()
         assert all(not isinstance(x, str) for k, x in info["extra"].items() if k != "federated")
 
@@ -267,8 +276,8 @@ def run_three_hospitals(tmp_path, backbone_name, recipe, min_labels, train_patie
 
 @needs_data
 def test_three_hospitals_in_the_nvflare_simulator_tiny(tmp_path):
-    run_three_hospitals(tmp_path, "tiny", {"epochs": 1, "max_images": 4, "seed": 0, "head_steps": 20}, min_labels=4, train_patients=4,
-                        slices=2, test_images=2)
+    run_three_hospitals(tmp_path, "tiny", {"epochs": 1, "max_images": 4, "seed": 0, "head_steps": 20}, min_labels=4,
+                        train_patients=4, slices=2, test_images=2)
 
 
 @pytest.mark.slow
@@ -277,6 +286,6 @@ def test_three_hospitals_in_the_nvflare_simulator_tiny(tmp_path):
                     reason="the NVFlare simulator with LiteMedSAM takes 5-15 min on 2 cores: set CASAM_FULL_TESTS=1 "
                            "(the tiny-backbone simulator test above runs the same federation in every run)")
 def test_three_hospitals_in_the_nvflare_simulator_litemedsam(tmp_path):
-    res = run_three_hospitals(tmp_path, "litemedsam", {"epochs": 2, "max_images": 8, "seed": 0, "head_steps": 0}, min_labels=5,
-                              train_patients=5, slices=3, test_images=4)
+    res = run_three_hospitals(tmp_path, "litemedsam", {"epochs": 2, "max_images": 8, "seed": 0, "head_steps": 0},
+                              min_labels=5, train_patients=5, slices=3, test_images=4)
     assert all(r["federated"]["box"] > 0.3 for r in res.values())

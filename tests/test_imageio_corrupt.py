@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from casam.errors import ImageError, LimitError
 from casam.data.clinical import check_label, read_clinical, read_label
 from casam.data.safety import ImageLimits
+from casam.errors import ImageError, LimitError
 
 
 def _volume(path, arr=None, spacing=(1.0, 1.0, 2.0), origin=(0.0, 0.0, 0.0), compress=True):
@@ -96,7 +96,9 @@ def test_detached_header_may_not_name_other_files(tmp_path):
 
 def test_limits_are_checked_from_the_header(tmp_path):
     src = _volume(tmp_path / "v.nii.gz")
-    with pytest.raises(LimitError, match=r"image scan has 12288 voxels: 12288 is over the limit max_image_voxels = 1000"):
+    with pytest.raises(
+        LimitError, match=r"image scan has 12288 voxels: 12288 is over the limit max_image_voxels = 1000"
+    ):
         read_clinical(src, name="scan", limits=ImageLimits(max_voxels=1000))
     with pytest.raises(LimitError, match="max_upload_mb"):
         read_clinical(src, limits=ImageLimits(max_bytes=1000))
@@ -163,8 +165,11 @@ def test_training_skips_labels_that_do_not_fit(tmp_path):
     from casam.training.online import LabelledItem, load_items
 
     items = []
-    for name, label in [("good", np.pad(np.ones((8, 8), np.uint8), 12)), ("shape", np.ones((16, 16), np.uint8)),
-                        ("empty", np.zeros((32, 32), np.uint8))]:
+    for name, label in [
+        ("good", np.pad(np.ones((8, 8), np.uint8), 12)),
+        ("shape", np.ones((16, 16), np.uint8)),
+        ("empty", np.zeros((32, 32), np.uint8)),
+    ]:
         Image.fromarray(np.full((32, 32), 90, np.uint8)).save(tmp_path / f"{name}.png")
         Image.fromarray(label).save(tmp_path / f"{name}_l.png")
         items.append(LabelledItem(name, str(tmp_path / f"{name}.png"), str(tmp_path / f"{name}_l.png"), "A", name))

@@ -8,16 +8,15 @@ it, and an image of another modality is not sent to it.
 import numpy as np
 import pytest
 
-from casam.model.backbone import load_backbone
 from casam.data.datasets import discover_tasks, load_cases
-from casam.scoring.metrics import iou
 from casam.inference.predictor import CASAMPredictor
+from casam.model.backbone import load_backbone
 from casam.prompts.masks import centroid_point, tight_box
 from casam.registry.store import LayerRegistry
-from casam.training.layer import train_layer
-from casam.training.embeddings import EmbeddingCache
+from casam.scoring.metrics import iou
+from casam.scoring.samples import EmbeddingCache, make_samples
 from casam.training.config import TrainConfig
-from casam.scoring.samples import make_samples
+from casam.training.layer import train_layer
 from conftest import DATA, needs_data
 
 pytestmark = [pytest.mark.slow, needs_data]
@@ -116,12 +115,15 @@ def test_layer_gate_and_router_separate_tasks(tmp_path, litemedsam):
     routed = [pred.route(pred.embed(img)).layer == info.name for img in test_imgs]
     for img, mask in zip(test_imgs[:3], test_masks[:3]):
         truth = mask > 0
-        for p, prompt in (("box", {"box": tight_box(truth)}), ("click", {"points": centroid_point(truth), "point_labels": [1]})):
+        prompts = (("box", {"box": tight_box(truth)}),
+                   ("click", {"points": centroid_point(truth), "point_labels": [1]}))
+        for p, prompt in prompts:
             out = pred.predict(img, **prompt)
             if out.route.layer == info.name:  # routed to the layer: served only for the prompt types it may serve
                 assert (out.route.used == info.name) == use[p], out.route
                 assert out.route.prompt == p and out.route.reason
     foreign = [pred.route(pred.embed(img)) for img in load_cases(other.split("test")[:5])[0]]
-    print(f"in-task routed to the layer: {np.mean(routed):.0%}; {other.name} fell back: {[r.fallback for r in foreign]}")
+    print(f"in-task routed to the layer: {np.mean(routed):.0%}; "
+          f"{other.name} fell back: {[r.fallback for r in foreign]}")
     assert np.mean(routed) >= 0.7
     assert all(r.layer != info.name for r in foreign)

@@ -7,14 +7,21 @@ import time
 import numpy as np
 import pytest
 
-from casam.errors import ImageError, PromptError
 from casam.data.clinical import read_clinical, read_label, write_label
-from casam.training.online import LabelledItem, TrainingMonitor, TrainingStopped, label_slices, load_items, plan, train_institution
 from casam.data.dicom import institution_of, patient_of
+from casam.errors import ImageError, PromptError
 from casam.prompts.masks import voxel_prompts
 from casam.registry.store import LayerRegistry
 from casam.training.config import TrainConfig
-
+from casam.training.online import (
+    LabelledItem,
+    TrainingMonitor,
+    TrainingStopped,
+    label_slices,
+    load_items,
+    plan,
+    train_institution,
+)
 
 SHORT = {k: v for k, v in (("vae_epochs", 2), ("head_steps", 0)) if hasattr(TrainConfig(), k)}  # a short recipe
 
@@ -94,8 +101,9 @@ def test_institution_and_patient_resolution(tmp_path):
 def _labelled(tmp_path, pairs, institution="A", n=6):
     """Saved labels of ``n`` (image, mask) pairs, two images per patient."""
     p = institution.lower()
-    return [LabelledItem(f"{p}{i}", _save_png(tmp_path / f"{p}{i}.png", img), _save_png(tmp_path / f"{p}{i}_l.png", mask),
-                         institution, f"p{p}{i // 2}") for i, (img, mask) in enumerate(pairs[:n])]
+    return [LabelledItem(f"{p}{i}", _save_png(tmp_path / f"{p}{i}.png", img),
+                         _save_png(tmp_path / f"{p}{i}_l.png", mask), institution, f"p{p}{i // 2}")
+            for i, (img, mask) in enumerate(pairs[:n])]
 
 
 def test_plan_first_layer_and_retraining(tmp_path, tiny, disks):
@@ -103,11 +111,13 @@ def test_plan_first_layer_and_retraining(tmp_path, tiny, disks):
     items = _labelled(tmp_path, disks["A"])
     items.append(LabelledItem("b0", _save_png(tmp_path / "b0.png", disks["B"][0][0]),
                               _save_png(tmp_path / "b0_l.png", disks["B"][0][1]), "B", "pb"))
-    items.append(LabelledItem("e0", items[0].image_path, _save_png(tmp_path / "e0_l.png", np.zeros((48, 64), np.uint8)), "A", "pe"))
+    empty = _save_png(tmp_path / "e0_l.png", np.zeros((48, 64), np.uint8))
+    items.append(LabelledItem("e0", items[0].image_path, empty, "A", "pe"))
     ps = {p.institution: p for p in plan(items, reg, min_images=4, retrain_after=3)}
     assert ps["A"].train and not ps["B"].train and "4 needed" in ps["B"].reason
     rep = train_institution(tiny, reg, ps["A"], TrainConfig(epochs=1, **SHORT))
-    assert rep["layer"] == "a-v1" and rep["images"] == 6 and rep["skipped"] == [{"image": "e0", "reason": "empty label"}]
+    assert rep["layer"] == "a-v1" and rep["images"] == 6
+    assert rep["skipped"] == [{"image": "e0", "reason": "empty label"}]
     assert reg.get("a-v1").extra["image_ids"] == [f"a{i}" for i in range(6)]
     # nothing new: no retraining; three new labels: a new version, the old one kept
     assert not {p.institution: p for p in plan(items, reg, 4, 3)}["A"].train

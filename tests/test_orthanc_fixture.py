@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from casam.paths import default_data
+from conftest import DATA
 from orthanc_fixture import (
     MR_IMAGE_STORAGE,
     OrthancServer,
@@ -30,7 +30,7 @@ from orthanc_fixture import (
 pydicom = pytest.importorskip("pydicom")
 nib = pytest.importorskip("nibabel")
 
-VOLUMES = default_data() / "brain_mri_lgg" / "volumes"
+VOLUMES = DATA / "brain_mri_lgg" / "volumes"
 CASE = "TCGA_DU_5849_19950405"
 IMAGE = VOLUMES / f"{CASE}_image.nii.gz"
 needs_volume = pytest.mark.skipif(not IMAGE.exists(), reason=f"{IMAGE} not found")

@@ -1,10 +1,17 @@
 import numpy as np
 import pytest
-import torch
 
 from casam.errors import ImageError
-from casam.model.preprocess import (apply_window, as_rgb, box_to_model, geometry_for, logits_to_image, mask_to_model,
-                              points_to_model, to_model_input)
+from casam.model.preprocess import (
+    apply_window,
+    as_rgb,
+    box_to_model,
+    geometry_for,
+    logits_to_image,
+    mask_to_model,
+    points_to_model,
+    to_model_input,
+)
 
 
 def test_geometry_keeps_aspect():

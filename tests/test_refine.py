@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from casam.model.alignment import AlignmentLayer
-from casam.registry.evidence import decide
 from casam.inference.predictor import CASAMPredictor
+from casam.model.alignment import AlignmentLayer
 from casam.model.head import HEAD_PREFIX, RefineHead, corrective_clicks, image_tensor, refine, split_head_state
-from casam.training.head import HeadConfig, HeadExample, to_head_resolution, train_head
-from casam.registry.store import LayerInfo, LayerRegistry
 from casam.model.router import FeatureVAE
+from casam.registry.evidence import decide
+from casam.registry.store import LayerInfo, LayerRegistry
+from casam.training.head import HeadConfig, HeadExample, to_head_resolution, train_head
 
 
 def _lines(rng, size=64):
@@ -65,7 +65,8 @@ def test_head_learns_thin_lines_that_the_prompt_answer_lacks():
 
 
 def test_a_head_that_never_beats_its_layer_stays_closed():
-    exs = [HeadExample(torch.zeros(1, 3, 16, 16), torch.zeros(1, 1, 16, 16).half(), torch.zeros(1, 1, 16, 16), (0, 0, 15, 15))]
+    exs = [HeadExample(torch.zeros(1, 3, 16, 16), torch.zeros(1, 1, 16, 16).half(), torch.zeros(1, 1, 16, 16),
+                       (0, 0, 15, 15))]
     report = {}
     head = train_head(exs, HeadConfig(width=2, steps=4, batch_size=1, crop=16, val_every=2),
                       validate=lambda h: 1.0 if float(h.gate) == 0.0 else 0.5, report=report)
@@ -78,7 +79,8 @@ def test_a_layer_with_a_head_round_trips_through_the_registry(tmp_path, tiny):
     head = RefineHead(4)
     head.gate.fill_(1.0)
     layer.attach_head(head)
-    assert any(k.startswith("head.") for k in layer.state_dict()) and not any(k.startswith("refine.") for k in layer.state_dict())
+    keys = list(layer.state_dict())
+    assert any(k.startswith("head.") for k in keys) and not any(k.startswith("refine.") for k in keys)
     reg = LayerRegistry(tmp_path)
     info = reg.add(layer, FeatureVAE(), LayerInfo("", "A", 0, backbone_id=tiny.id, backbone_hash=tiny.hash, tau=1e9,
                                                   extra={"use": {"box": True, "click": True}, "val": {}}))
@@ -86,8 +88,9 @@ def test_a_layer_with_a_head_round_trips_through_the_registry(tmp_path, tiny):
     assert loaded.head is not None and float(loaded.head.gate) == 1.0
     for k, v in head.state_dict().items():
         assert torch.equal(loaded.head.state_dict()[k], v)
-    # a layer without a head stores no head weights and loads without one (files of older versions too)
-    plain = reg.add(AlignmentLayer(256), FeatureVAE(), LayerInfo("", "B", 0, backbone_id=tiny.id, backbone_hash=tiny.hash))
+    # a layer without a head stores no head weights and loads without one
+    plain = reg.add(AlignmentLayer(256), FeatureVAE(),
+                    LayerInfo("", "B", 0, backbone_id=tiny.id, backbone_hash=tiny.hash))
     assert reg.load(plain.name, tiny)[0].head is None
 
 
@@ -150,11 +153,11 @@ def test_the_first_click_chooses_the_answer_and_every_later_one_edits_it():
     assert corrective_clicks(None, None, box=True) == (None, None)
 
 
-def test_heads_stored_before_click_edits_load_without_them():
+def test_a_layer_file_splits_into_layer_and_head():
     head = _fixed_head(1.0)
-    state = {HEAD_PREFIX + k: v for k, v in head.state_dict().items() if k != "click_edits"}
-    _, loaded = split_head_state(state)
-    assert float(loaded.click_edits) == 0.0 and float(loaded.gate) == 1.0
+    state = {"gate": torch.zeros(1), **{HEAD_PREFIX + k: v for k, v in head.state_dict().items()}}
+    rest, loaded = split_head_state(state)
+    assert set(rest) == {"gate"} and float(loaded.gate) == 1.0 and float(loaded.click_edits) == 0.0
 
 
 @pytest.mark.parametrize("layer, plain, use", [

@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import casam.registry.store as regmod
-from casam.model.alignment import AlignmentLayer
 from casam.errors import RegistryError, UnknownLayerError
-from casam.registry.store import LayerInfo, LayerRegistry, slug
+from casam.model.alignment import AlignmentLayer
 from casam.model.router import FeatureVAE
+from casam.registry.store import LayerInfo, LayerRegistry, slug
 
 
 def _add(reg, inst, backbone, seed=0):
@@ -84,7 +84,8 @@ def test_interrupted_write_leaves_nothing(tmp_path, tiny, monkeypatch):
 
 def test_layer_info_serves_by_its_validation_record():
     val = {"box": {"layer": 0.70, "plain": 0.72}, "click": {"layer": 0.61, "plain": 0.55}}
-    new = LayerInfo("a-v1", "a", 1, val_iou=0.9, zero_shot_val_iou=0.1, extra={"use": {"box": False, "click": True}, "val": val})
+    new = LayerInfo("a-v1", "a", 1, val_iou=0.9, zero_shot_val_iou=0.1,
+                    extra={"use": {"box": False, "click": True}, "val": val})
     assert not new.serves("box") and new.serves("click")  # the stored decision, not the box figures
     assert new.validation("click") == {"layer": 0.61, "plain": 0.55}
     # a prompt type with a validation record but missing from "use" is not served
@@ -97,15 +98,34 @@ def test_layer_info_serves_by_its_validation_record():
     assert LayerInfo("d-v1", "d", 1).serves("click") and LayerInfo("e-v1", "e", 1, val_iou=0.5).serves("box")
 
 
-def test_old_meta_json_without_use_or_val_is_judged_by_the_box_rule(tmp_path):
+def test_meta_json_without_use_or_val_is_judged_by_the_box_rule(tmp_path):
     reg = LayerRegistry(tmp_path)
     for name, lay, plain in (("better-v1", 0.8, 0.7), ("worse-v1", 0.6, 0.7)):
         folder = tmp_path / "layers" / name
         folder.mkdir(parents=True)
-        (folder / "meta.json").write_text(json.dumps({  # as casam wrote it before the gate: no extra["use"]/["val"]
+        (folder / "meta.json").write_text(json.dumps({  # a layer added without a gate decision: no extra["use"]/["val"]
             "name": name, "institution": name[:-3], "version": 1, "tau": 2.0, "val_iou": lay,
             "zero_shot_val_iou": plain, "extra": {"seconds": 12.0}}))
     better, worse = reg.get("better-v1"), reg.get("worse-v1")
     assert better.serves("box") and better.serves("click")  # every prompt type by the box figures
     assert not worse.serves("box") and not worse.serves("click")
     assert worse.validation("click") == {"layer": 0.6, "plain": 0.7}
+
+
+def test_meta_json_carries_the_format_tag_and_unknown_formats_are_refused(tmp_path, tiny):
+    reg = LayerRegistry(tmp_path)
+    info = _add(reg, "A", tiny)
+    meta_path = tmp_path / "layers" / info.name / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format"] == regmod.LAYER_FORMAT == "casam-layer/1"
+    assert reg.export(info.name)[0]["format"] == regmod.LAYER_FORMAT
+    del meta["format"]  # a meta.json without a tag is format 1
+    meta_path.write_text(json.dumps(meta))
+    assert reg.load(info.name, tiny)[2].name == info.name
+    meta["format"] = "casam-layer/99"
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(RegistryError, match="casam-layer/99"):
+        reg.list()
+    meta2, files = LayerRegistry(tmp_path / "other").export(_add(LayerRegistry(tmp_path / "other"), "B", tiny).name)
+    with pytest.raises(RegistryError, match="upgrade casam"):
+        LayerRegistry(tmp_path / "third").put({**meta2, "format": "casam-layer/2"}, files)

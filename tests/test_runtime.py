@@ -8,8 +8,7 @@ import sys
 
 import pytest
 
-from casam.runtime import glibc
-from casam.runtime import MALLOC_KEEP_MB, malloc_keep_mb
+from casam.runtime import MALLOC_KEEP_MB, glibc, malloc_keep_mb
 
 pytestmark = pytest.mark.skipif(not glibc(), reason="glibc's allocator only")
 
@@ -45,7 +44,8 @@ print(json.dumps({"tuned": allocator_tuned(), "faults": faults_in_new_thread(4)}
 
 def _probe(keep_mb: str) -> dict:
     env = {**os.environ, "CASAM_MALLOC_KEEP_MB": keep_mb}
-    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True, timeout=300,
+                         check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

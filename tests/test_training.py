@@ -3,22 +3,22 @@ import pytest
 import torch
 
 from casam.inference.predictor import CASAMPredictor
-from casam.registry.store import LayerRegistry
-from casam.training.layer import split_by_patient, train_layer
-from casam.training.embeddings import EmbeddingCache
-from casam.training.config import TrainConfig
-from casam.training.losses import casam_loss
-from casam.training.fit import evaluate, fit
-from casam.scoring.samples import make_samples
 from casam.model.alignment import AlignmentLayer, fresh_layer
+from casam.registry.store import LayerRegistry
+from casam.scoring.samples import make_samples
+from casam.scoring.score import mean_iou
+from casam.training.config import TrainConfig
+from casam.training.fit import fit
+from casam.training.layer import split_by_patient, train_layer
+from casam.training.losses import casam_loss
 
 CFG = TrainConfig(epochs=2, batch_size=4, vae_epochs=3, tau_folds=3)
 
 
 def _train(reg, tiny, data, inst, cfg=CFG, cache=None):
     imgs, masks = zip(*data)
-    return train_layer(tiny, list(imgs), list(masks), [f"p{i // 2}" for i in range(len(imgs))], reg, inst, "synthetic", cfg,
-                       cache_dir=cache, progress=False)
+    return train_layer(tiny, list(imgs), list(masks), [f"p{i // 2}" for i in range(len(imgs))], reg, inst,
+                       "synthetic", cfg, cache_dir=cache, progress=False)
 
 
 def test_split_by_patient_never_mixes():
@@ -81,9 +81,9 @@ def test_a_layer_that_never_beats_plain_sam_is_plain_sam(tmp_path, tiny, disks):
     for b in fresh.blocks:  # blocks that would change the embedding, were the gate open
         torch.nn.init.normal_(b.conv2.weight, std=0.1)
     for prompt in ("box", "click"):
-        assert evaluate(tiny, fresh, samples, prompt) == evaluate(tiny, None, samples, prompt)
-    info = _train(LayerRegistry(tmp_path), tiny, disks["A"], "A", TrainConfig(epochs=1, batch_size=4, lr=0.0, gate_lr=0.0,
-                                                                              vae_epochs=3, tau_folds=3, head_lr=0.0))
+        assert mean_iou(tiny, fresh, samples, prompt) == mean_iou(tiny, None, samples, prompt)
+    frozen = TrainConfig(epochs=1, batch_size=4, lr=0.0, gate_lr=0.0, vae_epochs=3, tau_folds=3, head_lr=0.0)
+    info = _train(LayerRegistry(tmp_path), tiny, disks["A"], "A", frozen)
     assert info.extra["best_epoch"] == 0 and info.extra["gate"] == 0.0
     assert info.extra["head"]["best_step"] == 0 and not info.extra["head"]["kept"]  # an unmoved head stays out
     assert info.extra["val"]["click"]["layer"] == info.extra["val"]["click"]["plain"]

@@ -6,8 +6,3 @@ from casam.bundle.check import check_bundle, read_bundle_manifest
 from casam.bundle.export import default_template, export_bundle, fill_metadata, write_large_files
 from casam.bundle.inferer import BundleInferer, BundleNetwork, parse_prompt_file, prompts_from_label
 from casam.bundle.load import load_bundle_backbone, load_bundle_predictor
-
-__all__ = [
-    'check_bundle', 'read_bundle_manifest', 'default_template', 'export_bundle', 'write_large_files', 'fill_metadata',
-    'BundleNetwork', 'parse_prompt_file', 'prompts_from_label', 'BundleInferer', 'load_bundle_backbone', 'load_bundle_predictor',
-]

@@ -110,8 +110,10 @@ def read_bundle_manifest(bundle_root: Union[str, Path]) -> Dict[str, Any]:
     """
     path = Path(bundle_root) / "models" / MANIFEST
     if not path.is_file():
-        raise CasamError(f"{path} not found: run from the bundle folder or pass --bundle_root <bundle>; a bundle template "
-                         f"has no models until `casam export-bundle --registry … --out …` fills them")
+        raise CasamError(
+            f"{path} not found: run from the bundle folder or pass --bundle_root <bundle>; a bundle template "
+            f"has no models until `casam export-bundle --registry … --out …` fills them"
+        )
     try:
         manifest = json.loads(path.read_text())
     except ValueError as e:

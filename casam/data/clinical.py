@@ -126,7 +126,8 @@ def read_clinical(path: str | Path, name: Optional[str] = None, limits: Optional
         raise ImageError(f"cannot read image {name}: complex values (send its magnitude)")
     if img.GetNumberOfComponentsPerPixel() > 1:
         if img.GetDimension() == 2:
-            return ClinicalImage(finite_voxels(sitk.GetArrayFromImage(img), name, notes), False, path, img, header, notes)
+            arr = finite_voxels(sitk.GetArrayFromImage(img), name, notes)
+            return ClinicalImage(arr, False, path, img, header, notes)
         raise ImageError(f"{name}: multi-component volumes are not supported")
     arr = finite_voxels(sitk.GetArrayFromImage(img), name, notes)
     if arr.ndim == 2:
@@ -167,8 +168,12 @@ def write_label(label: np.ndarray, like: ClinicalImage, out: str | Path, dtype: 
     return out
 
 
-def read_label(path: str | Path, like: Optional[ClinicalImage] = None, name: Optional[str] = None,
-               limits: Optional[ImageLimits] = None) -> np.ndarray:
+def read_label(
+    path: str | Path,
+    like: Optional[ClinicalImage] = None,
+    name: Optional[str] = None,
+    limits: Optional[ImageLimits] = None,
+) -> np.ndarray:
     """Reads a label file (any format :func:`read_clinical` reads) as uint8 class ids.
 
     Args:
@@ -188,9 +193,18 @@ def read_label(path: str | Path, like: Optional[ClinicalImage] = None, name: Opt
     name = name or Path(path).name
     src = read_clinical(path, name=f"label {name}", limits=limits)
     lab = src.array
-    expect = like.array.shape if like is not None and like.is_volume else (like.array.shape[:2] if like is not None else lab.shape)
-    if like is not None and like.is_volume and src.is_volume and tuple(lab.shape) != tuple(expect) \
-            and _other_grid(src.reference, like.reference):
+    expect = (
+        like.array.shape
+        if like is not None and like.is_volume
+        else (like.array.shape[:2] if like is not None else lab.shape)
+    )
+    if (
+        like is not None
+        and like.is_volume
+        and src.is_volume
+        and tuple(lab.shape) != tuple(expect)
+        and _other_grid(src.reference, like.reference)
+    ):
         if not _overlaps(src.reference, like.reference):
             raise ImageError(f"label {name} ({lab.shape}) lies outside its image's extent: refused")
         lab = _resample_onto(src.reference, like.reference)
@@ -208,8 +222,9 @@ def read_label(path: str | Path, like: Optional[ClinicalImage] = None, name: Opt
     return lab.astype(np.uint8)
 
 
-def check_label(path: str | Path, like: ClinicalImage, name: Optional[str] = None,
-                limits: Optional[ImageLimits] = None) -> np.ndarray:
+def check_label(
+    path: str | Path, like: ClinicalImage, name: Optional[str] = None, limits: Optional[ImageLimits] = None
+) -> np.ndarray:
     """A final label as it may be saved and trained on: :func:`read_label` against its image, and not empty.
 
     Raises:
@@ -224,8 +239,10 @@ def check_label(path: str | Path, like: ClinicalImage, name: Optional[str] = Non
 def _extent(img: Any) -> Tuple[np.ndarray, np.ndarray]:
     """Physical bounding box (min corner, max corner) of a SimpleITK image's voxel centres."""
     size = img.GetSize()
-    corners = [img.TransformContinuousIndexToPhysicalPoint([c * (s - 1) for c, s in zip(bits, size)])
-               for bits in np.ndindex(*([2] * img.GetDimension()))]
+    corners = [
+        img.TransformContinuousIndexToPhysicalPoint([c * (s - 1) for c, s in zip(bits, size)])
+        for bits in np.ndindex(*([2] * img.GetDimension()))
+    ]
     pts = np.array(corners, dtype=np.float64)
     return pts.min(0), pts.max(0)
 

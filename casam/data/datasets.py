@@ -170,7 +170,8 @@ def discover_tasks(root: str | Path) -> List[Task]:
         insts = list(dict.fromkeys(c.institution for c in cases))
         for inst in insts:
             name = ds if len(insts) == 1 else f"{ds}@{inst}"
-            tasks.append(Task(name, ds, inst, row.get("modality", ""), root / ds, [c for c in cases if c.institution == inst]))
+            own = [c for c in cases if c.institution == inst]
+            tasks.append(Task(name, ds, inst, row.get("modality", ""), root / ds, own))
     order = stream_order(root)
 
     def rank(t: Task) -> tuple:

@@ -65,7 +65,9 @@ def _gunzip_size(path: Path, name: str, max_bytes: int) -> int:
                 if n > max_bytes:
                     raise ImageError(f"cannot read image {name}: it decompresses to more than its header announces")
     except (OSError, EOFError, zlib.error) as e:
-        raise ImageError(f"cannot read image {name}: truncated or corrupt gzip file ({clean_message(e, path, name)})") from e
+        raise ImageError(
+            f"cannot read image {name}: truncated or corrupt gzip file ({clean_message(e, path, name)})"
+        ) from e
     return n
 
 
@@ -86,7 +88,7 @@ def _nifti_expected(header: bytes) -> Optional[Tuple[int, int, Tuple[int, ...]]]
         else:
             continue
         nd = int(dim[0])
-        dims = tuple(int(d) for d in dim[1: nd + 1]) if 1 <= nd <= 7 else ()
+        dims = tuple(int(d) for d in dim[1 : nd + 1]) if 1 <= nd <= 7 else ()
         if not dims or any(d < 1 for d in dims) or bitpix <= 0 or offset < 0:
             return 0, -1, ()  # an impossible header
         return offset, int(np.prod(dims, dtype=np.float64)) * bitpix // 8, dims
@@ -97,10 +99,12 @@ def check_nifti(path: Path, name: str, limits: ImageLimits) -> None:
     """A NIfTI file (gzip or not) must be within the limits and complete: header + every voxel it announces."""
     gz = path.name.lower().endswith(".gz")
     try:
-        with (gzip.open(path, "rb") if gz else open(path, "rb")) as f:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
             expected = _nifti_expected(f.read(540))
     except (OSError, EOFError, zlib.error) as e:
-        raise ImageError(f"cannot read image {name}: truncated or corrupt gzip file ({clean_message(e, path, name)})") from e
+        raise ImageError(
+            f"cannot read image {name}: truncated or corrupt gzip file ({clean_message(e, path, name)})"
+        ) from e
     if expected is None:
         raise ImageError(f"cannot read image {name}: not a NIfTI file (no single-file NIfTI header, magic n+1 or n+2)")
     offset, nbytes, dims = expected
@@ -109,7 +113,9 @@ def check_nifti(path: Path, name: str, limits: ImageLimits) -> None:
     limits.check(name, int(np.prod(dims, dtype=np.float64)), volume=len(dims) > 2 and dims[2] > 1)
     size = _gunzip_size(path, name, offset + nbytes + (1 << 20)) if gz else path.stat().st_size
     if size < offset + nbytes:
-        raise ImageError(f"cannot read image {name}: truncated, {size} bytes where its NIfTI header announces {offset + nbytes}")
+        raise ImageError(
+            f"cannot read image {name}: truncated, {size} bytes where its NIfTI header announces {offset + nbytes}"
+        )
 
 
 def check_detached(path: Path, name: str) -> None:
@@ -161,7 +167,11 @@ def check_meta(path: Path, name: str, limits: ImageLimits) -> None:
         raise ImageError(f"cannot read image {name}: not a MetaImage file (no ElementDataFile in its header)")
     if end is None:
         return  # data in a file beside it (see check_detached)
-    fields = {k.strip().lower(): v.strip() for k, eq, v in (line.partition(b"=") for line in head[:end.start()].splitlines()) if eq}
+    fields = {
+        k.strip().lower(): v.strip()
+        for k, eq, v in (line.partition(b"=") for line in head[: end.start()].splitlines())
+        if eq
+    }
     try:
         dims = [int(d) for d in fields.get(b"dimsize", b"").split()]
         channels = int(fields.get(b"elementnumberofchannels", b"1"))
@@ -180,8 +190,9 @@ def check_meta(path: Path, name: str, limits: ImageLimits) -> None:
     else:
         got = path.stat().st_size - end.end()
     if got < need:
-        raise ImageError(f"cannot read image {name}: truncated, {got} bytes of data where its MetaImage header "
-                         f"announces {need}")
+        raise ImageError(
+            f"cannot read image {name}: truncated, {got} bytes of data where its MetaImage header announces {need}"
+        )
 
 
 def check_dicom_files(files: List[Path], name: str) -> None:
@@ -197,10 +208,18 @@ def check_dicom_files(files: List[Path], name: str) -> None:
             raise ImageError(f"cannot read image {name}: a DICOM file is corrupt ({clean_message(e, p, name)})") from e
         if data is None or (syntax is not None and syntax.is_compressed):  # compressed: its decoder checks it
             continue
-        need = int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * int(ds.get("SamplesPerPixel", 1)) * \
-            int(ds.get("NumberOfFrames", 1) or 1) * int(ds.get("BitsAllocated", 8)) // 8
+        need = (
+            int(ds.get("Rows", 0))
+            * int(ds.get("Columns", 0))
+            * int(ds.get("SamplesPerPixel", 1))
+            * int(ds.get("NumberOfFrames", 1) or 1)
+            * int(ds.get("BitsAllocated", 8))
+            // 8
+        )
         if len(data) < need:
-            raise ImageError(f"cannot read image {name}: a DICOM file is truncated ({len(data)} pixel bytes, {need} expected)")
+            raise ImageError(
+                f"cannot read image {name}: a DICOM file is truncated ({len(data)} pixel bytes, {need} expected)"
+            )
 
 
 def finite_voxels(arr: np.ndarray, name: str, notes: List[str]) -> np.ndarray:

@@ -23,8 +23,9 @@ step of each trained method per task, click sequences, joint); its results are r
 (:mod:`casam.evaluation.results`) and go to ``<out>/continual.json``, ``continual.md`` and ``continual_R.png``
 (:mod:`casam.evaluation.report`); the JSON is rewritten after every task.
 
-Run ``casam benchmark --help``; ``--quick`` is a tiny smoke run (random tiny backbone), ``--full`` the recipe
-of METHOD.md (24 epochs, all images; for a GPU).
+Run ``casam benchmark --help``. Three recipes: the default :data:`REDUCED_CPU_RECIPE` (fewer epochs and images,
+so a CPU finishes), ``--quick`` (a tiny smoke run: random tiny backbone, a few images) and ``--full`` (CA-SAM's
+recipe, :class:`casam.training.config.TrainConfig`'s defaults: every training image; for a GPU).
 """
 
 from __future__ import annotations
@@ -34,12 +35,11 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence
 
-import torch
-
 from casam.evaluation.report import write_outputs
 from casam.evaluation.results import assemble, final_results
 from casam.evaluation.stages import (
     METHODS,
+    RESULTS_DIR,
     casam_step,
     encode,
     joint,
@@ -53,68 +53,99 @@ from casam.evaluation.stages import (
     start_arms,
 )
 from casam.model.backbone import DEFAULT_BACKBONE
-from casam.model.router import VAE_EPOCHS
 from casam.paths import default_data
-from casam.training.config import HEAD_STEPS
+from casam.runtime import DEFAULT_DEVICE, resolve_device
+from casam.training.config import TrainConfig
 
-__all__ = ["METHODS", "DEFAULT_METHODS", "REDUCED", "build_parser", "resolve", "run", "main"]
+__all__ = ["METHODS", "DEFAULT_METHODS", "REDUCED_CPU_RECIPE", "QUICK_RECIPE", "build_parser", "resolve", "run",
+           "main"]
 
 DEFAULT_METHODS = ("zero_shot", "fresh_install", "casam", "casam_oracle")
-REDUCED = {"epochs": 4, "max_images": 48}
+# The benchmark's default: a reduced recipe a CPU finishes, by design not CA-SAM's (TrainConfig's defaults, --full).
+REDUCED_CPU_RECIPE = {"epochs": 4, "max_images": 48}
+# --quick: a smoke run of the whole pipeline on a tiny random backbone; its numbers are meaningless.
+QUICK_RECIPE = {"epochs": 1, "max_images": 4, "max_train_cases": 6, "max_test_cases": 3, "backbone": "tiny",
+                "tasks": "0,1", "cache": "none", "vae_epochs": 3, "head_steps": 20}
 
 
 # ----------------------------------------------------------------------------------------------- options
 def build_parser() -> argparse.ArgumentParser:
+    """Returns the ``casam benchmark`` argument parser (training options left None are filled by :func:`resolve`)."""
+    defaults = TrainConfig()
     p = argparse.ArgumentParser(
         prog="casam benchmark",
         description="Continual stream benchmark: frozen SAM, sequential decoder fine-tuning, one shared Alignment "
                     "Layer, CA-SAM (router and oracle) and joint training, evaluated after every task on every task.",
     )
-    p.add_argument("--data", default=None, help=f"data root with MANIFEST.tsv (default $CASAM_DATA or {default_data()})")
+    p.add_argument("--data", default=None,
+                   help=f"data root with MANIFEST.tsv (default $CASAM_DATA or {default_data()})")
     p.add_argument("--tasks", default=None,
                    help="comma-separated subset of tasks, by name (e.g. dermoscopy_ph2,brain_mri_lgg@TCGA_DU) or by "
                         "position in the stream (0,1); kept in stream order (default: all)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
-                   help=f"comma-separated methods to run (default {','.join(DEFAULT_METHODS)}; all: {','.join(METHODS)})")
+                   help=f"comma-separated methods to run (default {','.join(DEFAULT_METHODS)}; "
+                        f"all: {','.join(METHODS)})")
     p.add_argument("--clicks", type=int, default=5, help="clicks per sequence after the last task (0 = no sequences)")
     p.add_argument("--sequence-cases", type=int, default=None,
                    help="click sequences on at most this many test images per task (evenly spaced; default all)")
-    p.add_argument("--out", default=None, help="output folder (default benchmarks/results of the checkout)")
+    p.add_argument("--out", default=None,
+                   help=f"output folder (default {RESULTS_DIR}, relative to the current directory)")
     p.add_argument("--name", default="continual", help="stem of the output files (default continual)")
-    p.add_argument("--cache", default=None, help="embedding cache folder (default $CASAM_CACHE or ~/.casam/cache; 'none' = memory only)")
-    p.add_argument("--epochs", type=int, default=None, help=f"training epochs per task (default {REDUCED['epochs']}, reduced CPU recipe; METHOD: 24)")
+    p.add_argument("--cache", default=None,
+                   help="embedding cache folder (default $CASAM_CACHE or ~/.casam/cache; 'none' = memory only)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"training epochs per task (default {REDUCED_CPU_RECIPE['epochs']}, the reduced CPU recipe; "
+                        f"CA-SAM's recipe: {defaults.epochs})")
     p.add_argument("--max-images", type=int, default=None,
-                   help=f"cap on training images per task (default {REDUCED['max_images']}; 0 = all, as in METHOD)")
-    p.add_argument("--max-train-cases", type=int, default=None, help="read at most this many training cases per task (evenly spaced)")
-    p.add_argument("--max-test-cases", type=int, default=None, help="read at most this many test cases per task (evenly spaced)")
+                   help=f"cap on training images per task (default {REDUCED_CPU_RECIPE['max_images']}; 0 = all, as in "
+                        "CA-SAM's recipe)")
+    p.add_argument("--max-train-cases", type=int, default=None,
+                   help="read at most this many training cases per task (evenly spaced)")
+    p.add_argument("--max-test-cases", type=int, default=None,
+                   help="read at most this many test cases per task (evenly spaced)")
     p.add_argument("--head-steps", type=int, default=None,
-                   help=f"steps of each institution's refinement head (default {HEAD_STEPS}; 0 = the Alignment "
-                        f"Layer alone)")
-    p.add_argument("--batch-size", type=int, default=6)
-    p.add_argument("--lr", type=float, default=1e-4)
-    p.add_argument("--seed", type=int, default=0)
+                   help=f"steps of each institution's refinement head (default {defaults.head_steps}; 0 = the "
+                        "Alignment Layer alone)")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                   help=f"images per optimiser step (default {defaults.batch_size})")
+    p.add_argument("--lr", type=float, default=defaults.lr, help=f"Adam learning rate (default {defaults.lr:g})")
+    p.add_argument("--seed", type=int, default=defaults.seed, help=f"seed (default {defaults.seed})")
     p.add_argument("--backbone", default=DEFAULT_BACKBONE, help="litemedsam (default), vit_b, vit_l, vit_h or tiny")
     p.add_argument("--checkpoint", default=None, help="backbone weights (required for vit_*)")
-    p.add_argument("--device", default="auto", help="torch device; auto = cuda when available, else cpu")
+    p.add_argument("--device", default=DEFAULT_DEVICE,
+                   help=f"torch device; auto = cuda when available, else cpu (default {DEFAULT_DEVICE})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-plot", action="store_true", help="do not draw the heatmaps")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",
-                      help="tiny smoke run: tiny random backbone, first 2 tasks, 6 train / 3 test cases, 1 epoch (< 1 min on CPU)")
-    mode.add_argument("--full", action="store_true", help="METHOD.md recipe: 24 epochs on all training images (use a GPU)")
+                      help=f"tiny smoke run: tiny random backbone, first 2 tasks, {QUICK_RECIPE['max_train_cases']} "
+                           f"train / {QUICK_RECIPE['max_test_cases']} test cases, {QUICK_RECIPE['epochs']} epoch")
+    mode.add_argument("--full", action="store_true",
+                      help=f"CA-SAM's recipe: {defaults.epochs} epochs on all training images (use a GPU)")
     return p
 
 
 def resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fills the defaults that depend on --quick / --full."""
+    """Fills the defaults that depend on --quick / --full, resolves the device and checks the methods.
+
+    Args:
+        args: the parsed options (:func:`build_parser`).
+
+    Returns:
+        ``args``, completed: recipe defaults (:data:`QUICK_RECIPE`, CA-SAM's recipe for ``--full``, else
+        :data:`REDUCED_CPU_RECIPE`), ``max_images`` None for all, ``device`` resolved, ``method_list``.
+
+    Raises:
+        SystemExit: an unknown method.
+    """
+    train = TrainConfig()
     if args.quick:
-        defaults = dict(epochs=1, max_images=4, max_train_cases=6, max_test_cases=3, backbone="tiny", tasks="0,1", cache="none",
-                        vae_epochs=3, head_steps=20)
+        defaults = dict(QUICK_RECIPE)
     elif args.full:
-        defaults = dict(epochs=24, max_images=0)
+        defaults = dict(epochs=train.epochs, max_images=0)
     else:
-        defaults = dict(REDUCED)
+        defaults = dict(REDUCED_CPU_RECIPE)
     for k, v in defaults.items():
         if k == "backbone":
             if args.backbone == DEFAULT_BACKBONE:
@@ -122,13 +153,12 @@ def resolve(args: argparse.Namespace) -> argparse.Namespace:
         elif getattr(args, k, None) is None:
             setattr(args, k, v)
     if getattr(args, "head_steps", None) is None:
-        args.head_steps = HEAD_STEPS
+        args.head_steps = train.head_steps
     if not hasattr(args, "vae_epochs"):
-        args.vae_epochs = VAE_EPOCHS
+        args.vae_epochs = train.vae_epochs
     if args.max_images is not None and args.max_images <= 0:
         args.max_images = None
-    if args.device == "auto":
-        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    args.device = resolve_device(args.device)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
     if bad:

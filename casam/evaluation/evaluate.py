@@ -28,8 +28,8 @@ from casam.data.datasets import Case, discover_tasks, load_cases, read_meta, spr
 from casam.errors import CasamError
 from casam.evaluation.report import fmt
 from casam.inference.predictor import NONE, CASAMPredictor
-from casam.prompts.masks import binary_masks
-from casam.scoring.score import PROMPTS, mask_metrics, mask_prompts, raw_click
+from casam.prompts.masks import PROMPT_TYPES, binary_masks
+from casam.scoring.score import mask_metrics, mask_prompts, raw_click
 
 WAYS = ("routed", "plain", "fresh")
 
@@ -53,7 +53,8 @@ def find_tasks(data: str | Path, split: str = "test") -> Dict[str, List[Case]]:
     else:
         cases = read_meta(root)
         insts = sorted({c.institution for c in cases})
-        tasks = {(root.name if len(insts) == 1 else f"{root.name}@{i}"): [c for c in cases if c.institution == i] for i in insts}
+        tasks = {(root.name if len(insts) == 1 else f"{root.name}@{i}"): [c for c in cases if c.institution == i]
+                 for i in insts}
     out = {n: [c for c in cs if c.mask is not None and (split == "all" or c.split == split)] for n, cs in tasks.items()}
     out = {n: cs for n, cs in out.items() if cs}
     if not out:
@@ -64,14 +65,20 @@ def find_tasks(data: str | Path, split: str = "test") -> Dict[str, List[Case]]:
 def evaluate_task(predictor: CASAMPredictor, cases: Sequence[Case], max_images: Optional[int] = None) -> Dict[str, Any]:
     """Scores one task (see the module docstring).
 
+    Args:
+        predictor: the product over the registry under test.
+        cases: the task's labelled cases.
+        max_images: at most this many cases, evenly spaced (None: all).
+
     Returns:
         ``scores[way][prompt] = {"iou", "dice"}`` (means over masks), ``routes`` (layer name or ``fallback`` →
         images), ``fallback_rate``, ``used`` (prompt → layer used → masks), ``images`` and ``masks``.
     """
     cases = spread(cases, max_images)
-    vals: Dict[str, Dict[str, Dict[str, List[float]]]] = {w: {p: {"iou": [], "dice": []} for p in PROMPTS} for w in WAYS}
+    vals: Dict[str, Dict[str, Dict[str, List[float]]]] = {w: {p: {"iou": [], "dice": []} for p in PROMPT_TYPES}
+                                                          for w in WAYS}
     routes: Counter = Counter()
-    used: Dict[str, Counter] = {p: Counter() for p in PROMPTS}
+    used: Dict[str, Counter] = {p: Counter() for p in PROMPT_TYPES}
     n_masks = 0
     for case in cases:
         (image,), (label,), _ = load_cases([case])
@@ -87,7 +94,7 @@ def evaluate_task(predictor: CASAMPredictor, cases: Sequence[Case], max_images: 
                 ("fresh", "box"): predictor.predict(emb, box=box, layer=NONE),
                 ("fresh", "click"): predictor.predict(emb, points=point, point_labels=[1], layer=NONE),
             }
-            for p in PROMPTS:
+            for p in PROMPT_TYPES:
                 used[p][preds[("routed", p)].route.used or "plain SAM"] += 1
             masks = {k: v.mask > 0 for k, v in preds.items()}
             masks[("plain", "box")] = masks[("fresh", "box")]
@@ -99,11 +106,12 @@ def evaluate_task(predictor: CASAMPredictor, cases: Sequence[Case], max_images: 
               for w, pw in vals.items()}
     n = sum(routes.values())
     return {"images": len(cases), "masks": n_masks, "scores": scores, "routes": dict(routes),
-            "fallback_rate": routes.get("fallback", 0) / n if n else None, "used": {p: dict(c) for p, c in used.items()}}
+            "fallback_rate": routes.get("fallback", 0) / n if n else None,
+            "used": {p: dict(c) for p, c in used.items()}}
 
 
 def markdown(res: Dict[str, Any]) -> str:
-    """The results as a Markdown report."""
+    """The results of :func:`run` as a Markdown report."""
     L = [f"# casam evaluate: {res['data_name']}", "",
          f"Registry: {res['layers']} active layer(s) ({', '.join(res['layer_names']) or 'none'}); backbone "
          f"{res['backbone']}; split `{res['split']}`.", "",
@@ -113,7 +121,8 @@ def markdown(res: Dict[str, Any]) -> str:
     for name, t in res["tasks"].items():
         s = t["scores"]
         routes = ", ".join(f"{k} {v}" for k, v in sorted(t["routes"].items(), key=lambda kv: -kv[1]))
-        L.append(f"| {name} | {t['images']} | {t['masks']} | " + " | ".join(fmt(s[w][p]["iou"]) for p in PROMPTS for w in WAYS)
+        L.append(f"| {name} | {t['images']} | {t['masks']} | "
+                 + " | ".join(fmt(s[w][p]["iou"]) for p in PROMPT_TYPES for w in WAYS)
                  + f" | {fmt(t['fallback_rate'])} | {routes} |")
     L += ["", "IoU per mask, averaged per task (Dice in the JSON). routed = casam with this registry (router, gate, "
           "fallback); plain = the frozen backbone alone (a click as its raw point prompt); fresh = casam with an empty "
@@ -123,20 +132,31 @@ def markdown(res: Dict[str, Any]) -> str:
 
 
 def table(res: Dict[str, Any]) -> str:
-    """A plain-text table for the terminal."""
-    head = f"{'task':34} {'img':>4}  " + "  ".join(f"{p}:{w:<6}" for p in PROMPTS for w in WAYS) + "  fallback"
+    """The results of :func:`run` as a plain-text table for the terminal."""
+    head = f"{'task':34} {'img':>4}  " + "  ".join(f"{p}:{w:<6}" for p in PROMPT_TYPES for w in WAYS) + "  fallback"
     rows = [head, "-" * len(head)]
     for name, t in res["tasks"].items():
         s = t["scores"]
         cells = "  ".join(f"{'–' if s[w][p]['iou'] is None else format(s[w][p]['iou'], '.3f'):>{len(p) + 7}}"
-                          for p in PROMPTS for w in WAYS)
+                          for p in PROMPT_TYPES for w in WAYS)
         fb = "–" if t["fallback_rate"] is None else f"{t['fallback_rate']:.2f}"
         rows.append(f"{name[:34]:34} {t['images']:>4}  {cells}  {fb:>8}")
     return "\n".join(rows)
 
 
 def run(args: argparse.Namespace) -> Dict[str, Any]:
-    """Runs ``casam evaluate`` (see :func:`add_parser` for ``args``) and writes evaluate.json / evaluate.md."""
+    """Runs ``casam evaluate`` and writes ``evaluate.json`` and ``evaluate.md`` into ``args.out``.
+
+    Args:
+        args: the options of :func:`add_parser`, with the backbone and registry options of the ``casam`` command and
+            ``argv`` (the command line, for the record).
+
+    Returns:
+        The results: per task its scores (:func:`evaluate_task`), with the registry, backbone, command and seconds.
+
+    Raises:
+        CasamError: no labelled image in the data folder.
+    """
     from casam.model.backbone import load_backbone
     from casam.registry.store import LayerRegistry
 
@@ -167,8 +187,8 @@ def run(args: argparse.Namespace) -> Dict[str, Any]:
 
 def add_parser(sub) -> argparse.ArgumentParser:
     """Adds the ``evaluate`` command to the ``casam`` sub-parsers."""
-    e = sub.add_parser("evaluate", help="IoU/Dice of box and click prompts on labelled test images: routed vs plain SAM "
-                                        "vs fresh install, with routing counts")
+    e = sub.add_parser("evaluate", help="IoU/Dice of box and click prompts on labelled test images: routed vs "
+                                        "plain SAM vs fresh install, with routing counts")
     e.add_argument("data", help="a dataset folder (images/, masks/, meta.csv) or a root with MANIFEST.tsv")
     e.add_argument("--split", default="test", help="meta.csv split to evaluate (test, train or all; default test)")
     e.add_argument("--max-images", type=int, default=None, help="at most this many images per task (evenly spaced)")

@@ -47,7 +47,8 @@ def machine_info(device: str) -> Dict[str, Any]:
             "gpu": torch.cuda.get_device_name(0) if device.startswith("cuda") and torch.cuda.is_available() else None,
             "malloc_tuned": allocator_tuned()}
     if "cpu family" in fields:
-        info["cpu_id"] = f"{fields.get('vendor_id', '')} family {fields['cpu family']} model {fields.get('model', '?')}".strip()
+        info["cpu_id"] = (f"{fields.get('vendor_id', '')} family {fields['cpu family']} "
+                          f"model {fields.get('model', '?')}").strip()
     if "flags" in fields:
         info["simd"] = [f for f in SIMD_FLAGS if f in fields["flags"].split()]
     try:

@@ -1,5 +1,5 @@
-"""Reports: the number format of casam's evaluation reports (:func:`fmt`, also ``casam evaluate``'s) and the continual
-benchmark's Markdown table, R heatmaps and atomic JSON write."""
+"""Reports: the number format of casam's evaluation reports (:func:`fmt`, also ``casam evaluate``'s) and the
+continual benchmark's Markdown table, R heatmaps and atomic JSON write."""
 
 from __future__ import annotations
 
@@ -19,13 +19,15 @@ def fmt(v: Optional[float], nd: int = 3, signed: bool = False) -> str:
 
 
 def markdown(res: Dict[str, Any]) -> str:
+    """The continual benchmark's results as Markdown: summary table, final rows, sequences, router, targets."""
     names = res["tasks"]
     L = [f"# Continual stream benchmark ({res['backbone']['name']})", ""]
     if res.get("partial"):
         L += ["**Partial results: the run is still going (or stopped early).**", ""]
     L += [f"Tasks in stream order: {', '.join(f'`{n}`' for n in names)}.", "",
           f"Recipe: {res['recipe']['kind']}.", "",
-          "| method | Avg-IoU (box) | BWT (box) | Avg-Dice | Avg-bIoU | Avg-IoU (click) | BWT (click) | unseen Δ vs zero-shot | train s |",
+          "| method | Avg-IoU (box) | BWT (box) | Avg-Dice | Avg-bIoU | Avg-IoU (click) | BWT (click) | "
+          "unseen Δ vs zero-shot | train s |",
           "|---|---|---|---|---|---|---|---|---|"]
     for m, e in res["methods"].items():
         L.append(f"| {e['label']} | {fmt(e['avg_iou'])} | {fmt(e['bwt'], signed=True)} | {fmt(e.get('avg_dice'))} | "
@@ -54,7 +56,8 @@ def markdown(res: Dict[str, Any]) -> str:
     if "accuracy" in r:
         L += ["", f"Router after the last task, on the test images of every task: accuracy **{fmt(r['accuracy'])}**, "
               f"fallback rate {fmt(r['fallback_rate'])} ({r['n_images']} images).", "",
-              "| true task \\ chosen | " + " | ".join(r["confusion_columns"]) + " |", "|---|" + "---|" * len(r["confusion_columns"])]
+              "| true task \\ chosen | " + " | ".join(r["confusion_columns"]) + " |",
+              "|---|" + "---|" * len(r["confusion_columns"])]
         for n in names:
             L.append(f"| {n} | " + " | ".join(str(r["confusion"][n][c]) for c in r["confusion_columns"]) + " |")
         mc = r.get("modality_confusion")
@@ -65,9 +68,11 @@ def markdown(res: Dict[str, Any]) -> str:
             for m, row in mc.items():
                 L.append(f"| {m} | " + " | ".join(str(row.get(c, 0)) for c in cols) + " |")
     if r.get("per_step"):
-        L += ["", "| after task | router accuracy on seen tasks | fallback on unseen tasks | fallback on new modalities | "
+        L += ["", "| after task | router accuracy on seen tasks | fallback on unseen tasks | "
+              "fallback on new modalities | "
               "to another modality's layer | τ | "
-              "val box (layer / plain) | val click (layer / plain) | layer used for | best epoch | s to serve its labelled images |",
+              "val box (layer / plain) | val click (layer / plain) | layer used for | best epoch | "
+              "s to serve its labelled images |",
               "|---|---|---|---|---|---|---|---|---|---|---|"]
         for s in r["per_step"]:
             val, use = s.get("val") or {}, s.get("use") or {}
@@ -91,10 +96,12 @@ def markdown(res: Dict[str, Any]) -> str:
     mach = res["machine"]
     L += ["", f"Alignment Layer: {res['layer']['params']:,} parameters, {res['layer']['gmac']} GMAC per image.", "",
           "Command:", "", "```", res["command"], "```", "",
-          f"Machine: {mach['cpu']}, {mach['cores']} cores ({mach['torch_threads']} torch threads), torch {mach['torch']}, "
+          f"Machine: {mach['cpu']}, {mach['cores']} cores ({mach['torch_threads']} torch threads), "
+          f"torch {mach['torch']}, "
           f"device {mach['device']}{', ' + mach['gpu'] if mach.get('gpu') else ' (no GPU)'}. "
           f"Wall time {res['seconds'] / 60:.1f} min (encoding {res['encode_seconds'] / 60:.1f} min).", "",
-          "R[k][j] = mean IoU on task j's test split after learning task k. BWT = mean over j < T of R[T][j] − R[j][j]. "
+          "R[k][j] = mean IoU on task j's test split after learning task k. "
+          "BWT = mean over j < T of R[T][j] − R[j][j]. "
           "Unseen Δ = mean over k < j of R[k][j] − zero-shot[j] (how a method treats tasks it has not learned yet). "
           "Full matrices (IoU, Dice, boundary IoU; box and click prompts) are in the JSON.", ""]
     return "\n".join(L)
@@ -117,7 +124,8 @@ def plot_figure(res: Dict[str, Any], path: Path) -> None:
     fig, axes = plt.subplots(
         nrow, ncol, figsize=(3.6 * ncol + 2, 3.8 * nrow), squeeze=False, layout="constrained"
     )
-    short = [n.replace("brain_mri_lgg@", "lgg@").replace("dermoscopy_", "").replace("fetal_head_", "fetal_") for n in names]
+    short = [n.replace("brain_mri_lgg@", "lgg@").replace("dermoscopy_", "").replace("fetal_head_", "fetal_")
+             for n in names]
     im = None
     for i, (ax, (m, e)) in enumerate(zip(axes.flat, methods)):
         A = np.full((T, T), np.nan)
@@ -129,7 +137,8 @@ def plot_figure(res: Dict[str, Any], path: Path) -> None:
         for k in range(T):
             for j in range(T):
                 if not np.isnan(A[k, j]):
-                    ax.text(j, k, f"{A[k, j]:.2f}", ha="center", va="center", fontsize=7, color="white" if A[k, j] < 0.6 else "black")
+                    ax.text(j, k, f"{A[k, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if A[k, j] < 0.6 else "black")
         bwt = "–" if e["bwt"] is None else f"{e['bwt']:+.3f}"
         avg = "–" if e["avg_iou"] is None else f"{e['avg_iou']:.3f}"
         ax.set_title(f"{e['label']}\nAvg-IoU {avg}, BWT {bwt}", fontsize=8)
@@ -139,7 +148,8 @@ def plot_figure(res: Dict[str, Any], path: Path) -> None:
         ax.axis("off")
     if im is not None:
         fig.colorbar(im, ax=axes, shrink=0.6, label="IoU (box prompt)")
-    fig.suptitle(f"Continual stream R[k][j] ({res['backbone']['name']}, {res['recipe']['epochs']} epochs, lr {res['recipe']['lr']:g})", fontsize=10)
+    fig.suptitle(f"Continual stream R[k][j] ({res['backbone']['name']}, {res['recipe']['epochs']} epochs, "
+                 f"lr {res['recipe']['lr']:g})", fontsize=10)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
 

@@ -18,14 +18,14 @@ from casam.data.datasets import Task
 from casam.evaluation.provenance import json_safe, machine_info
 from casam.evaluation.stages import CASAM_METHODS, BenchmarkState
 from casam.model.alignment import describe
+from casam.prompts.masks import PROMPT_TYPES
 from casam.scoring.metrics import continual_summary
-from casam.scoring.score import PROMPTS
 from casam.training.config import TrainConfig
 
 __all__ = ["LABELS", "FALLBACK", "TARGET_BWT", "TARGET_BOX_TASK_DROP", "TARGET_CLICK", "TARGET_FRESH_CLICK",
-           "TARGET_FRESH_BOX_DROP", "TARGET_REGRET", "TARGET_UNSEEN_FALLBACK", "TARGET_SEQUENCE", "TARGET_SERVE_SECONDS",
-           "TARGET_HARD_ZERO_SHOT", "TARGET_HARD_BOX", "method_results", "router_results", "modality_confusion",
-           "assemble", "final_results", "recipe", "targets"]
+           "TARGET_FRESH_BOX_DROP", "TARGET_REGRET", "TARGET_UNSEEN_FALLBACK", "TARGET_SEQUENCE",
+           "TARGET_SERVE_SECONDS", "TARGET_HARD_ZERO_SHOT", "TARGET_HARD_BOX", "method_results", "router_results",
+           "modality_confusion", "assemble", "final_results", "recipe", "targets"]
 
 LABELS = {
     "zero_shot": "1. frozen backbone (zero-shot)",
@@ -37,7 +37,7 @@ LABELS = {
     "joint": "6. joint multi-task layer (non-continual)",
 }
 FALLBACK = "fallback"
-# Targets of the project (issues 3 and 11).
+# The project's targets (checked by :func:`targets`; see benchmarks/README.md).
 TARGET_BWT = -0.005
 TARGET_BOX_TASK_DROP = 0.01
 TARGET_CLICK = 0.80
@@ -47,7 +47,7 @@ TARGET_REGRET = 0.005
 TARGET_UNSEEN_FALLBACK = 0.90
 TARGET_SEQUENCE = 0.85
 TARGET_SERVE_SECONDS = 300
-TARGET_HARD_ZERO_SHOT = 0.5  # a task plain SAM fails at (retinal vessels: 0.13) ...
+TARGET_HARD_ZERO_SHOT = 0.5  # a task plain SAM fails at (its zero-shot box IoU below this, e.g. retinal vessels) ...
 TARGET_HARD_BOX = 0.55  # ... which an institution's layer must teach it
 NOTES = {
     "joint": ("non-continual upper bound: one layer trained once on every task's training images and "
@@ -184,18 +184,22 @@ def assemble(state: BenchmarkState, partial: bool) -> Dict[str, Any]:
     router = router_results(state, out_methods)
     params, gmac = describe(bb.embed_dim, bb.embed_size)
     res: Dict[str, Any] = {
-        "benchmark": "continual stream (CA-SAM issues 3 and 11)",
+        "benchmark": "continual stream",
         "partial": partial,
         "backbone": {"name": bb.name, "id": bb.id, "img_size": bb.img_size, "embed_size": bb.embed_size},
         "tasks": state.names,
         "task_data": state.counts,
-        "prompts": {"box": "tight ground-truth box per class", "click": "one click at the foreground pixel nearest the mask centroid, answered as each method answers clicks (zero_shot: the decoder's raw point prompt; the others: casam.prompts.clicks box proposals)"},
+        "prompts": {"box": "tight ground-truth box per class",
+                    "click": "one click at the foreground pixel nearest the mask centroid, answered as each method "
+                             "answers clicks (zero_shot: the decoder's raw point prompt; the others: "
+                             "casam.prompts.clicks box proposals)"},
         "metrics": "IoU per mask averaged over the task's test masks; R[k][j] = after learning task k, on task j (rows "
                    "lower-triangular); R_all also has the not-yet-seen tasks; avg_iou = mean of the last row; "
                    "bwt = mean_j<T R[T][j] - R[j][j]; unseen_delta = mean over k<j of R_all[k][j] - zero-shot[j]",
         "methods": out_methods,
         "router": router,
-        "layer": {"params": params, "gmac": round(gmac, 3), "note": f"one Alignment Layer at {bb.embed_size}x{bb.embed_size} (casam.model.alignment.describe)"},
+        "layer": {"params": params, "gmac": round(gmac, 3),
+                  "note": f"one Alignment Layer at {bb.embed_size}x{bb.embed_size} (casam.model.alignment.describe)"},
         "machine": machine_info(args.device),
         "command": " ".join([state.prog] + [shlex.quote(a) for a in state.argv]),
         "seconds": round(time.time() - state.t_start, 1),
@@ -215,23 +219,45 @@ def final_results(state: BenchmarkState) -> Dict[str, Any]:
 
 
 def recipe(args, cfg: TrainConfig) -> Dict[str, Any]:
-    """The recipe of the run, and which kind it is (quick smoke run, METHOD.md's or the reduced CPU one)."""
+    """The recipe of the run, and which kind it is.
+
+    Args:
+        args: the resolved options (:func:`casam.evaluation.benchmark.resolve`).
+        cfg: the training settings of every trained method.
+
+    Returns:
+        ``kind`` (quick smoke run, CA-SAM's recipe or the reduced CPU recipe) and the settings.
+    """
+    full = TrainConfig().epochs
     if args.quick:
         kind = "quick smoke run (tiny random backbone; numbers are meaningless)"
-    elif cfg.epochs == 24 and cfg.max_images is None and not args.max_train_cases:
-        kind = "METHOD.md recipe (24 epochs, all training images)"
+    elif cfg.epochs == full and cfg.max_images is None and not args.max_train_cases:
+        kind = f"CA-SAM's recipe ({full} epochs, all training images)"
     else:
-        kind = (f"reduced CPU recipe: {cfg.epochs} epochs on at most {cfg.max_images or 'all'} training images per task "
-                f"(METHOD.md: 24 epochs on all training images); the same images and steps for every trained method")
-    return {"kind": kind, "epochs": cfg.epochs, "clicks": args.clicks, "sequence_cases": args.sequence_cases, "max_images": cfg.max_images, "max_train_cases": args.max_train_cases,
+        kind = (f"reduced CPU recipe: {cfg.epochs} epochs on at most {cfg.max_images or 'all'} training images per "
+                f"task (CA-SAM's recipe: {full} epochs on all training images); the same images and steps for every "
+                "trained method")
+    return {"kind": kind, "epochs": cfg.epochs, "clicks": args.clicks, "sequence_cases": args.sequence_cases,
+            "max_images": cfg.max_images, "max_train_cases": args.max_train_cases,
             "max_test_cases": args.max_test_cases, "batch_size": cfg.batch_size, "lr": cfg.lr, "seed": cfg.seed,
-            "val_fraction": cfg.val_fraction, "vae_epochs": cfg.vae_epochs, "vae_beta": cfg.vae_beta, "tau_folds": cfg.tau_folds,
-            "tau_percentile": cfg.tau_percentile, "prompt_mix": f"box p={cfg.box_prob} (±{cfg.jitter:g} px jitter) else central point", "gate_lr": cfg.gate_lr, "select_best": cfg.select_best,
+            "val_fraction": cfg.val_fraction, "vae_epochs": cfg.vae_epochs, "vae_beta": cfg.vae_beta,
+            "tau_folds": cfg.tau_folds, "tau_percentile": cfg.tau_percentile,
+            "prompt_mix": f"box p={cfg.box_prob} (±{cfg.jitter:g} px jitter) else central point",
+            "gate_lr": cfg.gate_lr, "select_best": cfg.select_best,
             "joint": "one layer, the same epochs over the union of the tasks' training images"}
 
 
 def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any]) -> Dict[str, Any]:
-    """The project's targets (issue 11; BWT from issue 3), each with its value and whether it is met."""
+    """The project's targets, each with its value and whether it is met.
+
+    Args:
+        methods: :func:`method_results`.
+        router: :func:`router_results`.
+        seqs: the click sequences (:func:`casam.evaluation.stages.sequences`; empty before them).
+
+    Returns:
+        Target key → {``target`` (in words), ``value``, ``met`` (None without a value)}, some with ``all_tasks``.
+    """
     def get(m: str, key: str):
         return methods.get(m, {}).get(key)
 
@@ -240,11 +266,13 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
 
     t: Dict[str, Any] = {}
     ca, zs = get("casam", "avg_iou"), get("zero_shot", "avg_iou")
-    t["casam_box_vs_zero_shot"] = check("CA-SAM box Avg-IoU >= frozen backbone", None if ca is None or zs is None else ca - zs,
+    t["casam_box_vs_zero_shot"] = check("CA-SAM box Avg-IoU >= frozen backbone",
+                                        None if ca is None or zs is None else ca - zs,
                                         ca is not None and zs is not None and ca >= zs)
     R, Z = get("casam", "R"), get("zero_shot", "R")
     worst = min(a - b for a, b in zip(R[-1], Z[-1])) if R and Z and len(R[-1]) == len(Z[-1]) else None
-    t["casam_box_per_task"] = check(f"no task's final CA-SAM box IoU more than {TARGET_BOX_TASK_DROP} below the frozen backbone",
+    t["casam_box_per_task"] = check(f"no task's final CA-SAM box IoU more than {TARGET_BOX_TASK_DROP} below the "
+                                    "frozen backbone",
                                     worst, worst is not None and worst >= -TARGET_BOX_TASK_DROP)
     # The click targets promise what casam does on tasks plain SAM can do; a task it fails at (its zero-shot box
     # below TARGET_HARD_ZERO_SHOT: retinal vessels) has its own target below, and the all-task value is kept beside.
@@ -261,7 +289,8 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
         rc = get(m, "R_click")
         return round(float(np.mean([rc[-1][j] for j in sam_tasks])), 6) if rc and sam_tasks else None
 
-    for key, m, goal in (("casam_click", "casam", TARGET_CLICK), ("fresh_install_click", "fresh_install", TARGET_FRESH_CLICK)):
+    for key, m, goal in (("casam_click", "casam", TARGET_CLICK),
+                         ("fresh_install_click", "fresh_install", TARGET_FRESH_CLICK)):
         v = click_avg(m)
         name = "CA-SAM" if m == "casam" else "fresh install"
         t[key] = restricted(check(f"{name} click Avg-IoU >= {goal}{where}", v, v is not None and v >= goal),
@@ -270,28 +299,32 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
     v = None if fb is None or zs is None else fb - zs
     t["fresh_install_box"] = check(f"fresh install box Avg-IoU >= zero-shot - {TARGET_FRESH_BOX_DROP}", v,
                                    v is not None and v >= -TARGET_FRESH_BOX_DROP)
-    for p in PROMPTS:
+    for p in PROMPT_TYPES:
         v = (router.get("regret") or {}).get(p)
         t[f"router_regret_{p}"] = check(f"router regret (oracle - router) <= {TARGET_REGRET} on {p} prompts", v,
                                         v is not None and v <= TARGET_REGRET)
     v = get("casam", "bwt")
     t["casam_bwt"] = check(f"CA-SAM BWT >= {TARGET_BWT}", v, v is not None and v >= TARGET_BWT)
     v = router.get("new_modality_fallback_min")
-    t["new_modality_fallback"] = check(f"images of a modality no layer was trained on fall back >= {TARGET_UNSEEN_FALLBACK:.0%} "
-                                       "at every step (the lowest step)", v, v is not None and v >= TARGET_UNSEEN_FALLBACK)
+    t["new_modality_fallback"] = check(f"images of a modality no layer was trained on fall back >= "
+                                       f"{TARGET_UNSEEN_FALLBACK:.0%} at every step (the lowest step)", v,
+                                       v is not None and v >= TARGET_UNSEEN_FALLBACK)
     v = router.get("other_modality_layer_max")
-    t["no_cross_modality_route"] = check("an image of a modality that has a layer goes to that modality's layer or falls "
+    t["no_cross_modality_route"] = check("an image of a modality that has a layer goes to that modality's layer or "
+                                         "falls "
                                          "back, at every step (most images routed to another modality's layer)", v,
                                          v is not None and v == 0)
     v = min(R[-1][j] for j in hard) if hard and R else None
-    t["casam_box_hard_task"] = check(f"on a task the frozen backbone fails at (box IoU < {TARGET_HARD_ZERO_SHOT}), CA-SAM's final "
-                                     f"box IoU >= {TARGET_HARD_BOX} (the lowest such task)", v, v is not None and v >= TARGET_HARD_BOX)
+    t["casam_box_hard_task"] = check(f"on a task the frozen backbone fails at (box IoU < {TARGET_HARD_ZERO_SHOT}), "
+                                     f"CA-SAM's final box IoU >= {TARGET_HARD_BOX} (the lowest such task)", v,
+                                     v is not None and v >= TARGET_HARD_BOX)
     # encoding grows with the images; training is capped at max_images, and calibration and validation are seconds
     serve = [st["seconds_to_serve"]["encode_per_image"] * 80 + st["seconds_to_serve"]["after_encode"]
              for st in router.get("per_step", []) if st.get("seconds_to_serve")]
     v = round(max(serve), 1) if serve else None
-    t["seconds_to_serve"] = check(f"labelled images to served layer <= {TARGET_SERVE_SECONDS} s for 80 images (the slowest "
-                                  "task: 80 x encode seconds per image + train the layer and its head + calibrate + validate clicks)", v,
+    t["seconds_to_serve"] = check(f"labelled images to served layer <= {TARGET_SERVE_SECONDS} s for 80 images (the "
+                                  "slowest task: 80 x encode seconds per image + train the layer and its head + "
+                                  "calibrate + validate clicks)", v,
                                   v is not None and v <= TARGET_SERVE_SECONDS)
     cs = (seqs.get("casam") or {}).get("mean")
     per = (seqs.get("casam") or {}).get("per_task") or {}
@@ -301,6 +334,7 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
          else (cs["iou"][-1] if cs else None))
     t["casam_sequence"] = restricted(check(f"CA-SAM IoU after the last click >= {TARGET_SEQUENCE}{where}", v,
                                            v is not None and v >= TARGET_SEQUENCE), cs["iou"][-1] if cs else None)
-    t["casam_sequence_monotone"] = check("CA-SAM mean IoU never drops from one click to the next", None if not cs else cs["monotone"],
+    t["casam_sequence_monotone"] = check("CA-SAM mean IoU never drops from one click to the next",
+                                         None if not cs else cs["monotone"],
                                          bool(cs and cs["monotone"]))
     return t

@@ -37,13 +37,13 @@ from casam.model.backbone import Backbone, load_backbone
 from casam.model.router import Router
 from casam.paths import default_cache, default_data
 from casam.prompts.clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
+from casam.prompts.masks import PROMPT_TYPES
 from casam.registry.store import LayerInfo, LayerRegistry
 from casam.scoring import score as scoring
 from casam.scoring.protocol import summarise
-from casam.scoring.samples import Sample, make_samples
-from casam.scoring.score import PROMPTS, ImageScores, aggregate, score_image
+from casam.scoring.samples import EmbeddingCache, Sample, make_samples
+from casam.scoring.score import ImageScores, aggregate, score_image
 from casam.training.config import TrainConfig
-from casam.training.embeddings import EmbeddingCache
 from casam.training.fit import fit
 from casam.training.layer import split_samples, train_layer
 
@@ -55,10 +55,13 @@ __all__ = ["METHODS", "CASAM_METHODS", "SEQUENCE_METHODS", "RESULTS_DIR", "Bench
 METHODS = ("zero_shot", "fresh_install", "seq_decoder", "seq_layer", "casam", "casam_oracle", "joint")
 CASAM_METHODS = ("casam", "casam_oracle")  # the two arms over the same layers (router / true task id)
 SEQUENCE_METHODS = ("zero_shot", "fresh_install", "casam", "casam_oracle")
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "benchmarks" / "results"  # the checkout's
+# Where results go without --out: relative to the current directory (the checkout's benchmarks/results when run
+# from its root, as documented); the library itself knows no checkout.
+RESULTS_DIR = Path("benchmarks") / "results"
 
 
 def log(msg: str) -> None:
+    """Prints a benchmark log line with the time of day."""
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
@@ -205,9 +208,16 @@ def encode_seconds(backbone: Backbone, images: Sequence[np.ndarray], n: int = 8)
     """Seconds to encode one image (mean over ``n`` images, uncached): what a fresh site pays per labelled image.
 
     One untimed encode first: a running server is warm, and the first call of a process also pays for the
-    framework's start-up (on a GPU, CUDA's: 0.91 s per image measured for the first task, 0.009 s after).
-    Eight images, not three: three gave 1.19 and 1.94 s on two MRI tasks of the same kind, and the seconds to
-    a served layer multiply this by 80.
+    framework's start-up (on a GPU, CUDA's). Several images, because a few vary too much and the seconds to a
+    served layer multiply this figure by the labelled images.
+
+    Args:
+        backbone: the frozen backbone.
+        images: the task's training images.
+        n: images timed.
+
+    Returns:
+        Mean seconds per image.
     """
     if images:
         backbone.encode(backbone.prepare(images[0])[0])
@@ -252,7 +262,7 @@ def layer_scores(state: BenchmarkState, li: Optional[int], j: int, i: int) -> Im
     if key not in state.memo:
         state.memo[key] = score_image(state.bb, state.layers[li], state.test_s[j][i])
     info = state.infos[li]
-    return {p: state.memo[key][p] if info.serves(p) else state.zs_img[j][i][p] for p in PROMPTS}
+    return {p: state.memo[key][p] if info.serves(p) else state.zs_img[j][i][p] for p in PROMPT_TYPES}
 
 
 def router_step(tasks: Sequence[Task], k: int, routes: List[List[Optional[int]]], info: LayerInfo,
@@ -301,7 +311,8 @@ def router_step(tasks: Sequence[Task], k: int, routes: List[List[Optional[int]]]
 
 def _score_all(state: BenchmarkState, method: str, k: int, layer: Optional[Callable],
                backbone: Optional[Backbone] = None) -> None:
-    """Row ``k`` of ``method``: every task's test split scored with ``layer`` (on ``backbone``, default the frozen one)."""
+    """Row ``k`` of ``method``: every task's test split scored with ``layer`` (on ``backbone``, default the frozen
+    one)."""
     backbone = state.bb if backbone is None else backbone
     t1 = time.time()
     for j in range(state.T):
@@ -342,8 +353,8 @@ def prepare(args: argparse.Namespace, argv: Sequence[str], prog: str) -> Benchma
     if not tasks:
         raise SystemExit(f"casam benchmark: no task found in {data_root}")
     cache_dir = None if str(args.cache).lower() == "none" else (args.cache or default_cache())
-    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, max_images=args.max_images,
-                      vae_epochs=args.vae_epochs, head_steps=args.head_steps)
+    cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                      max_images=args.max_images, vae_epochs=args.vae_epochs, head_steps=args.head_steps)
     log(f"tasks ({len(tasks)}): {', '.join(t.name for t in tasks)}; methods: {', '.join(args.method_list)}; epochs "
         f"{cfg.epochs}, max_images {cfg.max_images}, device {args.device}, cache {cache_dir}")
     bb = load_backbone(args.backbone, args.checkpoint, args.device)
@@ -363,9 +374,11 @@ def encode(state: BenchmarkState) -> None:
         te_cases = spread([c for c in t.split("test") if c.mask is not None], args.max_test_cases)
         imgs, masks, pats = load_cases(tr_cases)
         state.enc_per_image.append(encode_seconds(bb, imgs))
-        tr = make_samples(bb, imgs, masks, pats, cache, cfg.window, progress=args.progress, desc=f"encode {t.name} train")
+        tr = make_samples(bb, imgs, masks, pats, cache, cfg.window, progress=args.progress,
+                          desc=f"encode {t.name} train")
         imgs, masks, pats = load_cases(te_cases)
-        te = make_samples(bb, imgs, masks, pats, cache, cfg.window, progress=args.progress, desc=f"encode {t.name} test")
+        te = make_samples(bb, imgs, masks, pats, cache, cfg.window, progress=args.progress,
+                          desc=f"encode {t.name} test")
         del imgs, masks, cache
         sub = train_subset(tr, cfg)
         state.train_all.append(tr)
@@ -373,8 +386,10 @@ def encode(state: BenchmarkState) -> None:
         state.test_s.append(te)
         state.counts.append({"task": t.name, "modality": t.modality, "train_cases": len(tr), "train_used": len(sub),
                              "train_patients": len({s.patient for s in tr}), "test_cases": len(te),
-                             "test_masks": sum(len(s.targets) for s in te), "test_patients": len({s.patient for s in te})})
-        log(f"encoded {t.name}: {len(tr)} train ({len(sub)} used for training), {len(te)} test  [{time.time() - t0:.0f}s]")
+                             "test_masks": sum(len(s.targets) for s in te),
+                             "test_patients": len({s.patient for s in te})})
+        log(f"encoded {t.name}: {len(tr)} train ({len(sub)} used for training), {len(te)} test  "
+            f"[{time.time() - t0:.0f}s]")
     state.encode_s = time.time() - t0
 
 
@@ -386,7 +401,8 @@ def plain_scores(state: BenchmarkState) -> None:
     state.zs_img = [[score_image(bb, None, s) for s in te] for te in state.test_s]  # plain SAM + casam's clicks
     state.fresh_res = [aggregate(x) for x in state.zs_img]
     raw_img = [[{**f, **score_image(bb, None, s, raw_click=True, prompts=("click",))} for s, f in zip(te, fz)]
-               for te, fz in zip(state.test_s, state.zs_img)] if "zero_shot" in methods else state.zs_img  # boxes: as fresh
+               for te, fz in zip(state.test_s, state.zs_img)] if "zero_shot" in methods else state.zs_img
+    # (boxes: as fresh_install)
     state.zs_res = [aggregate(x) for x in raw_img]  # plain LiteMedSAM: raw point prompt
     zs_time = time.time() - t0
     for m, res_ in (("zero_shot", state.zs_res), ("fresh_install", state.fresh_res)):
@@ -462,7 +478,8 @@ def casam_step(state: BenchmarkState, k: int) -> None:
                            samples=state.train_all[k])
     timing = serve_timing(info, state.enc_per_image[k])
     if info.extra.get("n_train") != len(state.train_s[k]):
-        raise RuntimeError(f"train_layer used {info.extra.get('n_train')} images, the baselines {len(state.train_s[k])}")
+        raise RuntimeError(f"train_layer used {info.extra.get('n_train')} images, "
+                           f"the baselines {len(state.train_s[k])}")
     layer, vae, info = state.registry.load(info.name, bb)
     layer = layer.to(bb.device).eval()
     state.layers.append(layer)
@@ -549,7 +566,8 @@ def joint(state: BenchmarkState) -> None:
     torch.manual_seed(state.args.seed)
     layer = fresh_layer(state.bb)
     pooled = [s for sub in state.train_s for s in sub]
-    _timed_fit(state, "joint", lambda: fit(state.bb, pooled, state.cfg, layer, progress=state.args.progress, desc="joint"))
+    _timed_fit(state, "joint", lambda: fit(state.bb, pooled, state.cfg, layer, progress=state.args.progress,
+                                           desc="joint"))
     _score_all(state, "joint", T - 1, layer)
     for k in range(T - 1):  # non-continual: the one final model, its row repeated
         for j in range(T):

@@ -209,7 +209,8 @@ def merge(registry: LayerRegistry, answers: Dict[str, Dict[str, Any]], backbone_
             v.status, v.reason, v.layer = "unchanged", f"same labels as {active[inst].name}", active[inst].name
             verdicts.append(v)
             continue
-        info.extra.setdefault("federated", {}).update(site=site, round=int(round_index))  # site: NVFlare's identity, not the claim
+        # site: NVFlare's identity, not the claim
+        info.extra.setdefault("federated", {}).update(site=site, round=int(round_index))
         info.extra["federated"]["received_sha256"] = dict(info.sha256)
         v.status, v.layer = "merged", registry.add(layer, vae, info).name
         log.info("round %d: merged %s from %s", round_index, v.layer, site)

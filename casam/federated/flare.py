@@ -90,7 +90,8 @@ class CasamCoordinator(Controller):
     def start_controller(self, fl_ctx: FLContext) -> None:
         self._reg = LayerRegistry(self.registry or default_registry())
         self._backbone_hash = _load_backbone(self.backbone, self.checkpoint).hash
-        self.log_info(fl_ctx, f"casam coordinator: registry {self._reg.root}, backbone {self.backbone} ({self._backbone_hash[:12]})")
+        self.log_info(fl_ctx, f"casam coordinator: registry {self._reg.root}, backbone {self.backbone} "
+                              f"({self._backbone_hash[:12]})")
 
     def stop_controller(self, fl_ctx: FLContext) -> None:
         pass
@@ -113,8 +114,8 @@ class CasamCoordinator(Controller):
     def _round(self, r: int, abort_signal: Signal, fl_ctx: FLContext) -> None:
         reg = self._reg
         t0 = time.time()
-        request = {"round": r, "backbone_hash": self._backbone_hash, "recipe": self.recipe, "min_labels": self.min_labels,
-                   "manifest": coord.manifest(reg)}
+        request = {"round": r, "backbone_hash": self._backbone_hash, "recipe": self.recipe,
+                   "min_labels": self.min_labels, "manifest": coord.manifest(reg)}
         results, request_bytes = self._broadcast(TRAIN_TASK, request, self.train_timeout, abort_signal, fl_ctx)
         answers, sizes, headers, failed = {}, {}, {}, []
         for site, res in results.items():
@@ -127,13 +128,15 @@ class CasamCoordinator(Controller):
             headers[site] = sorted(res.get(ReservedHeaderKey.HEADERS) or {})
         verdicts = coord.merge(reg, answers, self._backbone_hash, self.max_val_drop, r, sizes) + failed
         for v in verdicts:
-            v.received["nvflare_headers"] = headers.get(v.site, [])  # NVFlare's own envelope (task name, ids, peer context)
+            # NVFlare's own envelope (task name, ids, peer context)
+            v.received["nvflare_headers"] = headers.get(v.site, [])
         t_train = time.time() - t0
         summary = [{k: v.to_dict()[k] for k in ("site", "institution", "status", "reason", "layer")} for v in verdicts]
         # every site already holds what it acknowledged in an earlier round of this job: send the rest only
         held = set.intersection(*(self._held.get(site, set()) for site in results)) if results else set()
         layers = [entry for entry in coord.registry_layers(reg) if entry["meta"]["name"] not in held]
-        acks, sync_bytes = self._broadcast(SYNC_TASK, {"round": r, "layers": layers, "verdicts": summary}, 0, abort_signal, fl_ctx)
+        acks, sync_bytes = self._broadcast(SYNC_TASK, {"round": r, "layers": layers, "verdicts": summary}, 0,
+                                           abort_signal, fl_ctx)
         for site, a in acks.items():
             if a is not None and a.get_return_code() == ReturnCode.OK and not a.get("conflicts"):
                 self._held[site] = held | {entry["meta"]["name"] for entry in layers}
@@ -141,7 +144,8 @@ class CasamCoordinator(Controller):
             "round": r, "seconds": round(time.time() - t0, 2), "seconds_train_and_merge": round(t_train, 2),
             "request_bytes_per_site": request_bytes, "sync_bytes_per_site": sync_bytes, "layers_sent": len(layers),
             "verdicts": [v.to_dict() for v in verdicts],
-            "sync": {site: (_plain(a) if a is not None and a.get_return_code() == ReturnCode.OK else {"error": str(a and a.get_return_code())})
+            "sync": {site: (_plain(a) if a is not None and a.get_return_code() == ReturnCode.OK
+                            else {"error": str(a and a.get_return_code())})
                      for site, a in acks.items()},
             "registry": [i.name for i in reg.list()], "signature": reg.signature(),
         }
@@ -209,4 +213,5 @@ class CasamSiteExecutor(Executor):
         path = self._registry().root / OUTBOX_FILE
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "a") as f:
-            f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": task_name, **summary}, default=str) + "\n")
+            entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "task": task_name, **summary}
+            f.write(json.dumps(entry, default=str) + "\n")

@@ -25,11 +25,11 @@ from casam.federated.site import load_site_labels
 from casam.inference.predictor import CASAMPredictor
 from casam.model.backbone import DEFAULT_BACKBONE, Backbone, load_backbone
 from casam.paths import default_data
+from casam.prompts.masks import PROMPT_TYPES
 from casam.registry.store import LayerRegistry, slug
-from casam.scoring.samples import make_samples
-from casam.scoring.score import PROMPTS, aggregate, score_image
+from casam.scoring.samples import EmbeddingCache, make_samples
+from casam.scoring.score import aggregate, score_image
 from casam.training.config import TrainConfig
-from casam.training.embeddings import EmbeddingCache
 from casam.training.layer import train_layer
 
 JOB_NAME = "casam_federated"
@@ -89,10 +89,12 @@ def build_job(sites: Optional[Dict[str, Dict[str, str]]], coordinator_registry: 
                                    num_rounds=num_rounds, recipe=dict(recipe or {}), min_labels=min_labels,
                                    max_val_drop=max_val_drop))
     if not sites:
-        job.to_clients(CasamSiteExecutor(backbone=backbone, checkpoint=checkpoint, cache=cache), tasks=[TRAIN_TASK, SYNC_TASK])
+        job.to_clients(CasamSiteExecutor(backbone=backbone, checkpoint=checkpoint, cache=cache),
+                       tasks=[TRAIN_TASK, SYNC_TASK])
         return job
     for name, spec in sites.items():
-        ex = CasamSiteExecutor(data=spec["data"], institution=spec["institution"], backbone=backbone, checkpoint=checkpoint,
+        ex = CasamSiteExecutor(data=spec["data"], institution=spec["institution"], backbone=backbone,
+                               checkpoint=checkpoint,
                                registry=str(Path(site_registries) / name) if site_registries else "", cache=cache,
                                modality=spec.get("modality", ""))
         job.to(ex, name, tasks=[TRAIN_TASK, SYNC_TASK])
@@ -126,18 +128,37 @@ def allow_components(local_dir: str | Path) -> Path:
 
 def train_central(backbone: Backbone, sites: Dict[str, Dict[str, str]], registry: LayerRegistry, config_: TrainConfig,
                   cache: Optional[str] = None) -> List[str]:
-    """The reference: every site's layer trained in one place, from the same data and recipe, in site order."""
+    """The reference: every site's layer trained in one place, from the same data and recipe, in site order.
+
+    Args:
+        backbone: the consortium's backbone.
+        sites: see :func:`build_job`.
+        registry: where the layers go.
+        config_: the recipe.
+        cache: embedding cache folder.
+
+    Returns:
+        The names of the layers, in site order.
+    """
     names = []
     for spec in sites.values():
         images, masks, patients = load_site_labels(spec["data"], spec["institution"])
-        names.append(train_layer(backbone, images, masks, patients, registry, spec["institution"], spec.get("modality", ""),
-                                 config_, cache, progress=False).name)
+        names.append(train_layer(backbone, images, masks, patients, registry, spec["institution"],
+                                 spec.get("modality", ""), config_, cache, progress=False).name)
     return names
 
 
-def routed_iou(backbone: Backbone, registry: LayerRegistry, spec: Dict[str, str], cache: Optional[str] = None) -> Dict[str, Any]:
+def routed_iou(backbone: Backbone, registry: LayerRegistry, spec: Dict[str, str],
+               cache: Optional[str] = None) -> Dict[str, Any]:
     """Routed IoU of a registry on a site's test split, as the app serves it: the router picks a layer per image
-    (plain SAM on fallback), and a layer serves only the prompt types it may serve (:meth:`casam.registry.store.LayerInfo.serves`).
+    (plain SAM on fallback), and a layer serves only the prompt types the gate lets it serve
+    (:meth:`casam.registry.store.LayerInfo.serves`).
+
+    Args:
+        backbone: the frozen backbone.
+        registry: the registry under test.
+        spec: the site (``data``, ``institution``).
+        cache: embedding cache folder.
 
     Returns:
         {prompt (box, click): mean IoU over every mask, "own_layer": share of images routed to the site's own
@@ -154,21 +175,27 @@ def routed_iou(backbone: Backbone, registry: LayerRegistry, spec: Dict[str, str]
         fallback += int(info is None)
         plain = score_image(backbone, None, s)
         routed = score_image(backbone, pred.layer(info.name), s) if info is not None else plain
-        per_image.append({p: routed[p] if info is not None and info.serves(p) else plain[p] for p in PROMPTS})
+        per_image.append({p: routed[p] if info is not None and info.serves(p) else plain[p] for p in PROMPT_TYPES})
     res = aggregate(per_image)
     n = max(len(samples), 1)
-    return {**{p: res[p]["iou"] for p in PROMPTS}, "own_layer": own / n, "fallback": fallback / n, "images": len(samples)}
+    return {**{p: res[p]["iou"] for p in PROMPT_TYPES}, "own_layer": own / n, "fallback": fallback / n,
+            "images": len(samples)}
 
 
-def simulate(sites: Dict[str, Dict[str, str]], workdir: str | Path, backbone: str, recipe: Dict[str, Any], num_rounds: int = 1,
-             checkpoint: str = "", min_labels: int = FED_MIN_LABELS, max_val_drop: float = FED_MAX_VAL_DROP,
-             cache: str = "", log_config: Optional[str] = None) -> Dict[str, Any]:
+def simulate(sites: Dict[str, Dict[str, str]], workdir: str | Path, backbone: str, recipe: Dict[str, Any],
+             num_rounds: int = 1, checkpoint: str = "", min_labels: int = FED_MIN_LABELS,
+             max_val_drop: float = FED_MAX_VAL_DROP, cache: str = "",
+             log_config: Optional[str] = None) -> Dict[str, Any]:
     """Runs the job in NVFlare's simulator (one process per site).
 
     Args:
         sites: see :func:`build_job`.
         workdir: holds ``coordinator/`` (merged registry + rounds report), ``sites/<site>/`` (each site's registry and
             outbox log) and ``workspace/`` (NVFlare's).
+        backbone: the consortium's backbone name.
+        recipe: TrainConfig fields.
+        num_rounds, checkpoint, min_labels, max_val_drop, cache: see :func:`build_job`.
+        log_config: NVFlare's logging configuration (None: its default).
 
     Returns:
         {"returncode", "rounds" (the coordinator's report), "seconds"}.
@@ -177,8 +204,8 @@ def simulate(sites: Dict[str, Dict[str, str]], workdir: str | Path, backbone: st
         CasamError: the simulator failed.
     """
     workdir = Path(workdir)
-    job = build_job(sites, str(workdir / "coordinator"), str(workdir / "sites"), backbone, checkpoint, recipe, num_rounds,
-                    min_labels, max_val_drop, cache)
+    job = build_job(sites, str(workdir / "coordinator"), str(workdir / "sites"), backbone, checkpoint, recipe,
+                    num_rounds, min_labels, max_val_drop, cache)
     allow_components(workdir / "workspace" / "local")  # copied to every simulated participant's local/
     t0 = time.time()
     rc = job.simulator_run(str(workdir / "workspace"), threads=len(sites), log_config=log_config)
@@ -190,35 +217,46 @@ def simulate(sites: Dict[str, Dict[str, str]], workdir: str | Path, backbone: st
 
 def compare(backbone: Backbone, sites: Dict[str, Dict[str, str]], federated: LayerRegistry, central: LayerRegistry,
             cache: Optional[str] = None) -> Dict[str, Any]:
-    """Routed IoU per site of the federated and the central registry, and their difference."""
+    """Routed IoU per site of the federated and the central registry, and their difference.
+
+    Returns:
+        Site name → {``institution``, ``federated`` and ``central`` (:func:`routed_iou`), ``delta`` per prompt type}.
+    """
     out = {}
     for name, spec in sites.items():
         f, c = routed_iou(backbone, federated, spec, cache), routed_iou(backbone, central, spec, cache)
         out[name] = {"institution": spec["institution"], "federated": f, "central": c,
-                     "delta": {p: None if f[p] is None or c[p] is None else f[p] - c[p] for p in PROMPTS}}
+                     "delta": {p: None if f[p] is None or c[p] is None else f[p] - c[p] for p in PROMPT_TYPES}}
     return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The ``casam federated`` argument parser."""
-    p = argparse.ArgumentParser(prog="casam federated", description="federated CA-SAM on NVFlare: each site trains its own "
-                                "layer; only the layer travels; the coordinator checks and merges them into one registry")
+    p = argparse.ArgumentParser(prog="casam federated",
+                                description="federated CA-SAM on NVFlare: each site trains its own layer; only the "
+                                            "layer travels; the coordinator checks and merges them into one registry")
     sub = p.add_subparsers(dest="action", required=True)
     s = sub.add_parser("simulate", help="run the job in NVFlare's simulator, one site per institution of a dataset, "
                        "and compare with the same layers trained centrally")
-    s.add_argument("--data", default=None, help="data root with MANIFEST.tsv (default $CASAM_DATA or ../shared/data)")
+    s.add_argument("--data", default=None,
+                   help=f"data root with MANIFEST.tsv (default $CASAM_DATA or {default_data()})")
     s.add_argument("--dataset", default="brain_mri_lgg", help="dataset whose institutions become the sites")
-    s.add_argument("--rounds", type=int, default=2, help="rounds (the second one, with no new labels, must change nothing)")
+    s.add_argument("--rounds", type=int, default=2,
+                   help="rounds (the second one, with no new labels, must change nothing)")
     s.add_argument("--workdir", default=None, help="keep the coordinator's and sites' registries and logs here")
     s.add_argument("--out", default=None, help="write the results JSON here (e.g. benchmarks/results/federated.json)")
     s.add_argument("--no-central", action="store_true", help="skip the central reference and the IoU comparison")
-    for a in (s, sub.add_parser("export-job", help="write the job folder a real consortium submits with `nvflare job submit`")):
+    train = TrainConfig()  # CA-SAM's recipe
+    export = sub.add_parser("export-job",
+                            help="write the job folder a real consortium submits with `nvflare job submit`")
+    for a in (s, export):
         a.add_argument("--backbone", default=DEFAULT_BACKBONE, help="litemedsam (default), vit_b, vit_l, vit_h or tiny")
         a.add_argument("--checkpoint", default="", help="backbone weights file (vit_*)")
-        a.add_argument("--epochs", type=int, default=24)
-        a.add_argument("--max-images", type=int, default=None, help="cap on training images per site")
-        a.add_argument("--lr", type=float, default=1e-4)
-        a.add_argument("--seed", type=int, default=0)
+        a.add_argument("--epochs", type=int, default=train.epochs,
+                       help=f"passes over each site's training images (default {train.epochs})")
+        a.add_argument("--max-images", type=int, default=train.max_images, help="cap on training images per site")
+        a.add_argument("--lr", type=float, default=train.lr, help=f"Adam learning rate (default {train.lr:g})")
+        a.add_argument("--seed", type=int, default=train.seed, help=f"seed (default {train.seed})")
         a.add_argument("--min-labels", type=int, default=FED_MIN_LABELS)
         a.add_argument("--max-val-drop", type=float, default=FED_MAX_VAL_DROP)
         a.add_argument("--cache", default="", help="embedding cache folder of the sites (default $CASAM_CACHE)")
@@ -233,6 +271,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _recipe(args) -> Dict[str, Any]:
+    """The TrainConfig fields every site trains with: CA-SAM's recipe with the command's options."""
     return TrainConfig(epochs=args.epochs, max_images=args.max_images, lr=args.lr, seed=args.seed).to_dict()
 
 
@@ -244,7 +283,8 @@ def run_simulation(args, argv: Sequence[str]) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="casam-fed-") as tmp:
         work = Path(args.workdir or tmp)
         cache = args.cache or str(work / "cache")
-        sim = simulate(sites, work, args.backbone, recipe, args.rounds, args.checkpoint, args.min_labels, args.max_val_drop, cache)
+        sim = simulate(sites, work, args.backbone, recipe, args.rounds, args.checkpoint, args.min_labels,
+                       args.max_val_drop, cache)
         res: Dict[str, Any] = {
             "command": "casam federated " + " ".join(shlex.quote(a) for a in argv),
             "machine": machine_info("cpu"), "nvflare": __import__("nvflare").__version__, "backbone": args.backbone,
@@ -256,11 +296,13 @@ def run_simulation(args, argv: Sequence[str]) -> Dict[str, Any]:
             res["wall_time_per_round_s"].append(r["seconds"])
             res["rounds"].append({
                 "round": r["round"], "seconds": r["seconds"], "registry": r["registry"], "signature": r["signature"],
-                "bytes_to_each_site": {"request": r["request_bytes_per_site"], "merged_registry": r["sync_bytes_per_site"],
+                "bytes_to_each_site": {"request": r["request_bytes_per_site"],
+                                       "merged_registry": r["sync_bytes_per_site"],
                                        "merged_layers": r.get("layers_sent")},
                 "sites": {v["site"]: {"status": v["status"], "reason": v["reason"], "layer": v["layer"],
                                       "validation": v["validation"], "bytes_sent": v["received"].get("wire_bytes"),
-                                      "tensor_bytes": v["received"].get("file_bytes"), "meta_bytes": v["received"].get("meta_bytes")}
+                                      "tensor_bytes": v["received"].get("file_bytes"),
+                                      "meta_bytes": v["received"].get("meta_bytes")}
                           for v in r["verdicts"]},
             })
             for v in r["verdicts"]:
@@ -285,8 +327,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{allow_components(args.local)}: class_allow_list now includes {', '.join(ALLOWED)}")
         return 0
     if args.action == "export-job":
-        job = build_job(None, backbone=args.backbone, checkpoint=args.checkpoint, recipe=_recipe(args), num_rounds=args.rounds,
-                        min_labels=args.min_labels, max_val_drop=args.max_val_drop, cache=args.cache, min_clients=args.min_clients)
+        job = build_job(None, backbone=args.backbone, checkpoint=args.checkpoint, recipe=_recipe(args),
+                        num_rounds=args.rounds, min_labels=args.min_labels, max_val_drop=args.max_val_drop,
+                        cache=args.cache, min_clients=args.min_clients)
         job.export_job(args.out)
         print(f"job written to {Path(args.out) / JOB_NAME}")
         return 0

@@ -25,8 +25,8 @@ from casam.registry.store import LAYER_FILE, ROUTER_FILE
 FILES = (LAYER_FILE, ROUTER_FILE)
 STATUSES = ("layer", "unchanged", "skipped")
 PAYLOAD_KEYS = ("status", "reason", "institution", "meta", "files")
-META_KEYS = ("name", "institution", "version", "modality", "backbone_id", "backbone_hash", "n_images", "n_patients", "tau",
-             "val_iou", "zero_shot_val_iou", "channels", "blocks", "train_config", "sha256", "extra")
+META_KEYS = ("name", "institution", "version", "modality", "backbone_id", "backbone_hash", "n_images", "n_patients",
+             "tau", "val_iou", "zero_shot_val_iou", "channels", "blocks", "train_config", "sha256", "extra")
 FEDERATED_KEYS = ("fingerprint", "site")
 
 

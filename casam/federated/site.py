@@ -74,10 +74,12 @@ def load_site_labels(source: str | Path, institution: str, split: str = "train")
         if skipped:
             log.info("site labels skipped: %d (%s)", len(skipped), "; ".join(s["reason"] for s in skipped[:3]))
         return images_, masks, patients
-    raise CasamError(f"{source} is neither a dataset folder (images/, masks/) nor a MONAI Label studies folder (labels/final/)")
+    raise CasamError(f"{source} is neither a dataset folder (images/, masks/) nor a MONAI Label studies folder "
+                     "(labels/final/)")
 
 
-def fingerprint(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], backbone_hash: str, recipe: Dict[str, Any]) -> str:
+def fingerprint(images: Sequence[np.ndarray], masks: Sequence[np.ndarray], backbone_hash: str,
+                recipe: Dict[str, Any]) -> str:
     """A hash of what a layer would be trained from: every image and label (order-free), the backbone, the recipe.
 
     Equal fingerprints mean "no new labels, same recipe": a round then changes nothing.
@@ -112,13 +114,16 @@ def train_round(request: Dict[str, Any], backbone: Backbone, source: str | Path,
     Returns:
         The payload (see :mod:`casam.federated.payload`): a layer, or ``unchanged``/``skipped`` with a reason.
     """
-    def answer(status: str, reason: str = "", meta: Optional[dict] = None, files: Optional[dict] = None) -> Dict[str, Any]:
-        payload = {"status": status, "reason": reason, "institution": institution, "meta": meta or {}, "files": files or {}}
+    def answer(status: str, reason: str = "", meta: Optional[dict] = None,
+               files: Optional[dict] = None) -> Dict[str, Any]:
+        payload = {"status": status, "reason": reason, "institution": institution, "meta": meta or {},
+                   "files": files or {}}
         check_outgoing(payload)
         return payload
 
     if request.get("backbone_hash") != backbone.hash:
-        return answer("skipped", f"site backbone {backbone.id} differs from the consortium's ({str(request.get('backbone_hash'))[:12]})")
+        return answer("skipped", f"site backbone {backbone.id} differs from the consortium's "
+                                 f"({str(request.get('backbone_hash'))[:12]})")
     recipe = dict(request.get("recipe") or {})
     config = TrainConfig(**recipe)
     try:
@@ -146,7 +151,8 @@ def train_round(request: Dict[str, Any], backbone: Backbone, source: str | Path,
 
 def sync(registry: LayerRegistry, layers: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
     """Copies the coordinator's merged registry into a site's registry (layers it already holds are left alone),
-    holding the registry's writer lock (:func:`casam.registry.store.writer_lock`), so it waits for a running online trainer.
+    holding the registry's writer lock (:func:`casam.registry.store.writer_lock`), so it waits for a running online
+    trainer.
 
     Args:
         registry: the site's registry (the one its MONAI Label app serves).

@@ -7,8 +7,3 @@ from casam.inference.predictor import CASAMPredictor, Embedding, Prediction, che
 from casam.inference.prefetch import Prefetcher, image_key, install_pause_points, middle_out
 from casam.inference.routing import Routing
 from casam.inference.volume import segment_volume
-
-__all__ = [
-    'nbytes', 'ByteCache', 'Embedding', 'Prediction', 'check_prompts', 'CASAMPredictor',
-    'install_pause_points', 'image_key', 'middle_out', 'Prefetcher', 'Routing', 'segment_volume',
-]

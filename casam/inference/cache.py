@@ -1,4 +1,10 @@
-"""A thread-safe LRU cache bounded by bytes, for embeddings, aligned embeddings and decodes.
+"""The predictor's in-memory caches: a thread-safe LRU cache bounded by bytes (:class:`ByteCache`).
+
+:class:`casam.inference.predictor.CASAMPredictor` keeps two of them: frozen and aligned embeddings, and decoder
+answers per prompt, for as long as the predictor serves. (Not to be confused with the embedding cache of
+training and the benchmark, :class:`casam.scoring.samples.EmbeddingCache`, which keeps float16 embeddings of
+labelled images on disk across runs, nor with the background encoder
+:class:`casam.inference.prefetch.Prefetcher`, which fills the predictor's embedding ByteCache ahead of a click.)
 
 Every entry carries its size in bytes; the cache evicts the least recently used entries until the sum fits
 ``max_bytes`` (an entry larger than the whole budget is not kept). :meth:`ByteCache.get_or_compute` runs the

@@ -38,13 +38,14 @@ from casam.model.preprocess import (
 )
 from casam.model.router import Router, pool_embedding
 from casam.prompts.clicks import ClickConfig, decode_clicks
+from casam.prompts.masks import BOX, CLICK
 from casam.registry.store import LayerInfo, LayerRegistry
 
+# ``layer`` arguments: route with the VAE router, or plain SAM.
 AUTO, NONE = "auto", "none"
-# SAM's decoder costs more per prompt in large batches on a CPU. With its image-side work shared (casam.model.decoder;
-# LiteMedSAM, 2 cores, a click's 13 prompts): ~510 ms one by one, ~540 ms in batches of 2, ~650 ms in batches of
-# 4, same masks. Prompts are decoded in batches of at most this many
+# Prompts decoded per batch on a CPU: SAM's decoder costs more per prompt in larger batches there (same masks).
 CPU_DECODE_BATCH = 1
+# Default budgets of the two ByteCaches: embeddings and aligned embeddings, and decoder answers.
 CACHE_MB, DECODE_CACHE_MB = 512, 64
 
 
@@ -110,7 +111,8 @@ def check_prompts(hw: Sequence[int], points=None, point_labels=None, box=None):
             raise PromptError(f"{len(pts)} points but {len(lab)} point labels")
         if not set(np.unique(lab)) <= {0, 1}:
             raise PromptError("point labels must be 1 (foreground) or 0 (background)")
-        bad = [(float(x), float(y)) for x, y in pts if not (0 <= x <= w - 1 and 0 <= y <= h - 1) or not np.isfinite([x, y]).all()]
+        bad = [(float(x), float(y)) for x, y in pts
+               if not (0 <= x <= w - 1 and 0 <= y <= h - 1) or not np.isfinite([x, y]).all()]
         if bad:
             raise PromptError(f"point(s) {bad} outside the image (x in 0..{w - 1}, y in 0..{h - 1})")
     if box is not None and len(box) > 0:
@@ -273,8 +275,8 @@ class CASAMPredictor:
 
     def _decode_batches(self, z: torch.Tensor, points=None, labels=None, boxes=None,
                         context: Optional[DecoderContext] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-        """:meth:`casam.model.backbone.Backbone.decode`, in batches of at most :data:`CPU_DECODE_BATCH` prompts on a CPU,
-        on one decoder context of ``z`` (made here when not given)."""
+        """:meth:`casam.model.backbone.Backbone.decode`, in batches of at most :data:`CPU_DECODE_BATCH` prompts on
+        a CPU, on one decoder context of ``z`` (made here when not given)."""
         rows = [t for t in (points, labels, boxes) if t is not None]
         ctx = context if context is not None else self.backbone.decoder_context(z)
         n, step = len(rows[0]), CPU_DECODE_BATCH if z.device.type == "cpu" else len(rows[0])
@@ -370,7 +372,7 @@ class CASAMPredictor:
         """
         emb = self.embed(image, key)
         pts, lab, bx = check_prompts(emb.geom.orig_hw, points, point_labels, box)
-        kind = "box" if bx is not None else "click"
+        kind = BOX if bx is not None else CLICK
         r = self.gate(route if route is not None else self.route(emb, layer), kind)
         decode = self.decoder(self.aligned(emb, r.used), None if emb.key is None else ("dec", emb.key, r.used))
         tb = torch.from_numpy(box_to_model(bx, emb.geom)) if bx is not None else None
@@ -387,7 +389,8 @@ class CASAMPredictor:
         if head is not None:  # the institution's refinement head reads the image at its own resolution
             view = emb.image if emb.image is not None else (
                 image_tensor(image, self.window).half() if isinstance(image, np.ndarray) else None)
-            full = refine(head, None if view is None else view.float(), full, *corrective_clicks(pts, lab, bx is not None))
+            edits = corrective_clicks(pts, lab, bx is not None)
+            full = refine(head, None if view is None else view.float(), full, *edits)
         return Prediction((full > 0).numpy().astype(np.uint8), float(iou[0, 0]), r)
 
     def gate(self, route: Routing, prompt: str) -> Routing:
@@ -419,4 +422,5 @@ class CASAMPredictor:
             return {"layer": None, "score": None, "tau": None, "ratio": None}
         r = router.route(emb.feature)
         info, s = infos[r.best], r.scores[r.best]
-        return {"layer": info.name, "score": float(s), "tau": info.tau, "ratio": float(s / info.tau) if info.tau > 0 else float("inf")}
+        return {"layer": info.name, "score": float(s), "tau": info.tau,
+                "ratio": float(s / info.tau) if info.tau > 0 else float("inf")}

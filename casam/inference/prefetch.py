@@ -1,8 +1,9 @@
 """Background encoding: embed an image's slices as soon as a client opens it, before the first click.
 
-:class:`Prefetcher` runs one daemon thread that encodes one job at a time into the predictor's embedding
-cache, under the same keys a click uses (:func:`image_key`), so the click finds them there (or waits for the
-slice being encoded instead of encoding it twice). It never competes with a click: before each slice it
+:class:`Prefetcher` runs one daemon thread that encodes one job at a time into the predictor's in-memory
+embedding cache (a :class:`casam.inference.cache.ByteCache`), under the same keys a click uses
+(:func:`image_key`), so the click finds them there (or waits for the slice being encoded instead of encoding
+it twice). It never competes with a click: before each slice it
 waits until no request is in flight (:meth:`Prefetcher.foreground`), and a slice being encoded when a request
 comes pauses between the encoder's blocks until the request ends (:func:`install_pause_points`). A newer job
 replaces a queued one and stops the job being encoded after its current slice (the client has moved on). A
@@ -143,7 +144,8 @@ class Prefetcher:
     def status(self) -> Dict[str, Any]:
         """What the worker does: ``current`` and ``queued`` image ids, ``idle``, and ``done`` (slices per image)."""
         with self._cond:
-            return {"current": self._current, "queued": self._next, "idle": self._current is None and self._next is None,
+            return {"current": self._current, "queued": self._next,
+                    "idle": self._current is None and self._next is None,
                     "done": dict(self.done), "errors": dict(self.errors)}
 
     def wait_idle(self, timeout: float = 60.0) -> bool:

@@ -19,7 +19,8 @@ from casam.model.router import Route
 from casam.registry.store import LayerInfo
 
 # MONAI Label result params, in this order; the gate's "used" is sent as "layer_used"
-PARAM_KEYS = ("layer", "institution", "fallback", "forced", "prompt", "used", "reason", "click", "score", "tau", "scores")
+PARAM_KEYS = ("layer", "institution", "fallback", "forced", "prompt", "used", "reason", "click", "score", "tau",
+              "scores")
 
 
 def _fmt(v: Optional[float]) -> str:

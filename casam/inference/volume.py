@@ -82,7 +82,8 @@ def segment_volume(predictor: CASAMPredictor, volume: np.ndarray, slice_index: i
     def inside(i: int) -> bool:
         return max(0, lo_k) <= i <= min(d - 1, hi_k) and abs(i - s0) <= limit
 
-    fronts = {step: (first.mask, s0 + step) for step in (-1, 1) if inside(s0 + step)} if first.mask.sum() >= min_area else {}
+    fronts = ({step: (first.mask, s0 + step) for step in (-1, 1) if inside(s0 + step)}
+              if first.mask.sum() >= min_area else {})
     pending, slice_s = [], time.monotonic() - t0  # slice_s: the last slice that was not cached took this long
     while fronts:
         ready = [st for st, (_, i) in fronts.items() if key is not None and predictor.cached(k(i))]

@@ -27,13 +27,3 @@ from casam.model.preprocess import (
     to_model_input,
 )
 from casam.model.router import FeatureVAE, Route, Router, calibrate_tau, pool_embedding, train_vae
-
-__all__ = [
-    'LayerNorm2d', 'ChannelAttention', 'CAResBlock', 'AlignmentLayer', 'fresh_layer', 'count_parameters',
-    'alignment_macs', 'describe', 'file_sha256', 'Backbone', 'litemedsam_checkpoint', 'fuse_conv_bn',
-    'load_backbone', 'DecoderContext', 'decoder_context', 'decode_with_context', 'RefineHead', 'image_tensor',
-    'refine', 'corrective_clicks', 'keep_click_edits', 'split_head_state', 'Geometry', 'geometry_for',
-    'as_rgb', 'apply_window', 'to_model_input', 'points_to_model', 'box_to_model', 'logits_to_image',
-    'mask_to_model', 'pool_embedding', 'FeatureVAE', 'train_vae', 'calibrate_tau', 'Route',
-    'Router',
-]

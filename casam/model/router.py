@@ -1,13 +1,13 @@
 """The CA-SAM router: one small VAE per Alignment Layer on the pooled image embedding.
 
-Score ``s_t(f) = MSE(f, D_t(μ_t(f))) + β·KL(q_t(z|f) ‖ N(0, I))`` (β = 16.5). The threshold τ_t is the 97th
-percentile of held-out scores from 5-fold cross-validation on the layer's training set. At inference
-``t* = argmin_t s_t(f)``; if ``s_t*(f) > τ_t*`` no layer fits and plain SAM is used (identity fallback).
+Score ``s_t(f) = MSE(f, D_t(μ_t(f))) + β·KL(q_t(z|f) ‖ N(0, I))`` (β = :data:`VAE_BETA`). The threshold τ_t is
+the :data:`TAU_PERCENTILE`-th percentile of held-out scores from :data:`TAU_FOLDS`-fold cross-validation on the
+layer's training set. At inference ``t* = argmin_t s_t(f)``; if ``s_t*(f) > τ_t*`` no layer fits and plain SAM is
+used (identity fallback).
 
-One addition to METHOD.md: each VAE standardises its input with the per-channel mean and standard deviation
-of its own training features (stored with the VAE). Pooled SAM embeddings vary by only ~0.01 per channel, so
-on raw features the reconstruction error of a foreign image barely differs from a familiar one; measured with
-LiteMedSAM, 90 % of dermoscopy images scored below a brain-MRI layer's τ on raw features, 0 % standardised.
+One addition to CA-SAM's recipe (docs/method.md): each VAE standardises its input with the per-channel mean and
+standard deviation of its own training features (stored with the VAE). Pooled SAM embeddings vary very little
+per channel, so on raw features the reconstruction error of a foreign image barely differs from a familiar one.
 """
 
 from __future__ import annotations
@@ -19,22 +19,18 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+# The router VAE's shape and KL weight, as in the CA-SAM paper.
 VAE_BETA = 16.5
-
 VAE_HIDDEN = 128
-
 VAE_LATENT = 64
 
+# τ: this percentile of held-out scores, from this many cross-validation folds (CA-SAM's recipe).
 TAU_PERCENTILE = 97.0
-
 TAU_FOLDS = 5
 
-# Not METHOD's: its code trains the router VAE for 10 epochs, which leaves it barely trained (the score is then
-# little more than a per-channel distance from the training mean) and lets images of a new modality through:
-# on the full dermoscopy training split (128 images) 81 % of MRI and ultrasound test images fell back, 95-98 %
-# after 100 epochs (4 seeds; README, "Router"). Costs a few seconds per layer on a 2-core CPU.
+# More epochs than the paper's code (10): a barely trained VAE lets images of a new modality through
+# (docs/method.md).
 VAE_EPOCHS = 100
-
 
 
 def pool_embedding(z: torch.Tensor) -> torch.Tensor:
@@ -47,9 +43,9 @@ class FeatureVAE(nn.Module):
 
     Args:
         in_dim: feature size (256).
-        hidden: hidden width (128).
-        latent: latent size (64).
-        beta: weight of the KL term in loss and score (16.5).
+        hidden: hidden width (:data:`VAE_HIDDEN`).
+        latent: latent size (:data:`VAE_LATENT`).
+        beta: weight of the KL term in loss and score (:data:`VAE_BETA`).
     """
 
     def __init__(self, in_dim: int = 256, hidden: int = VAE_HIDDEN, latent: int = VAE_LATENT, beta: float = VAE_BETA):
@@ -139,7 +135,7 @@ def calibrate_tau(features: torch.Tensor, groups: Optional[Sequence[str]] = None
         features: N×C training features of one layer.
         groups: optional group id per feature (patient).
         folds: number of folds (5).
-        percentile: percentile of the held-out scores (97).
+        percentile: percentile of the held-out scores (:data:`TAU_PERCENTILE`).
         seed: fold assignment and training seed.
         train_kw: passed to :func:`train_vae`.
 

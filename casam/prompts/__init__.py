@@ -21,19 +21,14 @@ from casam.prompts.clicks import (
     soft_average,
 )
 from casam.prompts.masks import (
+    BOX,
+    CLICK,
+    PROMPT_TYPES,
     SlicePrompts,
     binary_masks,
     central_pixels,
     centroid_point,
     jittered_box,
-    random_central_point,
     tight_box,
     voxel_prompts,
 )
-
-__all__ = [
-    'ClickConfig', 'paired_iou', 'cut_background', 'fill_missed', 'agreement', 'proposal_features',
-    'Proposals', 'propose', 'proposal_scores', 'soft_average', 'fuse_proposals', 'click_depth',
-    'rechoose', 'edit_boxes', 'local_masks', 'decode_clicks', 'binary_masks', 'tight_box',
-    'jittered_box', 'central_pixels', 'centroid_point', 'random_central_point', 'SlicePrompts', 'voxel_prompts',
-]

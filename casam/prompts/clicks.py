@@ -1,15 +1,15 @@
 """Clicks answered by a box-trained decoder: click → box proposals → the self-consistent mask.
 
-LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone gives almost nothing (IoU
-0.00–0.04). The same frozen decoder answers boxes well, so a click is turned into boxes:
+LiteMedSAM's decoder was fine-tuned with boxes only, so a point prompt alone gives almost nothing. The same
+frozen decoder answers boxes well, so a click is turned into boxes:
 
 1. **Proposals**: square boxes of several sizes around the first foreground click, decoded in one batch.
-2. **Refinement**: the best proposals' masks (by predicted IoU and the click) give their own tight boxes,
+2. **Re-decoding**: the best proposals' masks (by predicted IoU and the click) give their own tight boxes,
    decoded once more. A box that fits its object reproduces it; a box too small or too large does not.
-3. **Choice**: a linear score of each refined mask's features (:data:`FEATURES`: both predicted IoUs,
+3. **Choice**: a linear score of each re-decoded mask's features (:data:`FEATURES`: both predicted IoUs,
    self-consistency, stability, how central the click is, size, agreement between sizes), with weights
    fitted once on the training splits of the project's public data (``benchmarks/click_chooser.py``), plus
-   the clicks (foreground inside, background outside). The answer averages the refined masks' probabilities,
+   the clicks (foreground inside, background outside). The answer averages the re-decoded masks' probabilities,
    weighted by a sharp softmax of these scores (:func:`fuse_proposals`): one clear winner is kept as it is,
    two sizes that score alike give what both hold.
 4. **Later clicks edit the chosen box**: a foreground click the mask missed grows the box to hold it (three
@@ -49,12 +49,14 @@ from scipy import ndimage
 HALF_SIZES = (16, 24, 32, 44, 60, 80, 104, 128)
 REFERENCE_SIZE = 256
 
-Decode = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]], Tuple[torch.Tensor, torch.Tensor]]
+# decode(points, labels, boxes) -> (logits, predicted IoU), the decoder on one embedding
+Decode = Callable[[Optional[torch.Tensor], Optional[torch.Tensor], Optional[torch.Tensor]],
+                  Tuple[torch.Tensor, torch.Tensor]]
 
 
-# The chooser's features of a refined proposal (see :func:`proposal_features`) and their weights, fitted by
-# ``benchmarks/click_chooser.py`` on the training splits of ../shared/data (one centred click per object,
-# LiteMedSAM; results and command in benchmarks/results/click_chooser.json).
+# The chooser's features of a re-decoded proposal (see :func:`proposal_features`) and their weights, fitted by
+# ``benchmarks/click_chooser.py`` on the training splits of the project's public data (one centred click per
+# object, LiteMedSAM; results and command in benchmarks/results/click_chooser.json).
 FEATURES = ("predicted_iou", "refined_iou", "consistency", "stability", "off_centre", "log_area", "support", "size")
 CHOOSER_WEIGHTS = {"predicted_iou": 0.37, "refined_iou": 0.49, "consistency": 0.70, "stability": 0.57,
                    "off_centre": -1.17, "log_area": -0.11, "support": 0.97, "size": 0.04}
@@ -66,8 +68,8 @@ class ClickConfig:
 
     Attributes:
         half_sizes: half-sizes of the proposal boxes around the first click (pixels of a 256² frame).
-        refine: decode the best proposals' own tight boxes once more (and choose with :data:`FEATURES`).
-        refine_top: how many proposals (by predicted IoU and the clicks) are refined.
+        redecode: decode the best proposals' own tight boxes once more (and choose with :data:`FEATURES`).
+        redecode_top: how many proposals (by predicted IoU and the clicks) are re-decoded.
         weights: the chooser's weight per feature (None: :data:`CHOOSER_WEIGHTS`).
         click_weight: weight of the clicks' consistency (foreground inside, background outside).
         with_points: also give the clicks to the decoder beside each box.
@@ -91,7 +93,7 @@ class ClickConfig:
             proposals (:func:`rechoose`); None: never.
         rechoose_far: so does a missed foreground click at least this many mask radii away from the mask (the
             first choice took a smaller object than meant); None: never.
-        fuse: answer the first click with the refined proposals' probabilities averaged, weighted by a softmax of
+        fuse: answer the first click with the re-decoded proposals' probabilities averaged, weighted by a softmax of
             their chooser scores at this temperature (None: the best-scored proposal alone). Where two sizes
             score alike, the answer keeps what both agree on instead of staking all on one.
         edit_fuse: answer a later click with its candidate edits' probabilities averaged, weighted by a softmax of
@@ -104,8 +106,8 @@ class ClickConfig:
     """
 
     half_sizes: Sequence[float] = HALF_SIZES
-    refine: bool = True
-    refine_top: int = 8
+    redecode: bool = True
+    redecode_top: int = 8
     weights: Optional[Dict[str, float]] = None
     click_weight: float = 1.0
     with_points: bool = False
@@ -126,8 +128,8 @@ class ClickConfig:
 
 # The settings that decide the answer to a single click (what a layer's click validation sees); the others only
 # act on later clicks. ``fill`` belongs here: the disc also applies when the first answer misses its own click.
-FIRST_CLICK_FIELDS = ("half_sizes", "refine", "refine_top", "weights", "click_weight", "with_points", "fuse", "fill",
-                      "fill_cap")
+FIRST_CLICK_FIELDS = ("half_sizes", "redecode", "redecode_top", "weights", "click_weight", "with_points", "fuse",
+                      "fill", "fill_cap")
 
 
 def paired_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -265,21 +267,21 @@ def _cut_logits(logits: torch.Tensor, fg: torch.Tensor, bg: torch.Tensor, reach:
 
 def proposal_features(first: torch.Tensor, first_iou: torch.Tensor, logits: torch.Tensor, iou: torch.Tensor,
                       centre: torch.Tensor, sizes: torch.Tensor, n_sizes: int) -> torch.Tensor:
-    """The chooser's features of K refined proposals (columns in the order of :data:`FEATURES`).
+    """The chooser's features of K re-decoded proposals (columns in the order of :data:`FEATURES`).
 
     Args:
-        first: K×L×L boolean masks of the square proposals, before refinement.
+        first: K×L×L boolean masks of the square proposals, before re-decoding.
         first_iou: K predicted IoUs of the square proposals.
-        logits: K×L×L logits of the refined proposals (decoded from their own tight boxes).
-        iou: K predicted IoUs of the refined proposals.
+        logits: K×L×L logits of the re-decoded proposals (decoded from their own tight boxes).
+        iou: K predicted IoUs of the re-decoded proposals.
         centre: (x, y) of the foreground clicks' mean in the logits' frame.
         sizes: K indices of the proposals' half-sizes.
         n_sizes: number of half-sizes.
 
     Returns:
-        K×F float32 features: both predicted IoUs, self-consistency (IoU of the proposal's and the refined
+        K×F float32 features: both predicted IoUs, self-consistency (IoU of the proposal's and the re-decoded
         mask), stability (area above logit 1 over area above −1), how far the mask's centroid is from the
-        clicks in mask radii (capped at 2), log of the area fraction, support (share of the refined masks with
+        clicks in mask radii (capped at 2), log of the area fraction, support (share of the re-decoded masks with
         IoU > 0.8 with this one) and the relative half-size.
     """
     L = logits.shape[-1]
@@ -301,15 +303,15 @@ def proposal_features(first: torch.Tensor, first_iou: torch.Tensor, logits: torc
 
 @dataclass
 class Proposals:
-    """Box proposals around a click, decoded and refined.
+    """Box proposals around a click, decoded and re-decoded from their own tight boxes.
 
     Attributes:
-        logits: K×1×L×L logits of the refined proposals (of the square ones when not refined).
+        logits: K×1×L×L logits of the re-decoded proposals (of the square ones when not re-decoded).
         iou: K×1 predicted IoUs.
         boxes: K×4 boxes (model frame) that gave ``logits``.
         sizes: K indices into the half-sizes.
-        features: K×F chooser features (None when not refined).
-        squares: (logits S×1×L×L, iou S×1, boxes S×4) of every square box, before refinement.
+        features: K×F chooser features (None when not re-decoded).
+        squares: (logits S×1×L×L, iou S×1, boxes S×4) of every square box, before re-decoding.
     """
 
     logits: torch.Tensor
@@ -321,9 +323,9 @@ class Proposals:
 
 
 def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg: torch.Tensor, hw: Tuple[int, int],
-            to_low: float, half: torch.Tensor, refine_top: Optional[int], rank: Callable[[torch.Tensor], torch.Tensor],
-            ) -> Proposals:
-    """Square boxes around the foreground clicks, decoded, the best refined with their own tight boxes.
+            to_low: float, half: torch.Tensor, redecode_top: Optional[int],
+            rank: Callable[[torch.Tensor], torch.Tensor]) -> Proposals:
+    """Square boxes around the foreground clicks, decoded, the best decoded again from their own tight boxes.
 
     Args:
         run: decodes K boxes (K×4, model frame) → (logits K×1×L×L, iou K×1).
@@ -331,8 +333,8 @@ def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg
         hw: the image's (height, width) inside the model frame.
         to_low: logits-frame pixels per model-frame pixel.
         half: S×1 half-sizes in model-frame pixels.
-        refine_top: how many proposals to refine (None: none).
-        rank: extra score of K masks (the clicks' consistency) added to the predicted IoU to pick which to refine.
+        redecode_top: how many proposals to re-decode (None: none).
+        rank: extra score of K masks (the clicks' consistency) added to the predicted IoU to pick which to re-decode.
 
     Returns:
         The proposals.
@@ -340,10 +342,10 @@ def propose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], fg
     boxes = _clip(torch.cat([fg.min(0).values[None] - half, fg.max(0).values[None] + half], 1), hw)
     logits, iou = run(boxes)
     sizes, squares = torch.arange(len(boxes)), (logits, iou, boxes)
-    if not refine_top:
+    if not redecode_top:
         return Proposals(logits, iou, boxes, sizes, None, squares)
     first, first_iou = (logits[:, 0] > 0).cpu(), iou[:, 0].cpu().float()
-    keep = torch.argsort(-(first_iou + rank(first)))[: max(1, refine_top)]
+    keep = torch.argsort(-(first_iou + rank(first)))[: max(1, redecode_top)]
     tb = _own_boxes(first[keep], boxes[keep], fg, to_low, hw)
     logits, iou = run(tb)
     feats = proposal_features(first[keep], first_iou[keep], logits[:, 0].cpu().float(), iou[:, 0].cpu(),
@@ -357,7 +359,7 @@ def proposal_scores(p: Proposals, weights: Optional[Dict[str, float]],
 
     Args:
         p: proposals (K).
-        weights: weight per feature (None: :data:`CHOOSER_WEIGHTS`); unrefined proposals score their predicted IoU.
+        weights: weight per feature (None: :data:`CHOOSER_WEIGHTS`); proposals not re-decoded score their predicted IoU.
         clicks_ok: the clicks' agreement with K L×L boolean masks → K, added to the score.
 
     Returns:
@@ -390,10 +392,10 @@ def soft_average(logits: torch.Tensor, iou: torch.Tensor, score: torch.Tensor,
 
 def fuse_proposals(p: Proposals, score: torch.Tensor, temperature: float, fg: torch.Tensor, to_low: float,
                    hw: Tuple[int, int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The refined proposals' answer averaged over their chooser scores.
+    """The re-decoded proposals' answer averaged over their chooser scores.
 
     Args:
-        p: refined proposals (K).
+        p: re-decoded proposals (K).
         score: K chooser scores (−1e9 for an empty mask: weight 0).
         temperature: softmax temperature of the weights.
         fg: N×2 foreground clicks (model frame).
@@ -443,9 +445,9 @@ def rechoose(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], p
 
     Among the first click's square proposals whose masks agree with every click (foreground inside, background
     outside), the one the decoder trusts most and that changes the previous answer least (predicted IoU +
-    ``stay`` × IoU with ``prev``: the next larger or smaller object, not the whole organ around it) is refined
-    once with its own tight box (held to the foreground clicks); the refined mask is kept if it still agrees with
-    the clicks, the square one otherwise.
+    ``stay`` × IoU with ``prev``: the next larger or smaller object, not the whole organ around it) is decoded
+    once more with its own tight box (held to the foreground clicks); the re-decoded mask is kept if it still
+    agrees with the clicks, the square one otherwise.
 
     Args:
         run: decodes K boxes (K×4, model frame) → (logits K×1×L×L, iou K×1).
@@ -509,13 +511,15 @@ def edit_boxes(box: torch.Tensor, click: torch.Tensor, label: int, fg: torch.Ten
                          (2, x - 1, bool((fg[:, 0] <= x - 1).all())), (3, y - 1, bool((fg[:, 1] <= y - 1).all()))):
             nb = b.clone()
             nb[k] = v
-            if ok and nb[2] > nb[0] and nb[3] > nb[1] and float((nb[2] - nb[0]) * (nb[3] - nb[1])) >= max_edge_cut * area:
+            if ok and nb[2] > nb[0] and nb[3] > nb[1] \
+                    and float((nb[2] - nb[0]) * (nb[3] - nb[1])) >= max_edge_cut * area:
                 out.append(nb)
     return _clip(torch.stack(out), hw) if out else torch.zeros(0, 4)
 
 
-def local_masks(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], click: torch.Tensor, mask: torch.Tensor,
-                to_low: float, hw: Tuple[int, int], scales: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def local_masks(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]], click: torch.Tensor,
+                mask: torch.Tensor, to_low: float, hw: Tuple[int, int],
+                scales: Sequence[float]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Masks of square boxes around a foreground click the mask missed, sized by the click's distance to the mask.
 
     Args:
@@ -531,7 +535,8 @@ def local_masks(run: Callable[[torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]
     """
     ys, xs = torch.nonzero(mask, as_tuple=True)
     if len(xs):
-        d = float(torch.sqrt((xs.float() - click[0] * to_low) ** 2 + (ys.float() - click[1] * to_low) ** 2).min()) / to_low
+        dist = torch.sqrt((xs.float() - click[0] * to_low) ** 2 + (ys.float() - click[1] * to_low) ** 2)
+        d = float(dist.min()) / to_low
     else:
         d = 8.0
     half = torch.tensor([max(4.0, s * d) for s in scales])[:, None]
@@ -603,7 +608,7 @@ def decode_clicks(decode: Decode, points: np.ndarray, labels: np.ndarray, frame_
             return cfg.click_weight * agreement(m, low_fg, low_bg)
 
         half = torch.tensor([float(s) * img_size / REFERENCE_SIZE for s in cfg.half_sizes])[:, None]
-        p = propose(run, first, hw, to_low, half, cfg.refine_top if cfg.refine else None, clicks_ok)
+        p = propose(run, first, hw, to_low, half, cfg.redecode_top if cfg.redecode else None, clicks_ok)
         score = proposal_scores(p, cfg.weights, clicks_ok)
         k = int(torch.argmax(score))
         logits, iou, cur = p.logits[k : k + 1], p.iou[k : k + 1], p.boxes[k]

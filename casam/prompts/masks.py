@@ -1,4 +1,4 @@
-"""Prompts derived from masks: tight boxes, jittered boxes, centroid points (METHOD.md's sampling).
+"""Prompts derived from masks: tight boxes, jittered boxes, centroid points (CA-SAM's prompt sampling).
 
 All coordinates are (x = column, y = row) pixel coordinates of the image the mask belongs to; boxes are
 ``(x0, y0, x1, y1)`` with inclusive pixel corners.
@@ -13,8 +13,11 @@ import numpy as np
 
 from casam.errors import ImageError, PromptError
 
-PROMPT_TYPES = ("box", "click")
+# The prompt types casam trains, validates, gates and scores: a box, and a click answered through box proposals.
+BOX, CLICK = "box", "click"
+PROMPT_TYPES = (BOX, CLICK)
 
+# Most masks (one per class, the smallest class ids first) that one label map gives.
 MAX_MASKS_PER_IMAGE = 5
 
 
@@ -84,12 +87,6 @@ def central_pixels(mask: np.ndarray, fraction: float = 0.5) -> np.ndarray:
 def centroid_point(mask: np.ndarray) -> np.ndarray:
     """The foreground pixel nearest the mask's centroid (inside the object even when it is not convex), as 1×2."""
     return central_pixels(mask, fraction=0.0)[:1]
-
-
-def random_central_point(mask: np.ndarray, rng: np.random.Generator, fraction: float = 0.5) -> np.ndarray:
-    """A random pixel among the ``fraction`` of foreground pixels nearest the centroid, as 1×2."""
-    pix = central_pixels(mask, fraction)
-    return pix[rng.integers(len(pix))][None]
 
 
 @dataclass

@@ -3,8 +3,4 @@
 from __future__ import annotations
 
 from casam.registry.evidence import decide
-from casam.registry.store import LayerInfo, LayerRegistry, remove_incomplete, slug, writer_lock
-
-__all__ = [
-    'decide', 'LayerInfo', 'slug', 'LayerRegistry', 'writer_lock', 'remove_incomplete',
-]
+from casam.registry.store import LAYER_FORMAT, LayerInfo, LayerRegistry, remove_incomplete, slug, writer_lock

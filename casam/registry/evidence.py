@@ -2,14 +2,14 @@
 
 On the layer's validation masks (patients it was not trained on) each mask gives a paired gain
 ``d = IoU(layer) − IoU(plain SAM)``. The layer serves that prompt type when the mean gain is at least
-:data:`casam.registry.evidence.GATE_MIN_GAIN` **and** more than :data:`casam.registry.evidence.GATE_SE` standard errors of the mean
-above zero, on at least :data:`casam.registry.evidence.GATE_MIN_MASKS` masks. A layer whose gain is noise (0.0001 on three
-images) stays out; a layer that helps clearly on every mask is served even on few masks; one mask is no evidence
-(its standard error cannot be measured: a +0.17 click gain on one brain slice came with clicks worse than plain
-SAM's on the next ones), so a layer validated on one mask serves neither prompt until a later layer has more.
+:data:`GATE_MIN_GAIN` **and** more than :data:`GATE_SE` standard errors of the mean above zero, on at least
+:data:`GATE_MIN_MASKS` masks. A layer whose gain is noise stays out; a layer that helps clearly on every mask is
+served even on few masks; one mask is no evidence (its standard error cannot be measured), so a layer validated
+on one mask serves neither prompt type.
 
-Layers stored before this rule carry no per-mask figures; they keep the decision recorded with them
-(``extra["use"]``), or without one the box rule ``val_iou > zero_shot_val_iou`` (:meth:`casam.registry.store.LayerInfo.serves`).
+:func:`decide` is the rule; :meth:`casam.registry.store.LayerInfo.serves` reads the decision a layer was stored
+with (``extra["use"]``), and for a layer stored without per-prompt validation records falls back to the box rule
+``val_iou > zero_shot_val_iou``.
 """
 
 from __future__ import annotations
@@ -19,18 +19,14 @@ from typing import Dict, Sequence
 
 import numpy as np
 
-# The gate serves a layer for a prompt type only on evidence (casam.registry.evidence): on the layer's validation masks
-# the mean paired IoU gain over plain SAM is at least GATE_MIN_GAIN and more than GATE_SE times its standard
-# error, measured on at least GATE_MIN_MASKS masks. (A 0.0001 gain on three images is noise, not a reason to
-# serve a layer; one mask has no spread to measure, so it is no evidence at all.)
+# Smallest mean paired IoU gain over plain SAM that counts: a smaller gain is not worth serving a layer for.
 GATE_MIN_GAIN = 0.005
 
+# How many standard errors of the mean the gain must clear, so that a gain within noise does not count.
 GATE_SE = 2.0
 
+# Fewest validation masks that count as evidence: one mask has no spread to measure.
 GATE_MIN_MASKS = 2
-
-
-RULE = f"mean paired IoU gain >= {GATE_MIN_GAIN} and > {GATE_SE:g} standard errors, on >= {GATE_MIN_MASKS} masks"
 
 
 def decide(layer: Sequence[float], plain: Sequence[float], min_gain: float = GATE_MIN_GAIN,

@@ -5,7 +5,11 @@ Layout::
     <root>/layers/<institution-slug>-v<version>/
         layer.safetensors    Alignment Layer weights
         router.safetensors   router VAE weights
-        meta.json            LayerInfo (provenance, τ, checksums)
+        meta.json            LayerInfo (provenance, τ, checksums) and the format tag
+
+Every meta.json carries ``"format": "casam-layer/1"`` (:data:`LAYER_FORMAT`); a meta.json without one is read
+as format 1 (what casam 0.1.0 writes), and a format this casam does not know is refused with a
+:class:`~casam.errors.RegistryError`, so a later change of the layout can migrate explicitly.
 
 A layer is written into a temporary folder and renamed into place, so a reader never sees half a layer and
 an interrupted write leaves nothing behind. Layers are immutable once written; a new version for the
@@ -32,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from casam.errors import RegistryError, UnknownLayerError
 from casam.model.alignment import AlignmentLayer
 from casam.model.backbone import Backbone, file_sha256
-from casam.model.router import FeatureVAE
+from casam.model.router import VAE_BETA, FeatureVAE
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +45,9 @@ LOCK_FILE = ".write.lock"
 LAYER_FILE = "layer.safetensors"
 ROUTER_FILE = "router.safetensors"
 META_FILE = "meta.json"
+
+LAYER_FORMAT = "casam-layer/1"
+READABLE_FORMATS = (LAYER_FORMAT,)
 
 
 @dataclass
@@ -84,12 +91,23 @@ class LayerInfo:
     extra: Dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> Dict[str, Any]:
-        """Returns a JSON-serialisable dict."""
+        """Returns a JSON-serialisable dict (the format tag is added where a meta.json is written)."""
         return asdict(self)
 
     @classmethod
     def from_dict(cls, d: Dict[str, Any]) -> "LayerInfo":
-        """Builds a LayerInfo from :meth:`to_dict`'s output (e.g. a meta.json); unknown keys are ignored."""
+        """Builds a LayerInfo from :meth:`to_dict`'s output or a meta.json; unknown keys are ignored.
+
+        Args:
+            d: the dict; its ``format`` tag (absent: format 1) must be one of :data:`READABLE_FORMATS`.
+
+        Raises:
+            RegistryError: the dict describes a layer of a format this casam cannot read.
+        """
+        fmt = d.get("format", LAYER_FORMAT)
+        if fmt not in READABLE_FORMATS:
+            raise RegistryError(f"layer {d.get('name', '?')!r} is stored in format {fmt!r}; this casam reads "
+                                f"{', '.join(READABLE_FORMATS)} only (a newer casam wrote it: upgrade casam)")
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
 
@@ -103,14 +121,15 @@ class LayerInfo:
     def serves(self, prompt: str) -> bool:
         """Whether the layer may serve a prompt type (the gate): only where it beat plain SAM on validation.
 
-        Layers trained by casam store ``extra["use"]`` (the gate's decision per prompt type) and ``extra["val"]``
-        (the validation IoU per prompt type). When ``"use"`` is in ``extra`` and ``extra["val"]`` has a record
-        for ``prompt``, the layer serves ``prompt`` iff ``extra["use"].get(prompt, False)``. Otherwise (meta.json
-        files written before the gate) the box rule decides, for every prompt type: the layer serves iff
+        Layers trained by casam (:func:`casam.training.layer.train_layer`) store ``extra["use"]`` (the gate's
+        decision per prompt type, :func:`casam.registry.evidence.decide`) and ``extra["val"]`` (the validation IoU
+        per prompt type). When ``"use"`` is in ``extra`` and ``extra["val"]`` has a record for ``prompt``, the
+        layer serves ``prompt`` iff ``extra["use"].get(prompt, False)``. Otherwise (a layer added with a LayerInfo
+        that records no per-prompt validation) the box rule decides, for every prompt type: the layer serves iff
         ``val_iou is None or zero_shot_val_iou is None or val_iou > zero_shot_val_iou``.
 
         Args:
-            prompt: ``box`` or ``click``.
+            prompt: one of :data:`casam.prompts.masks.PROMPT_TYPES`.
 
         Returns:
             True when the layer decodes this prompt type, False when plain SAM does.
@@ -125,7 +144,7 @@ class LayerInfo:
         """The validation figures :meth:`serves` decides ``prompt`` by.
 
         Args:
-            prompt: ``box`` or ``click``.
+            prompt: one of :data:`casam.prompts.masks.PROMPT_TYPES`.
 
         Returns:
             ``{"layer": IoU with the layer, "plain": IoU of plain SAM}`` on the layer's validation split: the
@@ -138,8 +157,16 @@ class LayerInfo:
         return {"layer": self.val_iou, "plain": self.zero_shot_val_iou}
 
 
+def _meta_json(info: LayerInfo) -> Dict[str, Any]:
+    """The content of a layer's meta.json: :meth:`LayerInfo.to_dict` with the format tag first."""
+    return {"format": LAYER_FORMAT, **info.to_dict()}
+
+
 def slug(text: str) -> str:
-    """Makes a folder-safe lowercase name from an institution name (``"Hospital Pedro Hispano"`` → ``hospital-pedro-hispano``)."""
+    """Makes a folder-safe lowercase name from an institution name.
+
+    ``"Hospital Pedro Hispano"`` → ``hospital-pedro-hispano``; a name with no letter or digit → ``default``.
+    """
     s = re.sub(r"[^a-z0-9]+", "-", str(text).lower()).strip("-")
     return s or "default"
 
@@ -165,6 +192,9 @@ class LayerRegistry:
 
         Returns:
             LayerInfo per layer folder (folders with unreadable metadata are skipped).
+
+        Raises:
+            RegistryError: a layer is stored in a format this casam cannot read.
         """
         infos = []
         for d in self.layers_dir.iterdir() if self.layers_dir.exists() else []:
@@ -229,12 +259,13 @@ class LayerRegistry:
         for fname in (LAYER_FILE, ROUTER_FILE):
             digest = file_sha256(folder / fname)
             if digest != info.sha256.get(fname):
-                raise RegistryError(f"checksum mismatch for {fname} of layer {name}: the file was changed or is corrupt")
+                raise RegistryError(
+                    f"checksum mismatch for {fname} of layer {name}: the file was changed or is corrupt")
         try:
             layer = AlignmentLayer(info.channels, info.blocks)
             layer.load_state_dict(load_file(str(folder / LAYER_FILE)))
             router_state = load_file(str(folder / ROUTER_FILE))
-            vae = FeatureVAE(in_dim=info.channels, beta=float(info.train_config.get("vae_beta", 16.5)))
+            vae = FeatureVAE(in_dim=info.channels, beta=float(info.train_config.get("vae_beta", VAE_BETA)))
             vae.load_state_dict(router_state)
         except Exception as e:
             raise RegistryError(f"cannot load layer {name}: {e}") from e
@@ -244,7 +275,11 @@ class LayerRegistry:
     def next_version(self, institution: str) -> int:
         """Returns the version number a new layer of ``institution`` would get."""
         versions = [i.version for i in self.list() if i.institution == institution]
-        return max(versions, default=0) + 1
+        # a folder whose meta.json cannot be read (truncated, corrupt) is not listed but still holds its name
+        taken = re.compile(re.escape(slug(institution)) + r"-v(\d+)")
+        held = [int(m.group(1)) for d in (self.layers_dir.iterdir() if self.layers_dir.exists() else [])
+                if (m := taken.fullmatch(d.name))]
+        return max(versions + held, default=0) + 1
 
     def add(self, layer: AlignmentLayer, vae: FeatureVAE, info: LayerInfo) -> LayerInfo:
         """Writes a new layer atomically; earlier layers are not touched.
@@ -271,11 +306,12 @@ class LayerRegistry:
             tmp = self.root / f".tmp-{uuid.uuid4().hex}"
             tmp.mkdir(parents=True)
             try:
-                save_file({k: v.detach().cpu().contiguous() for k, v in layer.state_dict().items()}, str(tmp / LAYER_FILE))
-                save_file({k: v.detach().cpu().contiguous() for k, v in vae.state_dict().items()}, str(tmp / ROUTER_FILE))
+                for module, fname in ((layer, LAYER_FILE), (vae, ROUTER_FILE)):
+                    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+                    save_file(state, str(tmp / fname))
                 info.sha256 = {f: file_sha256(tmp / f) for f in (LAYER_FILE, ROUTER_FILE)}
                 with open(tmp / META_FILE, "w") as f:
-                    json.dump(info.to_dict(), f, indent=2, default=str)
+                    json.dump(_meta_json(info), f, indent=2, default=str)
                     f.flush()
                     os.fsync(f.fileno())
                 os.rename(tmp, self.layers_dir / info.name)  # atomic; fails if another writer took the name
@@ -297,7 +333,7 @@ class LayerRegistry:
             UnknownLayerError: no such layer.
         """
         info = self.get(name)
-        return info.to_dict(), {f: (self.layers_dir / name / f).read_bytes() for f in (LAYER_FILE, ROUTER_FILE)}
+        return _meta_json(info), {f: (self.layers_dir / name / f).read_bytes() for f in (LAYER_FILE, ROUTER_FILE)}
 
     def put(self, meta: Dict[str, Any], files: Dict[str, bytes]) -> bool:
         """Stores a layer exactly as another registry wrote it (same name, seq and checksums), e.g. a copy sent
@@ -312,7 +348,8 @@ class LayerRegistry:
             True when the layer was written, False when it was already there.
 
         Raises:
-            RegistryError: bad name, missing file, checksum mismatch, or another layer of that name is present.
+            RegistryError: unknown format, bad name, missing file, checksum mismatch, or another layer of that name
+                is present.
         """
         info = LayerInfo.from_dict(meta)
         if not re.fullmatch(r"[a-z0-9][a-z0-9-]*-v\d+", info.name or ""):
@@ -336,7 +373,7 @@ class LayerRegistry:
         try:
             for fname in (LAYER_FILE, ROUTER_FILE):
                 (tmp / fname).write_bytes(files[fname])
-            (tmp / META_FILE).write_text(json.dumps(info.to_dict(), indent=2, default=str))
+            (tmp / META_FILE).write_text(json.dumps(_meta_json(info), indent=2, default=str))
             os.rename(tmp, dest)
         except OSError as e:
             raise RegistryError(f"cannot write layer {info.name} to {self.root}: {e}") from e

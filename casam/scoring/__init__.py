@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from casam.scoring.metrics import boundary_iou, continual_summary, dice, iou
 from casam.scoring.protocol import click_sequence, next_click, summarise
-from casam.scoring.samples import Sample, Target, make_samples
+from casam.scoring.samples import EmbeddingCache, Sample, Target, make_samples
 from casam.scoring.score import (
     aggregate,
     click_logits,
@@ -20,10 +20,3 @@ from casam.scoring.score import (
     score_image,
     sequences,
 )
-
-__all__ = [
-    'iou', 'dice', 'boundary_iou', 'continual_summary', 'next_click', 'click_sequence',
-    'summarise', 'Target', 'Sample', 'make_samples', 'mask_prompts', 'raw_click_logits',
-    'raw_click', 'click_logits', 'head_of', 'sample_logits', 'predict_sample', 'mask_metrics',
-    'mask_scores', 'mean_iou', 'score_image', 'sequences', 'aggregate',
-]

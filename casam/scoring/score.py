@@ -5,9 +5,9 @@ score a mask the same way:
 
 * its prompts come from the ground truth (:func:`mask_prompts`): the tight box, and one click at the foreground
   pixel nearest the centroid;
-* a ``click`` is answered as casam answers clicks (:func:`click_logits`, :mod:`casam.prompts.clicks`), through the layer and
-  its refinement head; a ``point`` is the same click given to the decoder as a raw point prompt with no box
-  proposals (:func:`raw_click`: plain LiteMedSAM's answer, never refined);
+* a ``click`` is answered as casam answers clicks (:func:`click_logits`, :mod:`casam.prompts.clicks`), through
+  the layer and its refinement head; a ``point`` is the same click given to the decoder as a raw point prompt
+  with no box proposals (:func:`raw_click`: plain LiteMedSAM's answer, never refined);
 * a mask is scored by IoU, Dice and boundary IoU (:func:`mask_metrics`), and a task by the mean over its masks
   (:func:`aggregate`, :func:`mean_iou`).
 """
@@ -25,18 +25,17 @@ from casam.model.backbone import Backbone
 from casam.model.head import corrective_clicks, refine
 from casam.model.preprocess import Geometry, logits_to_image, points_to_model
 from casam.prompts.clicks import ClickConfig, decode_clicks
-from casam.prompts.masks import centroid_point, tight_box
+from casam.prompts.masks import BOX, CLICK, PROMPT_TYPES, centroid_point, tight_box
 from casam.scoring.metrics import boundary_iou, dice, iou
 from casam.scoring.protocol import click_sequence
 
 if TYPE_CHECKING:  # training imports this module
     from casam.scoring.samples import Sample
 
-__all__ = ["PROMPTS", "METRICS", "ImageScores", "mask_prompts", "raw_click_logits", "raw_click", "click_logits",
+__all__ = ["METRICS", "ImageScores", "mask_prompts", "raw_click_logits", "raw_click", "click_logits",
            "head_of", "sample_logits", "predict_sample", "mask_metrics", "mask_scores", "mean_iou", "score_image",
            "sequences", "aggregate"]
 
-PROMPTS = ("box", "click")
 METRICS = ("iou", "dice", "biou")
 ImageScores = Dict[str, Dict[str, List[float]]]  # prompt -> metric -> one value per mask
 _METRIC_FNS = {"iou": iou, "dice": dice, "biou": boundary_iou}
@@ -98,7 +97,10 @@ def raw_click(backbone: Backbone, h: torch.Tensor, geom: Geometry, points: np.nd
 
 def click_logits(backbone: Backbone, h: torch.Tensor, geom: Geometry, points: np.ndarray, labels: np.ndarray,
                  box: Optional[np.ndarray] = None, config: Optional[ClickConfig] = None) -> torch.Tensor:
-    """Logits (1×1×L×L) of clicks (model frame) on an (aligned) embedding ``h``, via :func:`casam.prompts.clicks.decode_clicks`."""
+    """Logits (1×1×L×L) of clicks (model frame) on an (aligned) embedding ``h``.
+
+    The clicks are answered by :func:`casam.prompts.clicks.decode_clicks`.
+    """
     decode = partial(backbone.decode, h, context=backbone.decoder_context(h))  # its image-side work done once
     logits, _, _ = decode_clicks(decode, points, labels, geom.resized_hw, backbone.img_size, backbone.lowres_size,
                                  config, box)
@@ -110,7 +112,7 @@ def head_of(layer: Optional[nn.Module]):
     return getattr(layer, "head", None) if layer is not None else None
 
 
-def sample_logits(backbone: Backbone, h: torch.Tensor, sample: "Sample", prompt: str = "box") -> torch.Tensor:
+def sample_logits(backbone: Backbone, h: torch.Tensor, sample: "Sample", prompt: str = BOX) -> torch.Tensor:
     """SAM's logits for every target of a sample on an (aligned) embedding.
 
     Args:
@@ -126,10 +128,10 @@ def sample_logits(backbone: Backbone, h: torch.Tensor, sample: "Sample", prompt:
     Raises:
         ValueError: unknown prompt.
     """
-    if prompt == "click":
+    if prompt == CLICK:
         logits = torch.cat([click_logits(backbone, h, sample.geom, points_to_model(centroid_point(t.mask), sample.geom),
                                          np.ones(1, np.int64)) for t in sample.targets])
-    elif prompt == "box":
+    elif prompt == BOX:
         logits, _ = backbone.decode(h, None, None, torch.from_numpy(np.stack([t.box for t in sample.targets])))
     elif prompt == "point":
         pts = [points_to_model(centroid_point(t.mask), sample.geom) for t in sample.targets]
@@ -140,7 +142,7 @@ def sample_logits(backbone: Backbone, h: torch.Tensor, sample: "Sample", prompt:
 
 
 @torch.no_grad()
-def predict_sample(backbone: Backbone, layer: Optional[nn.Module], sample: "Sample", prompt: str = "box",
+def predict_sample(backbone: Backbone, layer: Optional[nn.Module], sample: "Sample", prompt: str = BOX,
                    aligned: Optional[torch.Tensor] = None) -> List[np.ndarray]:
     """Predicts every target of a sample (prompts as in :func:`sample_logits`), through the layer and its
     refinement head when it has one (not for the raw ``point`` prompt, which is plain LiteMedSAM's answer).
@@ -179,12 +181,13 @@ def mask_metrics(pred: np.ndarray, truth: np.ndarray, metrics: Sequence[str] = M
     return {m: _METRIC_FNS[m](pred, truth) for m in metrics}
 
 
-def mask_scores(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence["Sample"], prompt: str = "box") -> List[float]:
+def mask_scores(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence["Sample"],
+                prompt: str = BOX) -> List[float]:
     """IoU of every target of the samples, in order (see :func:`predict_sample`)."""
     return [iou(m, t.mask) for s in samples for t, m in zip(s.targets, predict_sample(backbone, layer, s, prompt))]
 
 
-def mean_iou(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence["Sample"], prompt: str = "box") -> float:
+def mean_iou(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence["Sample"], prompt: str = BOX) -> float:
     """Mean IoU over every target of the samples (per mask, then averaged). NaN when there is none."""
     scores = mask_scores(backbone, layer, samples, prompt)
     return float(np.mean(scores)) if scores else float("nan")
@@ -192,7 +195,7 @@ def mean_iou(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence["
 
 @torch.no_grad()
 def score_image(backbone: Backbone, layer: Optional[Callable], sample: "Sample", raw_click: bool = False,
-                prompts: Sequence[str] = PROMPTS) -> ImageScores:
+                prompts: Sequence[str] = PROMPT_TYPES) -> ImageScores:
     """IoU, Dice and boundary IoU of every mask of one test image, for the box and the click prompt.
 
     The layer runs once per image; both prompts decode on its output with :func:`predict_sample`.
@@ -213,7 +216,7 @@ def score_image(backbone: Backbone, layer: Optional[Callable], sample: "Sample",
     z = sample.embedding[None].to(backbone.device)
     h = layer(z) if layer is not None else z
     for prompt in prompts:
-        kind = "point" if prompt == "click" and raw_click else prompt
+        kind = "point" if prompt == CLICK and raw_click else prompt
         preds = predict_sample(backbone, layer, sample, kind, aligned=h)
         for t, m in zip(sample.targets, preds):
             for name, v in mask_metrics(m, t.mask).items():
@@ -252,7 +255,8 @@ def sequences(backbone: Backbone, layer: Optional[Callable], sample: "Sample", c
     return [click_sequence(predict, t.mask, clicks) for t in sample.targets]
 
 
-def aggregate(per_image: Sequence[ImageScores], prompts: Sequence[str] = PROMPTS) -> Dict[str, Dict[str, Optional[float]]]:
+def aggregate(per_image: Sequence[ImageScores],
+              prompts: Sequence[str] = PROMPT_TYPES) -> Dict[str, Dict[str, Optional[float]]]:
     """Mean over every mask of a task (as :func:`mean_iou`), per prompt and metric.
 
     Args:

@@ -1,10 +1,19 @@
-"""Training an institution's Alignment Layer, router entry and refinement head, offline or online."""
+"""Training an institution's Alignment Layer, router entry and refinement head, offline or online.
+
+Modules:
+    config: :class:`TrainConfig`, the settings of one layer's training (defaults: CA-SAM's recipe).
+    losses: the layer's loss (focal + Dice + IoU-prediction MSE).
+    fit: the fit loop with best-epoch selection, and validation per prompt type.
+    head: the refinement head's training and the evidence for its click edits.
+    layer: :func:`train_layer`, one institution's layer, head and router entry into a registry, with the gate's
+        evidence.
+    online: the app's continual training from saved labels (plan, load, monitor, train).
+"""
 
 from __future__ import annotations
 
 from casam.training.config import TrainConfig
-from casam.training.embeddings import EmbeddingCache
-from casam.training.fit import evaluate, fit, validate
+from casam.training.fit import fit, validate
 from casam.training.head import (
     HeadConfig,
     HeadExample,
@@ -26,11 +35,3 @@ from casam.training.online import (
     plan,
     train_institution,
 )
-
-__all__ = [
-    'TrainConfig', 'EmbeddingCache', 'validate', 'fit', 'evaluate', 'click_edit_evidence',
-    'fit_head', 'HeadConfig', 'HeadExample', 'to_head_resolution', 'head_loss', 'train_head',
-    'split_by_patient', 'fit_router', 'split_samples', 'train_layer', 'focal_loss', 'dice_loss',
-    'casam_loss', 'LabelledItem', 'Plan', 'plan', 'label_slices', 'load_items',
-    'TrainingStopped', 'TrainingMonitor', 'train_institution',
-]

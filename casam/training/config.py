@@ -1,16 +1,18 @@
-"""The settings of one layer's training, with CA-SAM's recipe as defaults."""
+"""The settings of one layer's training (:class:`TrainConfig`), whose defaults are CA-SAM's recipe.
+
+Every entry point that trains (``casam add-layer``, ``casam federated``, the MONAI Label app, the benchmark) reads
+its defaults from here.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from typing import Optional
 
-from casam.model.preprocess import (
-    Window,
-)
+from casam.model.preprocess import Window
 from casam.model.router import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS
 
-# Optimiser steps of an institution's refinement head (casam.model.head); 0 trains none.
+# Optimiser steps of an institution's refinement head (casam.model.head); 0 trains none. TrainConfig.head_steps.
 HEAD_STEPS = 400
 # Clicks of each validation sequence that decides whether corrective clicks' edits stand against a head
 # (casam.training.head.click_edit_evidence: the first click and CLICK_EDIT_CLICKS - 1 corrective ones).
@@ -19,7 +21,7 @@ CLICK_EDIT_CLICKS = 3
 
 @dataclass
 class TrainConfig:
-    """Settings of one layer's training. Defaults are CA-SAM's recipe (METHOD.md).
+    """Settings of one layer's training. The defaults are CA-SAM's recipe (see docs/method.md).
 
     Attributes:
         epochs: passes over the training images (24).
@@ -28,16 +30,17 @@ class TrainConfig:
         seed: seed of every random choice (split, prompts, init, order).
         val_fraction: share of patients held out for validation (split by patient).
         max_images: cap on training images (a reduced CPU recipe); None = all.
-        box_prob: probability of a box prompt (else a point); 1.0 = boxes only (default), METHOD: 0.5.
-        gate_lr: learning rate of the layer's gate (opens it fast enough for a short training).
+        box_prob: probability of a box prompt (else a point); 1.0 = boxes only (default; the paper mixes 0.5).
+        gate_lr: learning rate of the layer's gate g (opens it fast enough for a short training).
         select_best: validate after every epoch and keep the best one (epoch 0 = plain SAM).
         jitter: box jitter in model-input pixels (±5).
         focal_gamma, focal_alpha: focal loss settings (2, 0.25).
-        vae_epochs, vae_lr, vae_batch_size, vae_beta: router VAE training (100, 5e-4, 6, 16.5; METHOD's code: 10 epochs).
+        vae_epochs, vae_lr, vae_batch_size, vae_beta: router VAE training (:data:`casam.model.router.VAE_EPOCHS`,
+            5e-4, 6, :data:`casam.model.router.VAE_BETA`).
         tau_folds, tau_percentile: threshold calibration (5-fold CV, 97th percentile).
         window: intensity window for the images (see casam.model.preprocess.apply_window).
         head_steps: optimiser steps of the institution's refinement head (casam.model.head), trained after the layer
-            on the layer's answers; 0 trains none.
+            on the layer's answers (:data:`HEAD_STEPS`); 0 trains none.
         head_lr, head_crop, head_batch_size: its Adam learning rate, crop side and crops per step.
     """
 
@@ -66,4 +69,5 @@ class TrainConfig:
     head_batch_size: int = 8
 
     def to_dict(self) -> dict:
+        """Returns the settings as a plain dict (stored with every layer as its ``train_config``)."""
         return asdict(self)

@@ -1,4 +1,4 @@
-"""The Alignment Layer's fit loop and its validation against plain SAM."""
+"""The Alignment Layer's fit loop (CA-SAM's loss, best-epoch selection on box validation) and its validation."""
 
 from __future__ import annotations
 
@@ -9,10 +9,7 @@ import torch
 import torch.nn as nn
 
 from casam.model.backbone import Backbone
-from casam.prompts.masks import (
-    PROMPT_TYPES,
-    jittered_box,
-)
+from casam.prompts.masks import PROMPT_TYPES, jittered_box
 from casam.scoring.samples import Sample
 from casam.scoring.score import mean_iou
 from casam.training.config import TrainConfig
@@ -20,6 +17,7 @@ from casam.training.losses import casam_loss
 
 
 def _prompt_tensors(kind: str, prompts: List[np.ndarray]):
+    """The decoder's (points, labels, boxes) for a batch of box or point prompts."""
     if kind == "box":
         return None, None, torch.from_numpy(np.stack(prompts))
     pts = torch.from_numpy(np.stack(prompts))  # K×1×2
@@ -44,14 +42,25 @@ def _step(backbone: Backbone, batch: Sequence[Sample], h: torch.Tensor, config: 
             pts, lab, boxes = _prompt_tensors(kind, [p for p, _ in items])
             logits, iou_pred = backbone.decode(h[i : i + 1], pts, lab, boxes)
             target = torch.stack([t for _, t in items])[:, None].to(dev)
-            total = total + casam_loss(logits, iou_pred, target, config.focal_gamma, config.focal_alpha) * len(items)
+            loss = casam_loss(logits, iou_pred, target, config.focal_gamma, config.focal_alpha)
+            total = total + loss * len(items)
             count += len(items)
     return total / max(count, 1)
 
 
 def validate(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample]) -> Dict[str, float]:
-    """Mean IoU per prompt type (``box``: tight box; ``click``: one click at the centroid, see :mod:`casam.prompts.clicks`)."""
-    return {p: evaluate(backbone, layer, samples, p) for p in PROMPT_TYPES}
+    """Mean IoU of a layer per prompt type (:func:`casam.scoring.score.mean_iou`).
+
+    Args:
+        backbone: the frozen backbone.
+        layer: the Alignment Layer (None: plain SAM).
+        samples: the labelled images.
+
+    Returns:
+        Prompt type → mean IoU (``box``: tight box; ``click``: one click at the centroid, answered as
+        :mod:`casam.prompts.clicks` answers it); NaN where there is no target.
+    """
+    return {p: mean_iou(backbone, layer, samples, p) for p in PROMPT_TYPES}
 
 
 def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, layer: Optional[nn.Module] = None,
@@ -60,9 +69,9 @@ def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, laye
     """Optimises ``layer`` (or other ``params``, e.g. the mask decoder) on samples with CA-SAM's loss.
 
     With ``val_samples`` (and ``config.select_best``), ``layer`` is validated with box prompts before training
-    (epoch 0) and after every epoch, and ends with the weights of its best epoch. (Boxes, because the layer
-    trains on boxes and clicks are answered through boxes; click validation costs ~13 decodes per mask, so it
-    runs once, on the chosen epoch, in :func:`train_layer`.)
+    (epoch 0) and after every epoch, and ends with the weights of its best epoch. Boxes, because the layer
+    trains on boxes and clicks are answered through boxes; a click costs many decodes per mask, so click
+    validation runs once, on the chosen epoch, in :func:`casam.training.layer.train_layer`.
 
     Args:
         backbone: frozen backbone (its decoder is used).
@@ -100,7 +109,7 @@ def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, laye
     def check(epoch: int) -> None:
         nonlocal best
         layer.eval()
-        v = {"box": evaluate(backbone, layer, val, "box")}
+        v = {"box": mean_iou(backbone, layer, val, "box")}
         scores.append(v)
         m = v["box"]
         if m > best[0]:
@@ -116,7 +125,8 @@ def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, laye
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=config.epochs * ((len(samples) + config.batch_size - 1) // config.batch_size), desc=desc, unit="step")
+        steps = config.epochs * ((len(samples) + config.batch_size - 1) // config.batch_size)
+        bar = tqdm(total=steps, desc=desc, unit="step")
     for epoch in range(config.epochs):
         order = rng.permutation(len(samples))
         losses = []
@@ -145,17 +155,3 @@ def fit(backbone: Backbone, samples: Sequence[Sample], config: TrainConfig, laye
         report["best_epoch"] = best[1] if val else None
     return history
 
-
-def evaluate(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample], prompt: str = "box") -> float:
-    """Mean IoU over every target of the samples (per mask, then averaged; :func:`casam.scoring.score.mean_iou`).
-
-    Args:
-        backbone: the frozen backbone.
-        layer: the Alignment Layer (None: plain SAM).
-        samples: the labelled images.
-        prompt: ``box``, ``click`` or ``point`` (see :func:`casam.scoring.score.sample_logits`).
-
-    Returns:
-        The mean IoU; NaN when there is no target.
-    """
-    return mean_iou(backbone, layer, samples, prompt)

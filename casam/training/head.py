@@ -13,9 +13,8 @@ import torch.nn.functional as F
 
 from casam.model.backbone import Backbone
 from casam.model.head import RefineHead
-from casam.model.preprocess import (
-    logits_to_image,
-)
+from casam.model.preprocess import logits_to_image
+from casam.prompts.masks import BOX, PROMPT_TYPES
 from casam.registry.evidence import decide
 from casam.scoring.metrics import iou as iou_metric
 from casam.scoring.samples import Sample
@@ -90,10 +89,10 @@ def fit_head(backbone: Backbone, layer: nn.Module, train_s: Sequence[Sample], va
                     out.append(HeadExample(img, b.half(), truth, region))
         return out
 
-    val_ex = examples(val_s, ["box"])
+    val_ex = examples(val_s, [BOX])
     if not val_ex:
         return None
-    train_ex = examples(train_s, ["box", "click"])
+    train_ex = examples(train_s, list(PROMPT_TYPES))
 
     @torch.no_grad()
     def score(head) -> float:
@@ -107,7 +106,7 @@ def fit_head(backbone: Backbone, layer: nn.Module, train_s: Sequence[Sample], va
 
 @dataclass
 class HeadConfig:
-    """Training settings of a refinement head.
+    """Training settings of a refinement head; the defaults are :class:`TrainConfig`'s ``head_*`` ones.
 
     Attributes:
         width: channels of the U-Net's first level.
@@ -120,12 +119,12 @@ class HeadConfig:
     """
 
     width: int = 16
-    steps: int = 300
-    batch_size: int = 8
-    crop: int = 160
-    lr: float = 3e-3
+    steps: int = TrainConfig.head_steps
+    batch_size: int = TrainConfig.head_batch_size
+    crop: int = TrainConfig.head_crop
+    lr: float = TrainConfig.head_lr
     val_every: int = 50
-    seed: int = 0
+    seed: int = TrainConfig.seed
 
 
 @dataclass
@@ -145,8 +144,18 @@ class HeadExample:
     region: Tuple[int, int, int, int]
 
 
-def to_head_resolution(image: torch.Tensor, logits: torch.Tensor, truth: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Brings logits (H×W) and a truth mask (H×W) at the original size to the head's resolution of ``image``."""
+def to_head_resolution(image: torch.Tensor, logits: torch.Tensor,
+                       truth: np.ndarray) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Brings logits and a truth mask at the original size to the head's resolution of ``image``.
+
+    Args:
+        image: the image at the head's resolution (…×h×w).
+        logits: H×W logits at the original size.
+        truth: H×W 0/1 mask at the original size.
+
+    Returns:
+        (logits 1×1×h×w, truth 1×1×h×w float 0/1).
+    """
     size = tuple(image.shape[-2:])
     b = logits.reshape(1, 1, *logits.shape[-2:]).float()
     t = torch.from_numpy(np.asarray(truth, dtype=np.float32))[None, None]

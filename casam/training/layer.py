@@ -1,4 +1,7 @@
-"""Training one Alignment Layer (and its router entry) for one institution, as in CA-SAM."""
+"""One institution's layer end to end: split, fit, refinement head, router entry, the gate's evidence, stored.
+
+:func:`train_layer` is what ``casam add-layer``, the app's online training, a federated site and the benchmark call.
+"""
 
 from __future__ import annotations
 
@@ -11,31 +14,28 @@ import torch
 
 from casam.model.alignment import fresh_layer
 from casam.model.backbone import Backbone
-from casam.model.router import (
-    FeatureVAE,
-    calibrate_tau,
-    train_vae,
-)
-from casam.prompts.masks import (
-    PROMPT_TYPES,
-)
+from casam.model.router import FeatureVAE, calibrate_tau, train_vae
+from casam.prompts.masks import PROMPT_TYPES
 from casam.registry.evidence import decide
 from casam.registry.store import LayerInfo, LayerRegistry
-from casam.scoring.samples import Sample, make_samples
+from casam.scoring.samples import EmbeddingCache, Sample, make_samples
 from casam.scoring.score import mask_scores
 from casam.training.config import TrainConfig
-from casam.training.embeddings import EmbeddingCache
 from casam.training.fit import fit
-from casam.training.head import (
-    click_edit_evidence,
-    fit_head,
-)
+from casam.training.head import click_edit_evidence, fit_head
 
 
 def split_by_patient(patients: Sequence[str], val_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
     """Splits indices into (train, validation) so that no patient is in both.
 
-    At least one patient stays in training; validation is empty with a single patient or fraction 0.
+    Args:
+        patients: the patient id of each image.
+        val_fraction: share of the patients held out.
+        seed: seed of the shuffle.
+
+    Returns:
+        (training indices, validation indices). At least one patient stays in training; validation is empty with a
+        single patient or fraction 0.
     """
     uniq = sorted(set(patients))
     rng = np.random.default_rng(seed)
@@ -49,16 +49,29 @@ def split_by_patient(patients: Sequence[str], val_fraction: float, seed: int) ->
 
 
 def fit_router(samples: Sequence[Sample], config: TrainConfig) -> Tuple[FeatureVAE, float]:
-    """Trains a layer's router VAE and calibrates τ (5-fold CV by patient, 97th percentile)."""
+    """Trains a layer's router VAE and calibrates its threshold τ (cross-validated by patient).
+
+    Args:
+        samples: the layer's training samples (their features).
+        config: ``vae_*``, ``tau_folds``, ``tau_percentile`` and ``seed`` are used.
+
+    Returns:
+        (the VAE trained on every sample, τ).
+    """
     feats = torch.stack([s.feature for s in samples])
     kw = dict(epochs=config.vae_epochs, lr=config.vae_lr, batch_size=config.vae_batch_size, beta=config.vae_beta)
-    tau, _ = calibrate_tau(feats, [s.patient for s in samples], config.tau_folds, config.tau_percentile, config.seed, **kw)
+    tau, _ = calibrate_tau(feats, [s.patient for s in samples], config.tau_folds, config.tau_percentile, config.seed,
+                           **kw)
     return train_vae(feats, seed=config.seed, **kw), tau
 
 
 def split_samples(labelled: Sequence[Sample], config: TrainConfig) -> Tuple[List[Sample], List[Sample], str]:
     """Training and validation samples: by patient (``config.val_fraction`` of them), by image when only one
     patient has labels (e.g. the slices of one volume), capped at ``config.max_images`` training images.
+
+    Args:
+        labelled: samples with at least one target.
+        config: ``val_fraction``, ``max_images`` and ``seed`` are used.
 
     Returns:
         (train, validation, "patient" | "image" | "none").
@@ -75,11 +88,18 @@ def split_samples(labelled: Sequence[Sample], config: TrainConfig) -> Tuple[List
     return train_s, val_s, split if val_s else "none"
 
 
-def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequence[np.ndarray], patients: Sequence[str],
-                registry: LayerRegistry, institution: str, modality: str = "", config: Optional[TrainConfig] = None,
+def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
+                patients: Sequence[str], registry: LayerRegistry, institution: str, modality: str = "",
+                config: Optional[TrainConfig] = None,
                 cache_dir: Optional[str | Path] = None, progress: bool = True, extra: Optional[dict] = None,
                 samples: Optional[List[Sample]] = None) -> LayerInfo:
     """Trains a fresh Alignment Layer + router entry for one institution and appends it to the registry.
+
+    The layer is fitted with best-epoch selection on box validation (:func:`casam.training.fit.fit`), gets a
+    refinement head when one beats it (:func:`casam.training.head.fit_head`), and its router VAE and τ
+    (:func:`fit_router`). Then the layer and plain SAM answer every validation mask with each prompt type, and
+    the gate's rule (:func:`casam.registry.evidence.decide`) on those paired IoUs decides which prompt types the
+    layer may serve (``extra["use"]``, ``extra["evidence"]``).
 
     Args:
         backbone: frozen backbone.
@@ -110,13 +130,14 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     t_encode = time.time() - t0
     labelled = [s for s in samples if s.targets]
     if len(labelled) < 2:
-        raise ValueError(f"institution {institution!r}: need at least 2 images with a non-empty label, got {len(labelled)}")
+        raise ValueError(f"institution {institution!r}: need at least 2 images with a non-empty label, "
+                         f"got {len(labelled)}")
     train_s, val_s, split = split_samples(labelled, config)
     layer = fresh_layer(backbone).cpu()
     report: Dict = {}
     t1 = time.time()
-    history = fit(backbone, train_s, config, layer, progress=progress, desc=f"train {institution}", val_samples=val_s,
-                  report=report)
+    history = fit(backbone, train_s, config, layer, progress=progress, desc=f"train {institution}",
+                  val_samples=val_s, report=report)
     t2 = time.time()
     head_report: Dict = {}
     if config.head_steps > 0 and val_s:
@@ -139,7 +160,8 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     use = {p: bool(val_s) and evidence[p]["use"] for p in PROMPT_TYPES}
     info = LayerInfo(
         name="", institution=institution, version=0, modality=modality, backbone_id=backbone.id,
-        backbone_hash=backbone.hash, n_images=len(labelled), n_patients=len(set(s.patient for s in labelled)), tau=tau,
+        backbone_hash=backbone.hash, n_images=len(labelled), n_patients=len(set(s.patient for s in labelled)),
+        tau=tau,
         val_iou=val.get("box"), zero_shot_val_iou=plain.get("box"),
         train_config=config.to_dict(),
         extra={"n_train": len(train_s), "n_val": len(val_s), "split": split, "loss_history": history,

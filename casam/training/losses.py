@@ -24,10 +24,16 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1.0) -> t
 
 def casam_loss(logits: torch.Tensor, iou_pred: torch.Tensor, target: torch.Tensor, gamma: float = 2.0,
                alpha: float = 0.25) -> torch.Tensor:
-    """Focal + Dice + MSE(predicted IoU, actual IoU of the thresholded prediction).
+    """CA-SAM's loss: focal + Dice + MSE(predicted IoU, actual IoU of the thresholded prediction).
 
     Args:
-        logits: K×1×L×L; iou_pred: K×1; target: K×1×L×L (0/1).
+        logits: K×1×L×L mask logits.
+        iou_pred: K×1 predicted IoUs.
+        target: K×1×L×L 0/1 masks.
+        gamma, alpha: focal loss settings.
+
+    Returns:
+        The scalar loss.
     """
     with torch.no_grad():
         pred = logits > 0

@@ -96,7 +96,8 @@ def plan(items: Sequence[LabelledItem], registry: LayerRegistry, min_images: int
             ok, why = True, f"{len(new)} images labelled since {cur.name} (retrain after {retrain_after})"
         else:
             ok = False
-            why = f"has {cur.name}; {len(new)} new labelled images" + (f" (retrain after {retrain_after})" if retrain_after else "")
+            why = (f"has {cur.name}; {len(new)} new labelled images"
+                   + (f" (retrain after {retrain_after})" if retrain_after else ""))
         plans.append(Plan(inst, its, ok, why, new))
     return plans
 
@@ -167,8 +168,8 @@ class TrainingMonitor:
         period: seconds between progress calls within one stage.
     """
 
-    def __init__(self, deadline: Optional[float] = None, limit: str = "", on_progress: Optional[Callable[[Dict], None]] = None,
-                 period: float = 2.0):
+    def __init__(self, deadline: Optional[float] = None, limit: str = "",
+                 on_progress: Optional[Callable[[Dict], None]] = None, period: float = 2.0):
         self.deadline, self.limit, self.on_progress, self.period = deadline, limit, on_progress, period
         self.t0 = time.time()
         self._stop = threading.Event()
