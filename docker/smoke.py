@@ -89,7 +89,8 @@ def engine_problem() -> Optional[str]:
         return "no `docker` CLI on PATH (Debian: apt-get install docker.io)"
     p = subprocess.run(["docker", "info", "--format", "{{.ServerVersion}}"], capture_output=True, text=True, timeout=60)
     if p.returncode != 0:
-        return f"no Docker engine answers (`docker info`: {(p.stderr or p.stdout).strip()[-300:]}); start dockerd as root"
+        said = (p.stderr or p.stdout).strip()[-300:]
+        return f"no Docker engine answers (`docker info`: {said}); start dockerd as root"
     return None
 
 
@@ -156,7 +157,8 @@ def image_facts(image: str) -> Dict:
     size = int(sh(["docker", "image", "inspect", "-f", "{{.Size}}", image]).stdout.strip())
     user = sh(["docker", "image", "inspect", "-f", "{{.Config.User}}", image]).stdout.strip()
     history = sh(["docker", "history", "--no-trunc", "--format", "{{.CreatedBy}}", image]).stdout
-    return {"size_bytes": size, "size_gb": round(size / 1e9, 2), "user": user, "history_mentions_ca": "pip-ca" in history}
+    return {"size_bytes": size, "size_gb": round(size / 1e9, 2), "user": user,
+            "history_mentions_ca": "pip-ca" in history}
 
 
 # -------------------------------------------------------------------------------------------- the realm
@@ -195,7 +197,8 @@ def write_override(workdir: Path, realm_dir: Path, tag: str) -> Path:
         cmd += ["--conf", k, v]
     override = {
         "services": {
-            "casam": {"command": cmd, "environment": {"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"})}},
+            "casam": {"command": cmd,
+                      "environment": {"MONAI_LABEL_DICOMWEB_SEARCH_FILTER": json.dumps({"Modality": "MR"})}},
             # stand-in for Keycloak: serves http://keycloak:8080/realms/monailabel (the compose file's default)
             "keycloak": {"image": f"casam:{tag}", "networks": ["pacs"], "user": "casam",
                          "command": ["python", "-m", "http.server", "8080", "--directory", "/realm"],
@@ -229,8 +232,8 @@ class Stack:
         cid = self.container(service)
         if not cid:
             return "absent"
-        return sh(["docker", "inspect", "-f", "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}",
-                   cid]).stdout.strip()
+        state = "{{if .State.Health}}{{.State.Health.Status}}{{else}}{{.State.Status}}{{end}}"
+        return sh(["docker", "inspect", "-f", state, cid]).stdout.strip()
 
     def logs(self, service: str, tail: int = 60) -> str:
         return self.compose("logs", "--tail", str(tail), service, check=False).stdout[-6000:]
@@ -266,8 +269,9 @@ class Stack:
     def orthanc_upload(self, files) -> None:
         auth = base64.b64encode(f"{ORTHANC_USER}:{ORTHANC_PASSWORD}".encode()).decode()
         for f in files:
+            headers = {"Authorization": f"Basic {auth}", "Content-Type": "application/dicom"}
             req = urllib.request.Request(self.orthanc + "/instances", data=Path(f).read_bytes(), method="POST",
-                                         headers={"Authorization": f"Basic {auth}", "Content-Type": "application/dicom"})
+                                         headers=headers)
             with urllib.request.urlopen(req, timeout=60) as r:
                 status = json.loads(r.read()).get("Status")
                 if status not in ("Success", "AlreadyStored"):
@@ -279,7 +283,7 @@ class Stack:
 
 # --------------------------------------------------------------------------------------------- the data
 def make_series(workdir: Path):
-    """Two MR DICOM series (InstitutionName = INSTITUTION) and, per series, a click voxel [i, j, k] inside the object."""
+    """Two MR DICOM series (InstitutionName = INSTITUTION) and, per series, a click voxel [i, j, k] in the object."""
     import nibabel as nib
     import numpy as np
 
@@ -329,8 +333,9 @@ def run(tag: str = "smoke", base: str = "debian-local:bookworm", port: int = 821
     tool = compose_tool()
     if tool is None:
         raise Skip("no compose tool (`docker compose` or Debian's docker-compose)")
+    engine = sh(["docker", "info", "--format", "{{.ServerVersion}} {{.Driver}} {{.CgroupDriver}}"]).stdout.strip()
     results: Dict = {"started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "compose_tool": " ".join(tool),
-                     "engine": sh(["docker", "info", "--format", "{{.ServerVersion}} {{.Driver}} {{.CgroupDriver}}"]).stdout.strip(),
+                     "engine": engine,
                      "machine": f"{platform.machine()}, {os.cpu_count()} CPUs", "base": base, "steps": {}}
     workdir = Path(tempfile.mkdtemp(prefix="casam-smoke-"))
     workdir.chmod(0o755)
@@ -346,10 +351,12 @@ def run(tag: str = "smoke", base: str = "debian-local:bookworm", port: int = 821
     facts = {k: image_facts(f"{k}:{tag}") for k in ("casam", "casam-orthanc", "casam-gateway")}
     results["images"] = facts
     ca = sh(["docker", "run", "--rm", "--entrypoint", "sh", f"casam:{tag}", "-c",
-             "ls /tmp/pip-ca /opt/casam/docker 2>/dev/null; grep -rl 'BEGIN CERTIFICATE' /opt/casam /tmp /root 2>/dev/null "
+             "ls /tmp/pip-ca /opt/casam/docker 2>/dev/null; "
+             "grep -rl 'BEGIN CERTIFICATE' /opt/casam /tmp /root 2>/dev/null "
              "| grep -v -e site-packages -e '/\\.venv/' | head"], check=False).stdout.strip()
     if facts["casam"]["history_mentions_ca"] or ca:
-        raise SmokeError(f"pip's CA bundle left in the image: history={facts['casam']['history_mentions_ca']} files={ca!r}")
+        history = facts["casam"]["history_mentions_ca"]
+        raise SmokeError(f"pip's CA bundle left in the image: history={history} files={ca!r}")
     if facts["casam"]["user"] in ("", "root", "0"):
         raise SmokeError("the casam image runs as root")
     results["steps"]["ca_not_in_image"] = True
@@ -377,7 +384,8 @@ def run(tag: str = "smoke", base: str = "debian-local:bookworm", port: int = 821
         uid = stack.exec("casam", "id", "-u", check=True).stdout.strip()
         cid = stack.container("casam")
         nets = json.loads(sh(["docker", "inspect", "-f", "{{json .NetworkSettings.Networks}}", cid]).stdout)
-        internal = {n: sh(["docker", "network", "inspect", "-f", "{{.Internal}}", n]).stdout.strip() == "true" for n in nets}
+        internal = {n: sh(["docker", "network", "inspect", "-f", "{{.Internal}}", n]).stdout.strip() == "true"
+                    for n in nets}
         caps = sh(["docker", "inspect", "-f", "{{json .HostConfig.CapDrop}}", cid]).stdout.strip()
         probe = ("import socket, sys\n"
                  "def ok(h, p):\n"
@@ -408,7 +416,8 @@ def run(tag: str = "smoke", base: str = "debian-local:bookworm", port: int = 821
         t0 = time.time()  # MONAI Label lists Orthanc's series anew after MONAI_LABEL_DICOMWEB_CACHE_EXPIRY (60 s)
         while client.info()["datastore"]["total"] != len(series):
             if time.time() - t0 > 150:
-                raise SmokeError(f"datastore lists {client.info()['datastore']['total']} images, expected {len(series)}")
+                total = client.info()["datastore"]["total"]
+                raise SmokeError(f"datastore lists {total} images, expected {len(series)}")
             time.sleep(5)
         results["steps"]["series_listed_after_s"] = round(time.time() - t0, 1)
         clicks = []
@@ -421,8 +430,10 @@ def run(tag: str = "smoke", base: str = "debian-local:bookworm", port: int = 821
             if mask.shape != s["gt"].shape or not mask.any():
                 raise SmokeError(f"click on {s['case']}: empty or misshapen mask {mask.shape} vs {s['gt'].shape}")
             k = s["click"][2]
-            clicks.append({"case": s["case"], "seconds": round(time.time() - t0, 1), "iou_3d": round(iou(mask, s["gt"]), 3),
-                           "iou_clicked_slice": round(iou(mask[k], s["gt"][k]), 3), "slices": int(mask.any(axis=(1, 2)).sum()),
+            clicks.append({"case": s["case"], "seconds": round(time.time() - t0, 1),
+                           "iou_3d": round(iou(mask, s["gt"]), 3),
+                           "iou_clicked_slice": round(iou(mask[k], s["gt"][k]), 3),
+                           "slices": int(mask.any(axis=(1, 2)).sum()),
                            "layer": params.get("layer"), "fallback": params.get("fallback")})
             client.save_label(s["uid"], path, tag="final", params={"label_info": [{"name": "tumour", "idx": 1}]})
         segs = stack.orthanc_get("/dicom-web/series?Modality=SEG")
@@ -438,11 +449,12 @@ def run(tag: str = "smoke", base: str = "debian-local:bookworm", port: int = 821
         if code != 200:
             raise SmokeError(f"train: HTTP {code}: {body[-2000:]!r}\n{stack.logs('casam')}")
         report = json.loads(body)
-        layers = [(l["institution"], l["active"]) for l in client.info()["layers"]]
+        layers = [(x["institution"], x["active"]) for x in client.info()["layers"]]
         if layers != [(INSTITUTION, True)]:
             raise SmokeError(f"after training the server lists {layers}: {report}")
         results["steps"]["train"] = {"seconds": round(time.time() - t0, 1),
-                                     "institutions": [{k: e.get(k) for k in ("institution", "layer", "images", "patients")}
+                                     "institutions": [{k: e.get(k)
+                                                       for k in ("institution", "layer", "images", "patients")}
                                                       for e in report.get("institutions", [])]}
 
         # ---- the layer survives compose down / up
@@ -451,9 +463,10 @@ def run(tag: str = "smoke", base: str = "debian-local:bookworm", port: int = 821
         results["warm_restart_s"] = round(stack.up(tok), 1)
         client = MONAILabelClient(stack.url, tmpdir=str(workdir / "client2"))
         client.update_auth({"token_type": "Bearer", "access_token": tok})
-        after = [(l["institution"], l["active"]) for l in client.info()["layers"]]
+        after = [(x["institution"], x["active"]) for x in client.info()["layers"]]
         s = series[0]
-        _, params = client.infer("casam", s["uid"], {"foreground": [s["click"]], "background": [], "result_extension": ".nrrd"})
+        _, params = client.infer("casam", s["uid"], {"foreground": [s["click"]], "background": [],
+                                                      "result_extension": ".nrrd"})
         params = json.loads(params) if isinstance(params, str) else params
         if after != [(INSTITUTION, True)]:
             raise SmokeError(f"after down/up the server lists {after}")
@@ -486,7 +499,8 @@ def write_results(r: Dict, out: Path) -> None:
         lines += ["| image | build (s) | steps from cache | size (GB) | user |", "| --- | --- | --- | --- | --- |"]
         for k, b in r["build"].items():
             f = r["images"][b["image"].split(":")[0]]
-            lines.append(f"| `{b['image']}` | {b['build_s']} | {b['cached_steps']} | {f['size_gb']} | {f['user'] or 'root'} |")
+            lines.append(f"| `{b['image']}` | {b['build_s']} | {b['cached_steps']} | {f['size_gb']} "
+                         f"| {f['user'] or 'root'} |")
         lines.append("")
     elif r.get("images"):
         lines += ["| image | size (GB) | user |", "| --- | --- | --- |"]

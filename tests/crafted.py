@@ -28,12 +28,13 @@ def png(width: int, height: int, data: bytes = b"\0" * 64, mode: int = 0, depth:
 
 def gif_header(width: int = 65535, height: int = 50000) -> bytes:
     """A GIF logical screen descriptor declaring ``width`` × ``height`` (Pillow reads the size from it)."""
-    return b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0) + b",\0\0\0\0" + struct.pack("<HH", width, height) + b"\0\x08"
+    return (b"GIF89a" + struct.pack("<HHBBB", width, height, 0, 0, 0) + b",\0\0\0\0"
+            + struct.pack("<HH", width, height) + b"\0\x08")
 
 
 def tiff(width: int, height: int, strip_offset: int = 8 + 2 + 9 * 12 + 4, strip_bytes: int = 16,
          bits: int = 8) -> bytes:
-    """A little-endian baseline TIFF declaring ``width`` × ``height``, one strip of ``strip_bytes`` at ``strip_offset``."""
+    """A little-endian baseline TIFF of ``width`` × ``height``, one strip of ``strip_bytes`` at ``strip_offset``."""
     tags = [(256, 4, width), (257, 4, height), (258, 3, bits), (259, 3, 1), (262, 3, 1), (273, 4, strip_offset),
             (277, 3, 1), (278, 4, height), (279, 4, strip_bytes)]
     ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHII", t, k, 1, v) for t, k, v in tags) + b"\0" * 4
@@ -133,7 +134,8 @@ def corpus() -> List[Tuple[str, str, bytes]]:
         ("gif header before png data", "gif.png", gif_header() + good_png),
         ("gif 4000x4000", "small-gif.png", gif_header(4000, 4000) + b"\0" * 64),
         ("tiff 60000x60000", "bomb.tif", tiff(60000, 60000)),
-        ("tiff 4000x4000, strip past the end", "strip.tiff", tiff(4000, 4000, strip_offset=1 << 30, strip_bytes=1 << 24)),
+        ("tiff 4000x4000, strip past the end", "strip.tiff",
+         tiff(4000, 4000, strip_offset=1 << 30, strip_bytes=1 << 24)),
         ("tiff with 0 bits per sample", "bits.tif", tiff(64, 64, bits=0)),
         ("jpeg 65000x65000", "bomb.jpg", jpeg(65000, 65000)),
         ("jpeg truncated", "cut.jpg", jpeg(32, 32, truncate=True)),
@@ -168,5 +170,6 @@ def corpus() -> List[Tuple[str, str, bytes]]:
                   ("jpeg bytes as tiff", "j.tif", jpeg(32, 32)), ("dicom bytes as nrrd", "d.nrrd", dicom()),
                   ("gzip of a png as nifti", "g.nii.gz", gzip.compress(good_png)), ("bmp as mha", "b.mha", bmp(8, 8)),
                   ("pdf as jpeg", "doc.jpg", b"%PDF-1.4\n" + b"\0" * 100)]
-    empty = [(f"empty {s}", f"e{s}", b"") for s in (".png", ".jpg", ".tif", ".bmp", ".nrrd", ".nii", ".nii.gz", ".mha", ".dcm")]
+    empty = [(f"empty {s}", f"e{s}", b"")
+             for s in (".png", ".jpg", ".tif", ".bmp", ".nrrd", ".nii", ".nii.gz", ".mha", ".dcm")]
     return cases + mismatched + empty + [("one byte .png", "one.png", b"\x89")]

@@ -51,7 +51,8 @@ def server(work):
 def _save(srv, i: int) -> requests.Response:
     return requests.put(f"{srv.url}/datastore/label", params={"image": f"disk{i}", "tag": "final"},
                         data={"params": json.dumps({"institution": "A"})},
-                        files={"label": ("l.png", (srv.workdir.parent / f"disk{i}_mask.png").read_bytes())}, timeout=300)
+                        files={"label": ("l.png", (srv.workdir.parent / f"disk{i}_mask.png").read_bytes())},
+                        timeout=300)
 
 
 def _click(srv, i: int, layer: str = "auto") -> requests.Response:

@@ -71,4 +71,4 @@ def test_dicomweb_datastore_seg_and_institution(orthanc_server, tmp_path):  # no
         assert entry["institution"] == INSTITUTION and entry["layer"], (report, srv.log_tail())
         assert entry["images"] == 2 and entry["patients"] == 2
         layers = srv.info()["layers"]
-        assert [(l["institution"], l["active"]) for l in layers] == [(INSTITUTION, True)]
+        assert [(x["institution"], x["active"]) for x in layers] == [(INSTITUTION, True)]

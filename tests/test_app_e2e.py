@@ -144,7 +144,8 @@ def test_3d_point_propagates_through_the_volume(server):
     assert _iou(mask, gt) > 0.3, (p, _iou(mask, gt))
     # one click, the prompted slice only
     ys, xs = np.nonzero(gt[k])
-    one, p1 = _infer(server, image_id, {"foreground": [[int(xs[len(xs) // 2]), int(ys[len(ys) // 2]), k]], "propagate": False})
+    click = [int(xs[len(xs) // 2]), int(ys[len(ys) // 2]), k]
+    one, p1 = _infer(server, image_id, {"foreground": [click], "propagate": False})
     assert p1["embedding_cached"] is True and p1["slices"] == [k, k]
     assert one[k].any() and not one[np.arange(one.shape[0]) != k].any()
 

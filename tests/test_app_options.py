@@ -1,4 +1,4 @@
-"""The app's ``--conf`` options are listed once (``apps/casam/lib/configs/options.py``; issue 30 item 5).
+"""The app's ``--conf`` options are listed once (``apps/casam/lib/configs/options.py``).
 
 No server: the README's table is the list's, the app reads no ``--conf`` key that is not in the list and uses
 every one that is, and the app's one yes/no parser answers as MONAI Label's ``strtobool``.
@@ -7,14 +7,12 @@ every one that is, and the app's one yes/no parser answers as MONAI Label's ``st
 from __future__ import annotations
 
 import re
-import sys
 
 import pytest
 
 from mlserver import APP
 
 pytest.importorskip("monailabel")
-sys.path.insert(0, str(APP))
 import lib.configs.casam as app_config  # noqa: E402
 from lib.configs.options import BY_NAME, OPTIONS, README, flag, markdown_table, read_options, with_table  # noqa: E402
 
@@ -61,7 +59,7 @@ def test_the_app_reads_only_listed_options_and_uses_every_one(tmp_path, monkeypa
     cfg = app_config.CASAMConfig()
     cfg.init("casam", str(tmp_path / "model"), conf, None)
     assert conf.read <= set(BY_NAME), f"--conf keys read but not in lib/configs/options.py: {conf.read - set(BY_NAME)}"
-    unused = set(BY_NAME) - used["opts"].read - {"conf_file"}  # conf_file is read by lib/conffile.py
+    unused = set(BY_NAME) - used["opts"].read - {"conf_file"}  # conf_file is read by lib/server/conffile.py
     assert not unused, f"options listed but not used by CASAMConfig: {unused}"
     # and in the source: every conf.get("…") / conf["…"] / opts["…"] of the app names a listed option
     for path in sorted(APP.rglob("*.py")):
@@ -88,8 +86,11 @@ def test_one_yes_no_parser():
         assert flag(yes) is True and flag(yes, default=None) is True, yes
     for no in (False, "false", "No", "off", "0", "n"):
         assert flag(no, default=True) is False, no
-    for neither in (None, "", "maybe", "2"):
-        assert flag(neither) is False and flag(neither, default=True) is True, neither
+    for absent in (None, "", "  "):
+        assert flag(absent) is False and flag(absent, default=True) is True, absent
+    for neither in ("maybe", "2", 2, 1.0, [1]):
+        with pytest.raises(ValueError, match="neither yes nor no"):
+            flag(neither)
     assert read_options({"prefetch": "maybe", "expose_logs": "on"})["prefetch"] is True  # unreadable: the default
     assert read_options({"expose_logs": "on"})["expose_logs"] is True
 

@@ -13,7 +13,6 @@ import json
 import os
 import select
 import socket
-import sys
 import tempfile
 import time
 
@@ -24,8 +23,8 @@ import requests
 import SimpleITK as sitk
 
 from conftest import disk_image
-from mlserver import APP
-from disk_studies import disk_studies, png_bytes as _png
+from disk_studies import disk_studies
+from disk_studies import png_bytes as _png
 
 pytestmark = pytest.mark.slow
 pytest.importorskip("monailabel")
@@ -57,7 +56,8 @@ def server(tmp_path_factory):
 
 
 def _infer(srv, image="disk0", params=None, files=None, **query):
-    data = {"params": params if isinstance(params, str) else json.dumps({"foreground": [[40, 30]]} if params is None else params)}
+    params = {"foreground": [[40, 30]]} if params is None else params
+    data = {"params": params if isinstance(params, str) else json.dumps(params)}
     return requests.post(f"{srv.url}/infer/casam", params={"image": image, "output": "json", **query}, data=data,
                          files=files, timeout=900)
 
@@ -102,11 +102,13 @@ def test_malformed_parameters_are_4xx(server):
         ({"foreground": [[1e308 * 10, 3]]}, "finite"), ({"roi": "abc"}, "roi"), ({"roi": [1, 2, 3]}, "roi"),
         ({"foreground": [[40, 30]], "layer": ["x"]}, "layer"), ({"foreground": [[40, 30]], "label": ["x"]}, "label"),
         ({"foreground": [[40, 30]], "slice": "x"}, "slice"), ({}, "foreground point"),
+        ({"foreground": [[40, 30]], "propagate": "maybe"}, "propagate"),
     ]:
         _refused(_infer(server, params=params), 400, word)
     r = _infer(server, params={"foreground": [[40, 30]], "timeout": "soon", "result_extension": "nrrd"})
     assert r.status_code == 200, r.text  # a client's timeout is ignored; "nrrd" means ".nrrd"
-    text = _refused(_infer(server, params={"foreground": [[40, 30]], "layer": "nope-v1"}), 404, "unknown layer 'nope-v1'")
+    text = _refused(_infer(server, params={"foreground": [[40, 30]], "layer": "nope-v1"}), 404,
+                    "unknown layer 'nope-v1'")
     assert "registry" not in text or str(server.work) not in text
     assert _infer(server, params={"foreground": [[40, 30]], "label": "object"}).status_code == 200
 
@@ -233,11 +235,7 @@ def test_logs_are_closed(server):
 
 
 def test_logs_open_when_asked():
-    sys.path.insert(0, str(APP))
-    try:
-        from lib.gate import RequestGate
-    finally:
-        sys.path.remove(str(APP))
+    from lib.server.body_limit import BodyLimit
     answers = []
 
     async def app(scope, receive, send):
@@ -248,9 +246,9 @@ def test_logs_open_when_asked():
             answers.append(message["status"])
 
     for closed in [("/logs",), ()]:  # the default, and --conf expose_logs true
-        gate = RequestGate(app, 100, closed=closed, closed_message="closed")
+        limit = BodyLimit(app, 100, closed=closed, closed_message="closed")
         for path in ("/logs/", "/logs/gpu", "/logsx", "/info/"):
-            asyncio.run(gate({"type": "http", "path": path, "headers": []}, None, send))
+            asyncio.run(limit({"type": "http", "path": path, "headers": []}, None, send))
     assert answers == [403, 403, 200, 200, 200, 200, 200, 200]
 
 

@@ -16,7 +16,6 @@ from __future__ import annotations
 import collections
 import json
 import os
-import sys
 import tempfile
 import threading
 import time
@@ -30,7 +29,7 @@ from crafted import corpus
 from disk_studies import disk_studies, png_bytes
 
 pytest.importorskip("monailabel")
-from mlserver import APP, MonaiLabelServer  # noqa: E402
+from mlserver import MonaiLabelServer  # noqa: E402
 
 STATS: collections.Counter = collections.Counter()  # answers by class ("2xx", "4xx", "5xx") and the server's peak RSS
 _STATS_LOCK = threading.Lock()
@@ -74,7 +73,7 @@ def _wait_listed(srv, ids, timeout: float = 90) -> set:
 
 
 def _temp_files(srv) -> list:
-    """What is in the server's temporary folder besides what it put there at start-up (its log config, torch's cache)."""
+    """What is in the server's temporary folder besides what it put there at start-up (log config, torch's cache)."""
     return sorted(set(os.listdir(srv.tmpdir)) - srv.tmp_baseline - {"torchinductor_" + psutil.Process().username()})
 
 
@@ -144,8 +143,9 @@ def test_crafted_files_are_4xx_wherever_they_are_sent(server):
     ok = call(server, "POST", "/infer/casam", params={"image": "disk0", "output": "json"},
               data={"params": json.dumps({"foreground": [[40, 30]]})})
     assert ok.status_code == 200, ok.text  # the server still segments
-    print(f"\ncrafted corpus: {len(corpus())} files, {sum(v for k, v in STATS.items() if k.endswith('xx'))} requests "
-          f"{dict((k, v) for k, v in STATS.items() if k.endswith('xx'))}, server peak RSS {STATS['peak_rss'] / 2**20:.0f} MiB")
+    answers = {k: v for k, v in STATS.items() if k.endswith("xx")}
+    print(f"\ncrafted corpus: {len(corpus())} files, {sum(answers.values())} requests {answers}, "
+          f"server peak RSS {STATS['peak_rss'] / 2**20:.0f} MiB")
 
 
 @pytest.mark.slow
@@ -215,7 +215,7 @@ def test_storage_is_bounded_and_limits_follow_reload(server):
     assert r.status_code == 200, r.text
     time.sleep(1)
     assert _temp_files(server) == []
-    # new limits in the conf file, POST /reload: the new app reads them, the endpoint guards and the gate use them
+    # new limits in the conf file, POST /reload: the new app reads them, the endpoint guards and the body limit use them
     server.conf_file.write_text(json.dumps({"max_sessions": 4, "max_datastore_upload_mb": 0.5, "max_upload_mb": 0.05}))
     assert call(server, "POST", "/reload").status_code == 200
     limits = call(server, "GET", "/info/").json()["limits"]
@@ -271,12 +271,7 @@ def test_watcher_survives_concurrent_writes_in_process(tmp_path):
     from monailabel.datastore.local import LocalDatastore
 
     from casam.data.clinical import ImageLimits
-
-    sys.path.insert(0, str(APP))
-    try:
-        from lib.guard import guard_datastore
-    finally:
-        sys.path.remove(str(APP))
+    from lib.server.datastore import guard_datastore
     studies = tmp_path / "studies"
     studies.mkdir()
     ds = guard_datastore(LocalDatastore(str(studies), extensions=["*.png"], auto_reload=True), ImageLimits(), None)
@@ -307,6 +302,7 @@ def test_watcher_survives_concurrent_writes_in_process(tmp_path):
         while "late" not in ds.list_images() and time.time() - t0 < 30:
             time.sleep(0.2)
         assert not errors and ds._observer.is_alive()
-        assert set(ds.list_images()) >= {"late"} | {f"w{j}" for j in range(40)} | {f"up{k}-{i}" for k in range(2) for i in range(40)}
+        uploaded = {f"up{k}-{i}" for k in range(2) for i in range(40)}
+        assert set(ds.list_images()) >= {"late"} | {f"w{j}" for j in range(40)} | uploaded
     finally:
         ds._observer.stop()

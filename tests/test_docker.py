@@ -13,6 +13,7 @@ the container surviving down/up); it skips, saying why, where no Docker engine a
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -108,13 +109,16 @@ def test_dockerfile_pip_ca_stays_in_the_build_stage():
     run = " ".join(a for i, a in build if i == "RUN")
     assert "PIP_CERT=/tmp/pip-ca/pip-ca.crt" in run and "rm -rf /tmp/pip-ca" in run
     assert not any("pip-ca" in a or "PIP_CERT" in a or a.split()[0] == "docker/ca" for _, a in final)
-    assert [a for i, a in final if i == "COPY" and a.startswith("--from")] == ["--from=build /opt/casam/.venv /opt/casam/.venv"]
+    copied = [a for i, a in final if i == "COPY" and a.startswith("--from")]
+    assert copied == ["--from=build /opt/casam/.venv /opt/casam/.venv"]
     assert (DOCKER / "ca" / ".gitignore").read_text().split() == ["*.crt"]  # never committed
 
 
 def test_dockerignore_for_both_builders():
     """BuildKit reads docker/Dockerfile.dockerignore, the classic builder and docker-compose the root .dockerignore."""
-    rules = lambda p: [l.strip() for l in p.read_text().splitlines() if l.strip() and not l.startswith("#")]
+    def rules(p):
+        return [r.strip() for r in p.read_text().splitlines() if r.strip() and not r.startswith("#")]
+
     assert rules(ROOT / ".dockerignore") == rules(DOCKER / "Dockerfile.dockerignore")
 
 
@@ -158,10 +162,10 @@ def test_dockerfile_copies_exist():
         pytest.skip("apps/ (the MONAI Label app) is not in this checkout yet")
     assert not missing
     assert os.access(ROOT / "install.sh", os.X_OK)
-    ignore = [l.strip() for l in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
-              if l.strip() and not l.startswith("#")]
+    ignore = [r.strip() for r in (DOCKER / "Dockerfile.dockerignore").read_text().splitlines()
+              if r.strip() and not r.startswith("#")]
     assert ignore[0] == "**"  # deny by default: .venv, .git, runs/ never reach the build context
-    assert not [l for l in ignore if l.startswith("!") and (".venv" in l or ".git" in l)]
+    assert not [r for r in ignore if r.startswith("!") and (".venv" in r or ".git" in r)]
 
 
 def test_cmd_is_the_documented_one():
@@ -172,12 +176,36 @@ def test_cmd_is_the_documented_one():
     assert shlex.join(c) in readme, "docker/README.md must show the image's command"
 
 
+def _auth_hook():
+    """docker/casam_auth_hook.py as a module (it installs nothing on import without CASAM_APP_DIR)."""
+    spec = importlib.util.spec_from_file_location("casam_auth_hook_under_test", DOCKER / "casam_auth_hook.py")
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    return hook
+
+
 def test_dockerfile_installs_the_auth_hook():
-    """The image runs casam.monailabel_auth.install() whenever MONAI Label's auth module is imported."""
+    """The image runs the app's lib/server/auth.py install() whenever MONAI Label's auth module is imported."""
     final = stages()[-1]
     run = " ".join(a for i, a in final if i == "RUN")
     assert ["docker/casam_auth_hook.py /tmp/casam_auth_hook.py"] == [a for i, a in final if i == "COPY" and "hook" in a]
-    assert 'echo "import casam_auth_hook" > "$SITE/casam_auth_hook.pth"' in run and "_PinnedJWT" in run
+    assert 'echo "import casam_auth_hook" > "$SITE/casam_auth_hook.pth"' in run and "a.jwt.casam_pinned" in run
+    env = [a for i, a in final if i == "ENV" and a.startswith(_auth_hook().APP_DIR_ENV + "=")]
+    assert env == [f"CASAM_APP_DIR={APP_IN_IMAGE}"]  # the app the CMD serves
+    assert (ROOT / "apps" / "casam" / "lib" / "server" / "auth.py").is_file()
+    assert not (ROOT / "casam" / "monailabel_auth.py").exists()  # the library never imports MONAI Label
+
+
+def test_auth_hook_pins_the_check_on_import(tmp_path):
+    """With CASAM_APP_DIR set, importing MONAI Label's auth module installs the app's fix (as in the image)."""
+    pytest.importorskip("monailabel")
+    code = ("import casam_auth_hook, monailabel.endpoints.user.auth as a; assert a.jwt.casam_pinned, a.jwt; "
+            "import sys; sys.path.insert(0, sys.argv[1]); from lib.server.auth import install; "
+            "assert install() is False  # the app's own install() sees the hook's")
+    env = dict(os.environ, CASAM_APP_DIR=str(ROOT / "apps" / "casam"), PYTHONPATH=str(DOCKER))
+    r = subprocess.run([sys.executable, "-c", code, str(ROOT / "apps" / "casam")], env=env, cwd=tmp_path,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
 
 
 def test_monailabel_auth_accepts_realm_tokens_only(monkeypatch):
@@ -190,7 +218,7 @@ def test_monailabel_auth_accepts_realm_tokens_only(monkeypatch):
     from monailabel.config import settings
     from monailabel.endpoints.user import auth
 
-    import casam.monailabel_auth as mlauth
+    mlauth = _auth_hook().load_auth(str(ROOT / "apps" / "casam"))  # as the image's hook loads it
 
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
@@ -199,7 +227,7 @@ def test_monailabel_auth_accepts_realm_tokens_only(monkeypatch):
     monkeypatch.setattr(auth, "jwt", auth.jwt)  # restored after the test
     claims = {"preferred_username": "ann", "realm_access": {"roles": ["monailabel-user"]}, "exp": int(time.time()) + 60}
     good = jwt.encode(claims, key, algorithm="RS256")
-    if not isinstance(auth.jwt, mlauth._PinnedJWT):
+    if not getattr(auth.jwt, "casam_pinned", False):
         with pytest.raises(InvalidTokenError):  # what the server does without it: 401 for a valid token
             auth.from_token(good)
     mlauth.install()
@@ -222,7 +250,8 @@ def test_compose_structure():
     # every image is built from this repository and Debian's packages (no Docker Hub image is pulled)
     builds = {k: (COMPOSE.parent / v["build"]["context"] / v["build"]["dockerfile"]).resolve()
               for k, v in c["services"].items()}
-    assert builds == {"orthanc": DOCKER / "Dockerfile.orthanc", "casam": DOCKERFILE, "gateway": DOCKER / "Dockerfile.gateway"}
+    assert builds == {"orthanc": DOCKER / "Dockerfile.orthanc", "casam": DOCKERFILE,
+                      "gateway": DOCKER / "Dockerfile.gateway"}
     assert all(v["build"]["args"]["BASE"] == "${CASAM_BASE:-debian:bookworm-slim}" for v in c["services"].values())
     env, aenv = orthanc["environment"], app["environment"]
     assert (env["ORTHANC_USERNAME"], env["ORTHANC_PASSWORD"]) == (aenv["MONAI_LABEL_DICOMWEB_USERNAME"],
@@ -324,7 +353,6 @@ def test_image_cmd_starts_server_and_healthcheck_passes(tmp_path):
 @pytest.mark.docker
 def test_compose_deployment_end_to_end(tmp_path):
     """docker/smoke.py on images already built: up, auth, containment, click + DICOM SEG, train, down/up."""
-    sys.path.insert(0, str(DOCKER))
     import smoke
 
     why = smoke.engine_problem()
@@ -335,7 +363,7 @@ def test_compose_deployment_end_to_end(tmp_path):
     tag = os.environ.get("CASAM_SMOKE_TAG", "smoke")
     for img in (f"casam:{tag}", f"casam-orthanc:{tag}", f"casam-gateway:{tag}"):
         if not smoke.image_exists(img):
-            pytest.skip(f"image {img} not built: run `python docker/smoke.py` (builds them, ~15 min) first")
+            pytest.skip(f"image {img} not built: run `python docker/smoke.py` first (it builds them)")
     r = smoke.run(tag=tag, port=int(os.environ.get("CASAM_SMOKE_PORT", "8240")), do_build=False, out=tmp_path)
     assert r["ok"] and r["steps"]["dicom_seg_series_in_orthanc"] == 2
     assert set(r["steps"]["auth_refused"].values()) == {401}

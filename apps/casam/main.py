@@ -16,19 +16,22 @@ import shutil
 
 from fastapi import HTTPException
 from monailabel.interfaces.app import MONAILabelApp
-from monailabel.interfaces.datastore import DefaultLabelTag
 from monailabel.tasks.activelearning.random import Random
 
 import casam
 from casam.errors import CasamError
-from casam.monailabel_auth import install as pin_token_algorithms
 from casam.inference.prefetch import Prefetcher
-from lib.autotrain import AutoTrainer, install_train_guard
 from lib.configs.casam import CASAMConfig
-from lib.gate import install_request_gate, install_threaded_infer
-from lib.guard import (guard_datastore, guard_sessions, http_error, install_endpoint_guards, removed_if_refused,
-                       resolve_image)
-from lib.hooks import install_open_hooks
+from lib.server.auth import install as pin_token_algorithms
+from lib.server.autotrain import AutoTrainer, install_train_guard
+from lib.server.body_limit import install_body_limit
+from lib.server.checks import http_error, removed_if_refused, resolve_image
+from lib.server.datastore import guard_datastore
+from lib.server.endpoints import install_endpoint_guards
+from lib.server.faults import install_pacs_errors
+from lib.server.hooks import install_open_hooks
+from lib.server.routes import install_ohif_assets_fix, install_threaded_infer
+from lib.server.sessions import guard_sessions
 
 log = logging.getLogger(__name__)
 MODEL = "casam"
@@ -40,14 +43,19 @@ class CASAMApp(MONAILabelApp):
     def __init__(self, app_dir, studies, conf):
         self.cfg = CASAMConfig()
         self.cfg.init(MODEL, os.path.join(app_dir, "model"), conf or {}, None)
-        self.autotrainer = None  # lib.autotrain.AutoTrainer, started with the server (on_init_complete)
+        self.autotrainer = None  # lib.server.autotrain.AutoTrainer, started with the server (on_init_complete)
         install_endpoint_guards(self.cfg.limits)
-        install_request_gate(self.cfg.limits.max_bytes, self.cfg.expose_logs)
-        install_threaded_infer()  # a segmentation no longer holds up every other request (lib/gate.py)
+        install_body_limit(self.cfg.limits.max_bytes, self.cfg.expose_logs)
+        install_threaded_infer()  # a segmentation no longer holds up every other request (lib/server/routes.py)
+        install_ohif_assets_fix()  # the bundled OHIF's assets/ files, not index.html in their place
+        install_pacs_errors(lambda: self.datastore())  # the PACS not answering: 502 naming it (lib/server/faults.py)
         self.cfg.remove_incomplete_layers()
+        self.cfg.refused_layers()  # checks every layer now: the log names each refused one at start-up
         # encodes what a client opens (download, upload, next sample) before its first click; datastore images only
-        self.cfg.prefetcher = Prefetcher(lambda: self.cfg.predictor, lambda i: resolve_image(i, self.datastore()),
-                                         self.cfg.limits, self.cfg.max_propagation_slices) if self.cfg.prefetch else None
+        self.cfg.prefetcher = None
+        if self.cfg.prefetch:
+            self.cfg.prefetcher = Prefetcher(lambda: self.cfg.predictor, lambda i: resolve_image(i, self.datastore()),
+                                             self.cfg.limits, self.cfg.max_propagation_slices)
         install_open_hooks(self.cfg.prefetcher.submit if self.cfg.prefetcher else None)
         pin_token_algorithms()  # MONAI Label 0.8.5 under PyJWT 2 refuses every token otherwise (auth on)
         super().__init__(
@@ -89,7 +97,8 @@ class CASAMApp(MONAILabelApp):
         bb = self.cfg
         checkpoint = os.path.basename(bb.checkpoint) if bb.checkpoint else None  # no server path to clients
         meta["backbone"] = {"name": bb.backbone_name, "checkpoint": checkpoint, "device": bb.device}
-        meta["layers"] = self.cfg.layers_info()
+        meta["layers"] = self.cfg.layers_info()  # served (active and older versions)
+        meta["refused_layers"] = self.cfg.refused_layers()  # never loaded: [{name, reason}]
         meta["limits"] = self.cfg.limits_info()
         meta["cache"] = self.cfg.cache_info()
         return meta
@@ -135,7 +144,8 @@ class CASAMApp(MONAILabelApp):
     def scoring(self, request, datastore=None):
         method = request.get("method")
         if method not in self._scoring_methods:
-            raise HTTPException(404, f"unknown scoring method {method!r}; available: {', '.join(self._scoring_methods)}")
+            available = ", ".join(self._scoring_methods)
+            raise HTTPException(404, f"unknown scoring method {method!r}; available: {available}")
         return super().scoring(request, datastore)
 
     def on_init_complete(self):
@@ -147,5 +157,5 @@ class CASAMApp(MONAILabelApp):
 
     def on_save_label(self, image_id, label_id):
         super().on_save_label(image_id, label_id)
-        if self.autotrainer is not None:  # it counts each institution's new final labels (lib/autotrain.py)
+        if self.autotrainer is not None:  # it counts each institution's new final labels (lib/server/autotrain.py)
             self.autotrainer.notify()

@@ -17,8 +17,8 @@ from monailabel.interfaces.datastore import Datastore
 from monailabel.interfaces.tasks.scoring import ScoringMethod
 from monailabel.interfaces.tasks.strategy import Strategy
 
-from casam.errors import CasamError
 from casam.data.clinical import read_clinical
+from casam.errors import CasamError
 
 log = logging.getLogger(__name__)
 FIELD = "casam_novelty"

@@ -7,7 +7,7 @@ is answered 413 naming the limit and the value (see ``README.md`` for the memory
 
 A train request (``POST /train/casam``) over a training limit is answered 413 naming the limit, one with a value
 that is not a whole number 400, and one that comes while a training runs 409 naming the running one
-(``lib/autotrain.py``), before anything starts.
+(``lib/server/autotrain.py``), before anything starts.
 """
 
 from __future__ import annotations
@@ -19,18 +19,17 @@ from typing import Any, Dict, Optional
 
 from monailabel.interfaces.config import TaskConfig
 
+from casam.data.safety import ImageLimits
+from casam.inference.predictor import CASAMPredictor
 from casam.model.backbone import load_backbone
 from casam.paths import default_cache, default_registry
-from casam.runtime import resolve_device
-from casam.data.safety import ImageLimits
-from casam.registry.store import remove_incomplete, writer_lock
-from casam.inference.predictor import CASAMPredictor
-from casam.registry.store import LayerRegistry
-from casam.runtime import tune_allocator
 from casam.prompts.masks import PROMPT_TYPES
+from casam.registry.store import LayerRegistry, remove_incomplete, writer_lock
+from casam.runtime import resolve_device, tune_allocator
 from casam.training.config import TrainConfig
-from lib.conffile import with_conf_file
 from lib.configs.options import read_options
+from lib.server.conffile import with_conf_file
+from lib.server.layers import ServedRegistry
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +38,7 @@ class CASAMConfig(TaskConfig):
     """Backbone, registry and predictor shared by the infer, train, strategy and scoring tasks."""
 
     def init(self, name: str, model_dir: str, conf: Dict[str, str], planner: Any, **kwargs):
-        conf = with_conf_file(conf)  # read anew at every POST /reload (lib/conffile.py)
+        conf = with_conf_file(conf)  # read anew at every POST /reload (lib/server/conffile.py)
         super().init(name, model_dir, conf, planner, **kwargs)
         tune_allocator()  # at start-up, before the request and prefetch threads exist (casam.runtime)
         opts = read_options(conf)  # every option, its default and its type: lib/configs/options.py
@@ -71,17 +70,23 @@ class CASAMConfig(TaskConfig):
         self.cache_size = opts["cache_size"] or None
         self.max_sessions = opts["max_sessions"] or None
         self.max_datastore_upload_bytes = int(opts["max_datastore_upload_mb"] * 2**20) or None
-        self.limits = ImageLimits(max_voxels=opts["max_image_voxels"], max_pixels=int(opts["max_image_megapixels"] * 1e6),
+        self.limits = ImageLimits(max_voxels=opts["max_image_voxels"],
+                                  max_pixels=int(opts["max_image_megapixels"] * 1e6),
                                   max_bytes=int(opts["max_upload_mb"] * 2**20))
         max_images = opts["max_images"]
         self.train_config = TrainConfig(epochs=opts["epochs"], max_images=max_images or None, seed=opts["seed"],
                                         head_steps=opts["head_steps"])
-        bounded = {"epochs": (self.train_config.epochs, "max_train_epochs"), "max_images": (max_images, "max_train_images"),
-                   **{k: (getattr(self, k), "max_train_images") for k in ("min_images", "retrain_after", "train_after_labels")}}
+        bounded = {"epochs": (self.train_config.epochs, "max_train_epochs"),
+                   "max_images": (max_images, "max_train_images"),
+                   **{k: (getattr(self, k), "max_train_images")
+                      for k in ("min_images", "retrain_after", "train_after_labels")}}
         for key, (value, limit) in bounded.items():  # the server's own defaults stay within its request limits
             if value > getattr(self, limit):
                 raise ValueError(f"--conf {key} {value} is over --conf {limit} {getattr(self, limit)}")
-        self.registry = LayerRegistry(self.registry_dir)
+        self.registry = LayerRegistry(self.registry_dir)  # the trainer's (every layer folder counts)
+        # the predictor's: the layers that pass their checks; the others refused, said in /info and the log
+        self.served = ServedRegistry(self.registry_dir,
+                                     lambda: self._predictor.backbone.hash if self._predictor is not None else None)
         self._predictor: Optional[CASAMPredictor] = None
         self.prefetcher: Optional[Any] = None  # casam.inference.prefetch.Prefetcher, set by the app
         self._lock = threading.Lock()
@@ -93,7 +98,8 @@ class CASAMConfig(TaskConfig):
             if self._predictor is None:
                 log.info("loading backbone %s on %s", self.backbone_name, self.device)
                 bb = load_backbone(self.backbone_name, self.checkpoint, self.device)
-                self._predictor = CASAMPredictor(bb, self.registry, cache_size=self.cache_size,
+                self.served.backbone_hash = lambda: bb.hash
+                self._predictor = CASAMPredictor(bb, self.served, cache_size=self.cache_size,
                                                  cache_bytes=int(self.cache_mb * 2**20),
                                                  decode_cache_bytes=int(self.decode_cache_mb * 2**20))
             self._predictor.refresh()
@@ -101,16 +107,21 @@ class CASAMConfig(TaskConfig):
 
     def layers_info(self) -> list:
         """Provenance of every layer in the registry (active and older versions), for /info."""
-        active = {i.name for i in self.registry.active()}
+        active = {i.name for i in self.served.active()}
         out = []
-        for i in self.registry.list():
+        for i in self.served.list():
             out.append({"name": i.name, "institution": i.institution, "version": i.version, "active": i.name in active,
-                        "modality": i.modality, "backbone": i.backbone_id, "images": i.n_images, "patients": i.n_patients,
-                        "tau": i.tau, "val_iou": i.val_iou, "zero_shot_val_iou": i.zero_shot_val_iou, "created": i.created,
+                        "modality": i.modality, "backbone": i.backbone_id, "images": i.n_images,
+                        "patients": i.n_patients, "tau": i.tau, "val_iou": i.val_iou,
+                        "zero_shot_val_iou": i.zero_shot_val_iou, "created": i.created,
                         # per prompt type: validation IoU with the layer and with plain SAM, and whether it is used
                         "validation": i.extra.get("val"), "used_for": {p: i.serves(p) for p in PROMPT_TYPES},
                         "best_epoch": i.extra.get("best_epoch")})
         return out
+
+    def refused_layers(self) -> list:
+        """The layer folders the server refused to load and why (:mod:`lib.server.layers`), for /info."""
+        return self.served.refused_info()
 
     def remove_incomplete_layers(self) -> None:
         """Removes half-written layers of a trainer that died (kill -9, power loss), unless one is writing now."""

@@ -9,7 +9,8 @@ marker comments) is generated from :data:`OPTIONS`::
 
 ``tests/test_app_options.py`` fails when the README's table and this list disagree, or when the app reads a
 ``--conf`` key that is not listed here. Numeric defaults that the library owns come from the library
-(:data:`casam.training.HEAD_STEPS`, :class:`casam.training.TrainConfig`, :data:`casam.inference.predictor.CACHE_MB`, …).
+(:data:`casam.training.config.HEAD_STEPS`, :class:`casam.training.TrainConfig`,
+:data:`casam.inference.predictor.CACHE_MB`, …).
 """
 
 from __future__ import annotations
@@ -24,10 +25,9 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 from monailabel.utils.others.generic import strtobool
 
 from casam.inference.predictor import CACHE_MB, DECODE_CACHE_MB
-from casam.training.config import TrainConfig
 from casam.model.backbone import DEFAULT_BACKBONE
 from casam.runtime import DEFAULT_DEVICE
-from casam.training.config import HEAD_STEPS
+from casam.training.config import HEAD_STEPS, TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -38,24 +38,31 @@ KINDS = {"text": "text", "int": "integer", "float": "number", "flag": "yes/no"}
 
 
 def flag(value: Any, default: Optional[bool] = False) -> Optional[bool]:
-    """The app's one yes/no parser: MONAI Label's ``strtobool``, with a default for anything else.
+    """The app's one yes/no parser, for ``--conf`` options and request parameters (MONAI Label's ``strtobool``).
 
     Args:
         value: a bool, or a string such as ``true``/``yes``/``on``/``1`` or ``false``/``no``/``off``/``0`` (any
-            case, surrounding blanks ignored); a request's JSON value or a ``--conf`` string.
-        default: the answer for ``None``, an empty string or a value that is neither yes nor no.
+            case, surrounding blanks ignored), or the numbers 0 and 1; a request's JSON value or a ``--conf``
+            string.
+        default: the answer for ``None`` or an empty string (not given).
 
     Returns:
-        The value as a bool (``default`` when it is neither yes nor no).
+        The value as a bool (``default`` when not given).
+
+    Raises:
+        ValueError: a value that is neither yes nor no (``maybe``, ``2``, a list): each caller answers it in its
+            own way (an option keeps its default and logs a warning, a request is refused with a 4xx).
     """
     if isinstance(value, bool):
         return value
-    if value is None:
+    if value is None or (isinstance(value, str) and not value.strip()):
         return default
     try:
-        return strtobool(str(value).strip())
+        if isinstance(value, (str, int)):
+            return bool(strtobool(str(value).strip()))
     except ValueError:
-        return default
+        pass
+    raise ValueError(f"{str(value)[:40]!r} is neither yes nor no (true/false, yes/no, on/off, 1/0)")
 
 
 @dataclass(frozen=True)
@@ -93,12 +100,12 @@ class Option:
         if self.kind == "text":
             return raw
         if self.kind == "flag":
-            value = flag(raw, None)
-            if value is None:
-                if raw not in (None, ""):
-                    log.warning("--conf %s %r is neither yes nor no: %s", self.name, raw, str(self.default).lower())
+            try:
+                value = flag(raw, None)
+            except ValueError:
+                log.warning("--conf %s %r is neither yes nor no: %s", self.name, raw, str(self.default).lower())
                 return self.default
-            return value
+            return self.default if value is None else value
         number = int if self.kind == "int" else float
         try:
             value = number(raw)
@@ -177,7 +184,7 @@ OPTIONS: Tuple[Option, ...] = (
     Option("conf_file", None, "text", "a JSON object of further options (e.g. `{\"max_sessions\": 8, "
            "\"max_upload_mb\": 256}`), read at start-up and again at every `POST /reload`, so limits change without "
            "a restart; its values win over the command line's; a file that cannot be read is logged and ignored "
-           "(`lib/conffile.py`)"),
+           "(`lib/server/conffile.py`)"),
     Option("max_points", 64, "int", "foreground + background points in one request"),
     Option("max_image_voxels", 64 * 2**20, "int", "voxels of a volume (read from its header, before any pixel)",
            shown="67108864 (64 Mi, e.g. 512×512×256)"),
@@ -210,7 +217,7 @@ def read_options(conf: Mapping[str, Any]) -> Dict[str, Any]:
     """Every option's value from the ``--conf`` options.
 
     Args:
-        conf: the ``--conf`` options (with a ``conf_file``'s, see ``lib/conffile.py``); keys not in
+        conf: the ``--conf`` options (with a ``conf_file``'s, see ``lib/server/conffile.py``); keys not in
             :data:`OPTIONS` (MONAI Label's own, such as ``server_mode``) are left to their readers.
 
     Returns:

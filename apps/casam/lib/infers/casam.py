@@ -29,11 +29,12 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 from monailabel.interfaces.tasks.infer_v2 import InferTask, InferType
 
-from casam.errors import LimitError, PromptError
 from casam.data.clinical import read_clinical, write_label
+from casam.errors import LimitError, PromptError
 from casam.inference.prefetch import image_key
-from casam.prompts.masks import voxel_prompts
 from casam.inference.volume import segment_volume
+from casam.prompts.masks import voxel_prompts
+from lib.configs.options import flag
 
 log = logging.getLogger(__name__)
 VOLUME_RESULTS = (".nrrd", ".nii.gz", ".nii", ".mha")
@@ -41,12 +42,16 @@ PICTURE_RESULTS = (".png",) + VOLUME_RESULTS
 RESULT_DTYPES = ("uint8", "uint16", "int16", "int32", "float32")
 
 
-def _bool(v: Any, default: bool = True) -> bool:
-    if v is None:
-        return default
-    if isinstance(v, str):
-        return v.strip().lower() not in ("0", "false", "no", "off", "")
-    return bool(v)
+def _flag(value: Any, what: str, default: bool) -> bool:
+    """A yes/no parameter (:func:`lib.configs.options.flag`; ``default`` when absent).
+
+    Raises:
+        PromptError: a value that is neither yes nor no.
+    """
+    try:
+        return flag(value, default)
+    except ValueError as e:
+        raise PromptError(f"{what}: {e}") from None
 
 
 def _numbers(value: Any, what: str, sizes: Tuple[int, ...]) -> Optional[List[float]]:
@@ -129,7 +134,7 @@ class CASAMInfer(InferTask):
         """The request's parameters, checked (before the image is segmented).
 
         Returns:
-            foreground, background (point lists), roi, layer, ext, dtype, value (class id of the mask).
+            foreground, background (point lists), roi, layer, ext, dtype, value (class id of the mask), propagate.
 
         Raises:
             PromptError: a malformed parameter. LimitError: more points than ``max_points``.
@@ -147,7 +152,9 @@ class CASAMInfer(InferTask):
         dtypes = RESULT_DTYPES[:2] if ext == ".png" else RESULT_DTYPES
         dtype = _choice(request.get("result_dtype"), "result_dtype", dtypes, "uint8")
         value = self.cfg.labels.get(request.get("label"), 1) if request.get("label") else 1
-        return {"foreground": fg, "background": bg, "roi": roi, "layer": layer, "ext": ext, "dtype": dtype, "value": value}
+        propagate = _flag(request.get("propagate"), "propagate", True)
+        return {"foreground": fg, "background": bg, "roi": roi, "layer": layer, "ext": ext, "dtype": dtype,
+                "value": value, "propagate": propagate}
 
     def _slice_range(self, p, depth: int) -> Tuple[Tuple[int, int], bool]:
         """Slices propagation may reach; whether the cap cut a free propagation short."""
@@ -173,18 +180,19 @@ class CASAMInfer(InferTask):
         img = read_clinical(path, name=name, limits=self.cfg.limits)
         q = self.check(request, img.is_volume)
         predictor = self.cfg.predictor
-        p = voxel_prompts(img.array.shape, img.is_volume, q["foreground"], q["background"], q["roi"], request.get("slice"))
+        p = voxel_prompts(img.array.shape, img.is_volume, q["foreground"], q["background"], q["roi"],
+                          request.get("slice"))
         layer = q["layer"]
         key = image_key(predictor.backbone.id, path)
         first_key = f"{key}:{p.slice}" if img.is_volume else key
         cached = predictor.cached(first_key)
         capped, pending = False, []
         if img.is_volume:
-            if _bool(request.get("propagate"), True):
+            if q["propagate"]:
                 rng, capped = self._slice_range(p, img.array.shape[0])
                 budget = self.cfg.click_budget_s if p.box is None and self.cfg.click_budget_s > 0 else None
-                mask, info = segment_volume(predictor, img.array, p.slice, p.points, p.labels, p.box, layer=layer, key=key,
-                                            slice_range=rng, budget_s=budget)
+                mask, info = segment_volume(predictor, img.array, p.slice, p.points, p.labels, p.box, layer=layer,
+                                            key=key, slice_range=rng, budget_s=budget)
                 route, slices, iou, pending = info["route"], info["slices"], info["iou"], info["pending"]
                 capped = capped and (slices[0] == rng[0] > 0 or slices[1] == rng[1] < img.array.shape[0] - 1)
             else:
@@ -208,7 +216,8 @@ class CASAMInfer(InferTask):
                             f"{self.cfg.max_propagation_slices}); draw a 3D roi or click further slices")
         params = {
             "model": self.cfg.name,
-            **route.as_params(),  # layer, institution, fallback, forced, prompt, layer_used, reason, click, score, tau, scores
+            # layer, institution, fallback, forced, prompt, layer_used, reason, click, score, tau, scores
+            **route.as_params(),
             "slice": p.slice,
             "slices": slices,
             "pending_slices": pending,

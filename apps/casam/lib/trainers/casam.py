@@ -34,17 +34,17 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import psutil
-
 from monailabel.datastore.local import LocalDatastore
 from monailabel.interfaces.datastore import Datastore, DefaultLabelTag
 from monailabel.interfaces.tasks.train import TrainTask
 
-from casam.errors import LimitError
-from casam.training.online import LabelledItem, TrainingMonitor, TrainingStopped, plan, train_institution
 from casam.data.dicom import institution_of, patient_of
+from casam.errors import LimitError
 from casam.registry.store import remove_incomplete, writer_lock
+from casam.training.online import LabelledItem, TrainingMonitor, TrainingStopped, plan, train_institution
 from lib.configs.options import flag
-from lib.guard import shown
+from lib.server.checks import shown
+from lib.server.faults import disk_full, install_training_pauses, insufficient_storage
 
 log = logging.getLogger(__name__)
 REPORT = "train_report.json"
@@ -71,16 +71,18 @@ def labelled_items(datastore: Datastore, default_institution: str) -> List[Label
     else:
         ids = ds.get_labeled_images()
         image_uri = ds.get_image_uri
-        label_uri = lambda i: ds.get_label_uri(ds.get_label_by_image_id(i, DefaultLabelTag.FINAL), DefaultLabelTag.FINAL)  # noqa: E731
+        final = DefaultLabelTag.FINAL
+        label_uri = lambda i: ds.get_label_uri(ds.get_label_by_image_id(i, final), final)  # noqa: E731
         image_info = ds.get_image_info
-        label_info = lambda i: ds.get_label_info(ds.get_label_by_image_id(i, DefaultLabelTag.FINAL), DefaultLabelTag.FINAL)  # noqa: E731
+        label_info = lambda i: ds.get_label_info(ds.get_label_by_image_id(i, final), final)  # noqa: E731
     items = []
     for i in ids:
         img, lab = image_uri(i), label_uri(i)
         if not img or not lab:
             continue
         infos = [image_info(i), label_info(i)]
-        items.append(LabelledItem(i, img, lab, institution_of(img, infos, default_institution), patient_of(i, img, infos)))
+        items.append(LabelledItem(i, img, lab, institution_of(img, infos, default_institution),
+                                  patient_of(i, img, infos)))
     return items
 
 
@@ -211,7 +213,8 @@ class CASAMTrainer(TrainTask):
         Raises:
             LimitError: a number over its limit (``max_train_epochs`` for ``epochs``, ``max_train_images`` for the
                 image counts).
-            ValueError: a value that is not a whole number, below its lowest value, or a bad institution.
+            ValueError: a value that is not a whole number, below its lowest value, a bad institution, or a
+                ``force`` / ``auto`` that is neither yes nor no.
         """
         req = {**self.config(), **{k: v for k, v in request.items() if v is not None}}
         out: Dict[str, Any] = {}
@@ -225,7 +228,12 @@ class CASAMTrainer(TrainTask):
         institution = req.get("institution") or ""
         if not isinstance(institution, str) or len(institution) > 200:
             raise ValueError(f"institution must be a name of at most 200 characters, got {shown(institution)}")
-        out.update(institution=institution, force=flag(req.get("force")), auto=flag(req.get("auto")))
+        out["institution"] = institution
+        for key in ("force", "auto"):
+            try:
+                out[key] = flag(req.get(key))
+            except ValueError as e:
+                raise ValueError(f"{key}: {e}") from None
         return out
 
     def status(self) -> Optional[Dict[str, Any]]:
@@ -240,7 +248,8 @@ class CASAMTrainer(TrainTask):
         except (OSError, ValueError):
             status = None
         task = active_task()
-        if task is not None and (status is None or str(status.get("started")).replace("T", " ") < task.get("start_ts", "")):
+        started = str(status.get("started")).replace("T", " ") if status is not None else ""
+        if task is not None and (status is None or started < task.get("start_ts", "")):
             return {"state": "starting", "task": task["id"], "submitted": task.get("start_ts"),
                     "auto": flag(task["request"].get("auto"))}
         if status is None:
@@ -278,7 +287,8 @@ class CASAMTrainer(TrainTask):
         minutes = self.cfg.max_train_minutes
         status = {"state": "running", "pid": os.getpid(), "auto": req["auto"],
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)), "priority": priority,
-                  "request": {k: req[k] for k in ("institution", "epochs", "max_images", "min_images", "retrain_after")},
+                  "request": {k: req[k]
+                              for k in ("institution", "epochs", "max_images", "min_images", "retrain_after")},
                   "time_limit_s": round(minutes * 60) if minutes > 0 else None, "new_layers": []}
         monitor = TrainingMonitor(t0 + minutes * 60 if minutes > 0 else None, f"max_train_minutes = {minutes:g}",
                                   on_progress=lambda progress: self._status({**status, **progress}))
@@ -286,13 +296,22 @@ class CASAMTrainer(TrainTask):
         # the process is ended past the limit only in the task runner: in the server it would end the server
         watchdog = _Watchdog(self, status, monitor, t0 + minutes * 60 + GRACE_S if runner and minutes > 0 else None)
         watchdog.start()
+        install_training_pauses(monitor)  # a test-only hook, inert unless CASAM_TEST_PAUSE_DIR is set
         try:
             with writer_lock(self.cfg.registry):
                 remove_incomplete(self.cfg.registry)
                 report = self._train(req, datastore, t0, monitor, status)
         except Exception as e:
+            full = disk_full(e)
+            error = ("the registry's disk is full (no space left on device): the new layer was not stored, the "
+                     "registry is as it was" if full else f"{type(e).__name__}: {e}")
             with watchdog.finishing():
-                self._status({**status, **monitor.state(), "state": "failed", "error": f"{type(e).__name__}: {e}"})
+                self._status({**status, **monitor.state(), "state": "failed", "error": error})
+            if full:
+                log.error("casam: training failed: disk full: layer of %s not stored; the registry keeps its %d "
+                          "layer(s)", monitor.progress.get("institution", "?"), len(self.cfg.registry.list()))
+                if not runner:  # a run_sync request: the client's answer
+                    raise insufficient_storage("the new layer", "the registry is as it was") from None
             raise
         with watchdog.finishing():
             self._status({**status, **monitor.state(), "state": "stopped" if report.get("stopped") else "done",
@@ -308,9 +327,9 @@ class CASAMTrainer(TrainTask):
                f"(a stage without backbone calls), its process was ended {GRACE_S} s after the limit")
         state = watchdog.monitor.state()
         log.warning("casam training: %s", why)
-        _write_json_atomic(self.report_path, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": state["seconds"],
-                                              "stopped": why, "new_layers": new, "institutions": [],
-                                              "auto": watchdog.status.get("auto")})
+        _write_json_atomic(self.report_path, {"finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                              "seconds": state["seconds"], "stopped": why, "new_layers": new,
+                                              "institutions": [], "auto": watchdog.status.get("auto")})
         self._status({**watchdog.status, **state, "state": "stopped", "stopped": why, "new_layers": new})
 
     def _status(self, status: Dict[str, Any]) -> None:
@@ -333,7 +352,8 @@ class CASAMTrainer(TrainTask):
                 try:
                     entry.update(train_institution(self.cfg.predictor.backbone, self.cfg.registry, p, tc,
                                                    cache_dir=self.cfg.cache_dir, progress=True, limits=self.cfg.limits,
-                                                   max_slices_per_volume=self.cfg.max_slices_per_volume, monitor=monitor))
+                                                   max_slices_per_volume=self.cfg.max_slices_per_volume,
+                                                   monitor=monitor))
                 except TrainingStopped as e:
                     stopped = str(e)
                     entry.update(layer=None, error=f"{e}; nothing stored for {p.institution}")

@@ -24,10 +24,10 @@ from typing import Any, Callable, Dict, Optional
 from fastapi import HTTPException
 
 from casam.errors import LimitError
-from casam.training.online import plan
 from casam.registry.store import writer_lock
+from casam.training.online import plan
 from lib.configs.options import flag
-from lib.hooks import wrap_endpoint
+from lib.server.hooks import wrap_endpoint
 from lib.trainers.casam import ACTIVE, active_task, labelled_items
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ def running_training(trainer: Any) -> Optional[str]:
         words += ["automatic" if flag(task["request"].get("auto")) else "requested", "starting"]
     if status:
         progress = ", ".join(f"{k} {status[k]}" for k in ("institution", "stage") if status.get(k))
-        epoch = f"epoch {status.get('epoch')}/{status.get('epochs')}" if status.get("stage") in ("train", "validate") else ""
+        training = status.get("stage") in ("train", "validate")
+        epoch = f"epoch {status.get('epoch')}/{status.get('epochs')}" if training else ""
         words += ["automatic" if status.get("auto") else "requested", f"pid {status.get('pid')}", progress, epoch,
                   f"{status.get('seconds', 0):.0f} s"]
     return "a training is running (" + "; ".join(w for w in words if w) + ")"

@@ -9,9 +9,10 @@ would have accepted whatever algorithm the token's header names. :func:`install`
 ``RS256``, Keycloak's default), so valid tokens pass and a token signed any other way (e.g. HS256 with the
 public key as the secret) is refused. Nothing else of the check changes.
 
-Call it once in the server process before the first request (it imports MONAI Label; the casam library
-itself never does). ``docker/casam_auth_hook.py`` calls it in the image as soon as MONAI Label's auth module
-is imported.
+The app calls it when it starts (``CASAMApp.__init__``); ``docker/casam_auth_hook.py`` calls it in the image
+as soon as MONAI Label's auth module is imported, loading this file from the app's folder. The two (and every
+app ``POST /reload`` builds, which imports this module anew) install it once: the installed ``jwt`` is
+recognised by its :attr:`PinnedJWT.casam_pinned` mark, not by its class.
 """
 
 from __future__ import annotations
@@ -30,8 +31,15 @@ def algorithms_from_env() -> list:
     return algs or list(DEFAULT_ALGORITHMS)
 
 
-class _PinnedJWT:
-    """``jwt`` as MONAI Label's auth module uses it, with ``decode`` pinned to the given algorithms."""
+class PinnedJWT:
+    """``jwt`` as MONAI Label's auth module uses it, with ``decode`` pinned to the given algorithms.
+
+    Args:
+        jwt_module: PyJWT's ``jwt`` module.
+        algorithms: the algorithms a token may be signed with.
+    """
+
+    casam_pinned = True  # how install() recognises it, whichever copy of this module made it
 
     def __init__(self, jwt_module: Any, algorithms: Sequence[str]):
         self._jwt = jwt_module
@@ -48,14 +56,17 @@ class _PinnedJWT:
 def install(algorithms: Optional[Sequence[str]] = None) -> bool:
     """Pins MONAI Label's token check to ``algorithms`` (default: :func:`algorithms_from_env`).
 
+    Args:
+        algorithms: the algorithms a token may be signed with; None or empty: ``CASAM_AUTH_ALGORITHMS``.
+
     Returns:
         True when installed now, False when it already was (the algorithms are then updated).
     """
     from monailabel.endpoints.user import auth
 
     algs = list(algorithms) if algorithms else algorithms_from_env()
-    if isinstance(auth.jwt, _PinnedJWT):
+    if getattr(auth.jwt, "casam_pinned", False):
         auth.jwt.algorithms = algs
         return False
-    auth.jwt = _PinnedJWT(auth.jwt, algs)
+    auth.jwt = PinnedJWT(auth.jwt, algs)
     return True

@@ -1,25 +1,19 @@
-"""A gate in front of MONAI Label 0.8.5's FastAPI app (``monailabel.app.app``), before any endpoint runs.
+"""An ASGI middleware in front of MONAI Label 0.8.5's FastAPI app (``monailabel.app.app``): bounded request bodies.
 
 FastAPI parses a multipart upload into a temporary file (on disk past 1 MiB) before the endpoint's own size
-check (:mod:`lib.guard`) sees it. :class:`RequestGate` bounds the request body as it streams: a
+check (:mod:`lib.server.endpoints`) sees it. :class:`BodyLimit` bounds the request body as it streams: a
 ``Content-Length`` over the bound is refused before anything is read, and a chunked (or lying) body is cut
 off as soon as it passes the bound; both → 413 naming ``max_upload_mb``. The bound is ``max_upload_mb``
-plus :data:`ENVELOPE` bytes for the form around the files. The gate also refuses the paths of closed
+plus :data:`ENVELOPE` bytes for the form around the files. The middleware also refuses the paths of closed
 endpoints (``/logs``: the server log names server folders) with 403.
 
 MONAI Label builds the app's middleware stack when the server starts, before it creates the
 :class:`MONAILabelApp` (in the startup event), and Starlette refuses ``add_middleware`` from then on:
-:func:`install_request_gate` adds the gate to the app's middleware list and rebuilds the stack instead.
-
-MONAI Label's endpoints are ``async`` functions that call its blocking code, so a segmentation ran on the
-server's event loop, which answered nothing else meanwhile (not ``/info``, not an upload, not another
-click). :func:`install_threaded_infer` serves ``POST /infer/{model}`` from Starlette's thread pool instead;
-``max_concurrent_infers`` still bounds how many are segmented at once.
+:func:`install_body_limit` adds the middleware to the app's middleware list and rebuilds the stack instead.
 """
 
 from __future__ import annotations
 
-import inspect
 import sys
 from typing import Any, Optional, Sequence
 
@@ -33,14 +27,14 @@ LOGS_CLOSED = "the server log is not served to clients (it names server folders)
 
 
 class _TooLarge(Exception):
-    """The body passed the gate's bound while the app was reading it."""
+    """The body passed the bound while the app was reading it."""
 
 
-class RequestGate:
+class BodyLimit:
     """ASGI middleware: bounds request bodies, closes path prefixes.
 
     Args:
-        app: the ASGI app behind the gate.
+        app: the ASGI app behind the middleware.
         max_upload_bytes: ``max_upload_mb`` in bytes; bodies may have :data:`ENVELOPE` bytes more.
         closed: path prefixes answered 403 (each also closes the paths under it).
         closed_message: the 403's message.
@@ -94,7 +88,7 @@ class RequestGate:
 
         async def guarded_send(message: dict) -> None:
             if state["over"] and not state["started"]:
-                return  # the app's answer to a body it could not finish reading: the gate answers 413 instead
+                return  # the app's answer to a body it could not finish reading: this middleware answers 413 instead
             state["started"] = state["started"] or message["type"] == "http.response.start"
             await send(message)
 
@@ -107,15 +101,15 @@ class RequestGate:
             await self.too_large(state["received"], True)(scope, receive, send)
 
 
-def install_request_gate(max_upload_bytes: int, expose_logs: bool = False) -> bool:
-    """Puts a :class:`RequestGate` in front of MONAI Label's endpoints (replacing an earlier one).
+def install_body_limit(max_upload_bytes: int, expose_logs: bool = False) -> bool:
+    """Puts a :class:`BodyLimit` in front of MONAI Label's endpoints (replacing an earlier one).
 
     Args:
         max_upload_bytes: ``max_upload_mb`` in bytes.
         expose_logs: serve ``/logs`` (MONAI Label's log viewer and ``/logs/gpu``) instead of answering 403.
 
     Returns:
-        False when MONAI Label's server app is not loaded (the app runs outside a server: nothing to gate).
+        False when MONAI Label's server app is not loaded (the app runs outside a server: nothing to bound).
     """
     server = sys.modules.get("monailabel.app")
     if server is None:
@@ -124,49 +118,9 @@ def install_request_gate(max_upload_bytes: int, expose_logs: bool = False) -> bo
 
     app = server.app
     closed = () if expose_logs else (settings.MONAI_LABEL_API_STR + "/logs",)
-    gate = Middleware(RequestGate, max_upload_bytes=max_upload_bytes, closed=closed, closed_message=LOGS_CLOSED)
+    limit = Middleware(BodyLimit, max_upload_bytes=max_upload_bytes, closed=closed, closed_message=LOGS_CLOSED)
     # innermost user middleware: behind CORS, so a browser client (OHIF) can read the 413/403
-    app.user_middleware = [m for m in app.user_middleware if m.cls is not RequestGate] + [gate]
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not BodyLimit] + [limit]
     if app.middleware_stack is not None:
         app.middleware_stack = app.build_middleware_stack()
     return True
-
-
-def install_threaded_infer() -> bool:
-    """Serves MONAI Label's ``POST /infer/{model}`` from Starlette's thread pool, not the event loop (idempotent).
-
-    The route's endpoint (``api_run_inference``) is replaced by a plain function with the same parameters (so
-    the same form fields, query and authentication) that calls ``monailabel.endpoints.infer.run_inference``
-    as MONAI Label's ``async`` one does: FastAPI runs plain functions in its thread pool. The route is replaced
-    in the infer router (FastAPI >= 0.16x reads included routers' routes from them) and in the app's routes
-    (older FastAPI copied them there).
-
-    Returns:
-        False when MONAI Label's server app is not loaded or no route was found.
-    """
-    server = sys.modules.get("monailabel.app")
-    if server is None:
-        return False
-    from fastapi.routing import APIRoute
-    from monailabel.endpoints import infer as infer_ep
-
-    def threaded(background_tasks, model, image="", session_id="", params="{}", file=None, label=None,
-                 output=None, user=None):
-        return infer_ep.run_inference(background_tasks, model, image, session_id, params, file, label, output)
-
-    threaded.__signature__ = inspect.signature(infer_ep.api_run_inference)  # FastAPI reads the parameters here
-    threaded.casam_threaded = True
-    found = False
-    for router in (infer_ep.router, server.app.router):
-        for i, route in enumerate(router.routes):
-            if isinstance(route, APIRoute) and getattr(route.endpoint, "casam_threaded", False):
-                found = True
-            elif isinstance(route, APIRoute) and route.endpoint is infer_ep.api_run_inference:
-                router.routes[i] = APIRoute(route.path, threaded, methods=list(route.methods), name=route.name,
-                                            summary=route.summary, tags=route.tags, dependencies=route.dependencies,
-                                            responses=route.responses, response_class=route.response_class,
-                                            include_in_schema=route.include_in_schema)
-                found = True
-                if hasattr(router, "_mark_routes_changed"):  # FastAPI caches what it derived from the routes
-                    router._mark_routes_changed()
-    return found
