@@ -43,8 +43,7 @@ from typing import Any, Dict, List, Optional
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+REPO = Path(__file__).resolve().parents[1]  # the checkout: its apps/casam is the app the soak serves
 DATA = Path(os.environ.get("CASAM_DATA") or REPO.parent / "shared" / "data").expanduser()
 SOURCES = (("brain_mri_lgg", "TCGA_DU"), ("dermoscopy_ph2", "Hospital Pedro Hispano"))
 
@@ -338,12 +337,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--flush-minutes", type=float, default=2.0)
     ap.add_argument("--conf", action="append", default=[], metavar="KEY=VALUE",
                     help="more --conf options of the server (default: train_after_labels=5, retrain_after=10, "
-                         "epochs=4, max_train_minutes=10)")
+                         "epochs=4, max_train_minutes=10, head_steps: the app's)")
     ap.add_argument("--out", type=Path, default=REPO / "benchmarks" / "results" / "soak.json")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", type=Path, default=None, help="kept (default: a temporary folder, removed)")
     args = ap.parse_args(argv)
     from casam.evaluation.server import MonaiLabelServer
+    from casam.training.config import HEAD_STEPS
 
     window_s = 60 * (args.window_minutes or (10.0 if args.minutes >= 30 else max(args.minutes / 3, 0.5)))
     work = args.workdir or Path(tempfile.mkdtemp(prefix="casam-soak-"))
@@ -351,7 +351,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     cases = build_studies(work / "studies", args.images, args.seed)
     conf = {"backbone": args.backbone, "registry": str(work / "registry"), "cache": str(work / "cache"),
             "labels": "lesion", "train_after_labels": "5", "retrain_after": "10", "epochs": "4",
-            "max_train_minutes": "10"}
+            "max_train_minutes": "10", "head_steps": str(HEAD_STEPS)}
     for kv in args.conf:
         k, _, v = kv.partition("=")
         conf[k.strip()] = v.strip()
