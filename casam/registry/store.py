@@ -204,15 +204,7 @@ class LayerRegistry:
                 infos.append(LayerInfo.from_dict(json.loads((d / META_FILE).read_text())))
             except (OSError, ValueError, TypeError):
                 continue
-        infos.sort(key=lambda i: (i.seq, i.created, i.name))
-        if include_inactive:
-            return infos
-        latest: Dict[str, LayerInfo] = {}
-        for info in infos:
-            cur = latest.get(info.institution)
-            if cur is None or info.version > cur.version:
-                latest[info.institution] = info
-        return [i for i in infos if latest[i.institution] is i]
+        return in_order(infos, include_inactive)
 
     def signature(self) -> str:
         """A short string that changes whenever a layer is added or removed (cheap: names only)."""
@@ -454,3 +446,24 @@ def remove_incomplete(registry: LayerRegistry, min_age_s: float = 60.0) -> List[
     if removed:
         log.warning("removed %d incomplete registry folders left by an interrupted writer: %s", len(removed), removed)
     return removed
+
+
+def in_order(infos: List[LayerInfo], include_inactive: bool = True) -> List[LayerInfo]:
+    """Layers in the order they were added, optionally only each institution's newest version.
+
+    Args:
+        infos: the layers read from a registry, in any order.
+        include_inactive: keep superseded versions (default True); False keeps each institution's newest only.
+
+    Returns:
+        The layers sorted by the order they were added (sequence number, creation time, name).
+    """
+    infos = sorted(infos, key=lambda i: (i.seq, i.created, i.name))
+    if include_inactive:
+        return infos
+    latest: Dict[str, LayerInfo] = {}
+    for info in infos:
+        cur = latest.get(info.institution)
+        if cur is None or info.version > cur.version:
+            latest[info.institution] = info
+    return [i for i in infos if latest[i.institution] is i]

@@ -16,7 +16,7 @@ import os
 from typing import Callable, Dict, List, Optional, Tuple
 
 from casam.model.backbone import file_sha256
-from casam.registry.store import LAYER_FILE, META_FILE, ROUTER_FILE, LayerInfo, LayerRegistry
+from casam.registry.store import LAYER_FILE, META_FILE, ROUTER_FILE, LayerInfo, LayerRegistry, in_order
 
 log = logging.getLogger(__name__)
 
@@ -89,15 +89,7 @@ class ServedRegistry(LayerRegistry):
             log.warning("casam: layer %s is no longer refused (%s)",
                         name, "it passes its checks" if name in folders else "its folder was removed")
         self.refused = refused
-        infos.sort(key=lambda i: (i.seq, i.created, i.name))
-        if include_inactive:
-            return infos
-        latest: Dict[str, LayerInfo] = {}
-        for info in infos:
-            cur = latest.get(info.institution)
-            if cur is None or info.version > cur.version:
-                latest[info.institution] = info
-        return [i for i in infos if latest[i.institution] is i]
+        return in_order(infos, include_inactive)
 
     def signature(self) -> str:
         """Changes when a layer is added or removed, or when one of its files changes (then it is checked again)."""
