@@ -176,3 +176,145 @@ def test_the_evidence_rule_needs_paired_scores():
     with pytest.raises(ValueError):
         decide([0.5, 0.6], [0.5])
     assert decide([], [])["use"] is False
+
+
+def test_click_maps_draw_disks_where_the_clicks_are():
+    from casam.model.head import click_maps, click_radius
+
+    maps = click_maps(np.array([[10.0, 5.0], [30.0, 20.0]]), np.array([1, 0]), (40, 60))
+    assert maps.shape == (1, 2, 40, 60)
+    assert maps[0, 0, 5, 10] == 1 and maps[0, 1, 20, 30] == 1
+    assert maps[0, 0, 20, 30] == 0 and maps[0, 1, 5, 10] == 0
+    r = click_radius((40, 60))
+    assert maps[0, 0].sum() <= np.pi * (r + 1) ** 2
+    # scaled to another resolution and shifted by a crop's corner
+    half = click_maps(np.array([[20.0, 10.0]]), np.array([1]), (20, 30), scale=(0.5, 0.5), offset=(2, 1))
+    assert half[0, 0, 4, 8] == 1
+    assert click_maps(None, None, (4, 4)).sum() == 0
+
+
+def test_first_prompt_is_the_box_or_the_first_foreground_click():
+    from casam.model.head import first_prompt
+
+    pts, labs = np.array([[1.0, 1.0], [2.0, 2.0], [3.0, 3.0]]), np.array([0, 1, 1])
+    assert first_prompt(pts, labs, box=True) == (None, None)
+    p, lab = first_prompt(pts, labs, box=False)
+    assert p.tolist() == [[2.0, 2.0]] and lab.tolist() == [1]
+    assert first_prompt(pts[:1], labs[:1], box=False) == (None, None)
+
+
+def _blobs(rng, size=48):
+    """Three like squares on grey; the truth is the first and one of the others, the prompt's answer the first:
+    which other square is meant only a click can say."""
+    img = rng.normal(90, 6, (size, size))
+    truth = np.zeros((size, size), np.uint8)
+    first = np.zeros((size, size), np.uint8)
+    corners = [(4, 4), (4, 30), (30, 17)]
+    order = rng.permutation(3)
+    for k, i in enumerate(order):
+        y, x = corners[i]
+        img[y:y + 12, x:x + 12] += 100
+        if k == 0:
+            first[y:y + 12, x:x + 12] = 1
+        if k < 2:
+            truth[y:y + 12, x:x + 12] = 1
+    return np.clip(img, 0, 255).astype(np.uint8), truth, first
+
+
+def test_a_head_that_reads_clicks_learns_to_add_what_a_click_points_at():
+    """Trained on simulated corrective clicks, a click on the object the first answer missed adds it."""
+    from casam.model.head import refine
+    from casam.training.head import sequence_ious
+
+    rng = np.random.default_rng(0)
+    exs = []
+    for _ in range(12):
+        img, truth, first = _blobs(rng)
+        it = image_tensor(img)
+        b, t = to_head_resolution(it, torch.from_numpy(np.where(first > 0, 8.0, -8.0)).float(), truth)
+        exs.append(HeadExample(it, b.half(), t, (0, 0, 47, 47)))
+    torch.manual_seed(0)
+    head = train_head(exs[:10], HeadConfig(width=8, steps=150, batch_size=6, crop=48, lr=1e-2, clicks=True,
+                                           sim_clicks=2), validate=None)
+    assert head.clicks and head.uses_clicks() and float(head.gate) == 1.0
+    e = exs[10]
+    seq = sequence_ious(head, e, 3)
+    assert seq[0] < 0.8 and seq[1] > seq[0] + 0.1  # the corrective click on the missed square is answered
+    # through the product's entry point: a foreground click on either other square and a background click on the
+    # third decide which one is meant
+    first = e.logits[0, 0].float() > 0
+    squares = [(y, x) for y, x in [(4, 4), (4, 30), (30, 17)] if not first[y + 6, x + 6]]
+    for (y, x), (oy, ox) in (squares, squares[::-1]):
+        clicks = np.array([[x + 6.0, y + 6.0], [ox + 6.0, oy + 6.0]])
+        out = refine(head, e.image, e.logits[0, 0].float(), clicks, np.array([1, 0])) > 0
+        assert out[y:y + 12, x:x + 12].float().mean() > 0.8 and out[oy:oy + 12, ox:ox + 12].float().mean() < 0.5
+    plain = refine(head, e.image, e.logits[0, 0].float())
+    head.reads_clicks.fill_(0.0)  # validation said no: the clicks are not read
+    assert torch.equal(refine(head, e.image, e.logits[0, 0].float(), np.array([[10.0, 10.0]]), np.array([1])), plain)
+
+
+def test_a_click_reading_head_round_trips_through_the_registry(tmp_path, tiny):
+    layer = AlignmentLayer(256)
+    head = RefineHead(4, clicks=True)
+    head.gate.fill_(1.0)
+    head.reads_clicks.fill_(1.0)
+    reg = LayerRegistry(tmp_path)
+    info = reg.add(layer.attach_head(head), FeatureVAE(), LayerInfo("", "A", 0, backbone_id=tiny.id,
+                                                                    backbone_hash=tiny.hash))
+    loaded = reg.load(info.name, tiny)[0].head
+    assert loaded.clicks and loaded.uses_clicks()
+    assert not split_head_state({f"{HEAD_PREFIX}{k}": v for k, v in RefineHead(4).state_dict().items()})[1].clicks
+
+
+def test_every_click_holds_where_it_was_placed():
+    from casam.model.head import honour_clicks
+
+    logits = torch.full((60, 80), -8.0)
+    logits[10:30, 10:30] = 6.0  # the answer: one square
+    logits[40:50, 50:70] = -1.0  # a region the answer nearly took
+    fg = honour_clicks(logits, np.array([[60.0, 45.0]]), np.array([1])) > 0
+    assert fg[40:50, 50:70].all() and fg[10:30, 10:30].all() and fg.sum() == 400 + 200
+    far = honour_clicks(logits, np.array([[5.0, 55.0]]), np.array([1])) > 0  # nothing near: the click's disk
+    assert far[55, 5] and 0 < far.sum() - 400 < 60
+    logits[20:30, 20:30] = 1.0  # a part the answer barely kept
+    bg = honour_clicks(logits, np.array([[25.0, 25.0]]), np.array([0])) > 0
+    assert not bg[20:30, 20:30].any() and bg[10:20, 10:20].all()
+    same = honour_clicks(logits, np.array([[15.0, 15.0], [2.0, 2.0]]), np.array([1, 0]))  # clicks already right
+    assert torch.equal(same, logits)
+
+
+def _click_head_layer(tmp_path, tiny, corrections: bool):
+    """A registry with one layer whose click-reading head erases everything but what the clicks say."""
+    layer = AlignmentLayer(256)
+    head = RefineHead(4, clicks=True)
+    torch.nn.init.zeros_(head.out.weight)
+    torch.nn.init.constant_(head.out.bias, -50.0)
+    head.gate.fill_(1.0)
+    head.reads_clicks.fill_(1.0)
+    reg = LayerRegistry(tmp_path)
+    val = {"layer": 1.0, "plain": 0.0}
+    reg.add(layer.attach_head(head), FeatureVAE(), LayerInfo(
+        "", "A", 0, backbone_id=tiny.id, backbone_hash=tiny.hash, tau=1e12,
+        extra={"use": {"box": True, "click": True, "corrections": corrections}, "val": {"box": val, "click": val}}))
+    return reg
+
+
+def test_a_corrective_click_through_the_predictor_holds_where_it_was_placed(tmp_path, tiny):
+    img = np.random.default_rng(0).integers(0, 255, (48, 64)).astype(np.uint8)
+    pred = CASAMPredictor(tiny, _click_head_layer(tmp_path, tiny, corrections=True))
+    box = pred.predict(img, box=(5, 5, 40, 30))
+    assert box.route.used == "a-v1" and box.mask.sum() == 0  # the head's answer: nothing
+    fg = pred.predict(img, points=[[20, 20]], point_labels=[1], box=(5, 5, 40, 30))
+    assert fg.route.used == "a-v1" and fg.mask[20, 20] == 1 and 0 < fg.mask.sum() < 100  # the click's disc
+    both = pred.predict(img, points=[[20, 20], [30, 12]], point_labels=[1, 0], box=(5, 5, 40, 30))
+    assert both.mask[20, 20] == 1 and both.mask[12, 30] == 0
+
+
+def test_corrective_clicks_go_to_plain_sam_where_validation_said_so(tmp_path, tiny):
+    img = np.random.default_rng(0).integers(0, 255, (48, 64)).astype(np.uint8)
+    pred = CASAMPredictor(tiny, _click_head_layer(tmp_path, tiny, corrections=False))
+    assert pred.predict(img, box=(5, 5, 40, 30)).route.used == "a-v1"  # the first answer: the layer's
+    again = pred.predict(img, points=[[20, 20]], point_labels=[1], box=(5, 5, 40, 30))
+    assert again.route.used is None and "corrective clicks" in again.route.reason
+    named = pred.predict(img, points=[[20, 20]], point_labels=[1], box=(5, 5, 40, 30), layer="a-v1")
+    assert named.route.used == "a-v1"  # a layer the caller names always answers

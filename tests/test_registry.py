@@ -117,8 +117,11 @@ def test_meta_json_carries_the_format_tag_and_unknown_formats_are_refused(tmp_pa
     info = _add(reg, "A", tiny)
     meta_path = tmp_path / "layers" / info.name / "meta.json"
     meta = json.loads(meta_path.read_text())
-    assert meta["format"] == regmod.LAYER_FORMAT == "casam-layer/1"
+    assert meta["format"] == regmod.LAYER_FORMAT == "casam-layer/2"
     assert reg.export(info.name)[0]["format"] == regmod.LAYER_FORMAT
+    meta["format"] = "casam-layer/1"  # format 1 is still read
+    meta_path.write_text(json.dumps(meta))
+    assert reg.load(info.name, tiny)[2].name == info.name
     del meta["format"]  # a meta.json without a tag is format 1
     meta_path.write_text(json.dumps(meta))
     assert reg.load(info.name, tiny)[2].name == info.name
@@ -128,4 +131,4 @@ def test_meta_json_carries_the_format_tag_and_unknown_formats_are_refused(tmp_pa
         reg.list()
     meta2, files = LayerRegistry(tmp_path / "other").export(_add(LayerRegistry(tmp_path / "other"), "B", tiny).name)
     with pytest.raises(RegistryError, match="upgrade casam"):
-        LayerRegistry(tmp_path / "third").put({**meta2, "format": "casam-layer/2"}, files)
+        LayerRegistry(tmp_path / "third").put({**meta2, "format": "casam-layer/3"}, files)

@@ -28,7 +28,7 @@ from casam.inference.routing import Routing
 from casam.model.alignment import AlignmentLayer
 from casam.model.backbone import Backbone
 from casam.model.decoder import DecoderContext
-from casam.model.head import corrective_clicks, image_tensor, refine
+from casam.model.head import corrective_clicks, image_tensor, refine, split_interaction
 from casam.model.preprocess import (
     Geometry,
     Window,
@@ -39,7 +39,7 @@ from casam.model.preprocess import (
 from casam.model.router import Router, pool_embedding
 from casam.prompts.clicks import ClickConfig, decode_clicks
 from casam.prompts.masks import BOX, CLICK
-from casam.registry.store import LayerInfo, LayerRegistry
+from casam.registry.store import CORRECTIONS, LayerInfo, LayerRegistry
 
 # ``layer`` arguments: route with the VAE router, or plain SAM.
 AUTO, NONE = "auto", "none"
@@ -374,24 +374,50 @@ class CASAMPredictor:
         pts, lab, bx = check_prompts(emb.geom.orig_hw, points, point_labels, box)
         kind = BOX if bx is not None else CLICK
         r = self.gate(route if route is not None else self.route(emb, layer), kind)
+        if corrective_clicks(pts, lab, bx is not None)[0] is not None:
+            r = self.gate_corrections(r)
         decode = self.decoder(self.aligned(emb, r.used), None if emb.key is None else ("dec", emb.key, r.used))
         tb = torch.from_numpy(box_to_model(bx, emb.geom)) if bx is not None else None
-        if pts is None:
+        head = getattr(self.layer(r.used), "head", None) if r.used is not None else None
+        view = None
+        if head is not None:  # the institution's refinement head reads the image at its own resolution
+            view = emb.image if emb.image is not None else (
+                image_tensor(image, self.window).half() if isinstance(image, np.ndarray) else None)
+        # a head that reads clicks answers SAM's answer to the first prompt together with every click
+        (dpts, dlab), edits = split_interaction(head, view, pts, lab, bx is not None)
+        if dpts is None:
             logits, iou = decode(None, None, tb[None])
         else:
-            logits, iou, click = decode_clicks(decode, points_to_model(pts, emb.geom), lab,
+            logits, iou, click = decode_clicks(decode, points_to_model(dpts, emb.geom), dlab,
                                                emb.geom.resized_hw, self.backbone.img_size,
                                                self.backbone.lowres_size, self.clicks,
                                                None if tb is None else tb.numpy())
             r = replace(r, click=click)
         full = logits_to_image(logits[0, 0].cpu(), emb.geom)
-        head = getattr(self.layer(r.used), "head", None) if r.used is not None else None
-        if head is not None:  # the institution's refinement head reads the image at its own resolution
-            view = emb.image if emb.image is not None else (
-                image_tensor(image, self.window).half() if isinstance(image, np.ndarray) else None)
-            edits = corrective_clicks(pts, lab, bx is not None)
+        if head is not None:
             full = refine(head, None if view is None else view.float(), full, *edits)
         return Prediction((full > 0).numpy().astype(np.uint8), float(iou[0, 0]), r)
+
+    def gate_corrections(self, route: Routing) -> Routing:
+        """Whether the layer chosen for a request's first prompt also answers its corrective clicks: only where its
+        validation click sequences were at least plain SAM's at every step
+        (:meth:`casam.registry.store.LayerInfo.serves` with :data:`casam.registry.store.CORRECTIONS`). A named layer
+        always answers.
+
+        Args:
+            route: the routing gated for the first prompt (:meth:`gate`).
+
+        Returns:
+            The routing, with ``used`` None and the reason when plain SAM answers.
+        """
+        if route.used is None or route.forced:
+            return route
+        with self._lock:
+            info = next((i for i in self._infos if i.name == route.used), None)
+        if info is None or info.serves(CORRECTIONS):
+            return route
+        why = f"{route.used} did not answer corrective clicks as well as plain SAM in validation: plain SAM"
+        return replace(route, used=None, reason=why)
 
     def gate(self, route: Routing, prompt: str) -> Routing:
         """Whether the routed layer is used for a prompt type: only where it beat plain SAM on its validation split

@@ -3,4 +3,13 @@
 from __future__ import annotations
 
 from casam.registry.evidence import decide
-from casam.registry.store import LAYER_FORMAT, LayerInfo, LayerRegistry, in_order, remove_incomplete, slug, writer_lock
+from casam.registry.store import (
+    CORRECTIONS,
+    LAYER_FORMAT,
+    LayerInfo,
+    LayerRegistry,
+    in_order,
+    remove_incomplete,
+    slug,
+    writer_lock,
+)

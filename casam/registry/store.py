@@ -7,9 +7,10 @@ Layout::
         router.safetensors   router VAE weights
         meta.json            LayerInfo (provenance, τ, checksums) and the format tag
 
-Every meta.json carries ``"format": "casam-layer/1"`` (:data:`LAYER_FORMAT`); a meta.json without one is read
-as format 1 (what casam 0.1.0 writes), and a format this casam does not know is refused with a
-:class:`~casam.errors.RegistryError`, so a later change of the layout can migrate explicitly.
+Every meta.json carries a format tag (:data:`LAYER_FORMAT`, ``"casam-layer/2"``: a refinement head may read the
+interaction's clicks, whose weights a format-1 reader cannot load); format 1 (a meta.json without a tag, too) is
+still read, and a format this casam does not know is refused with a :class:`~casam.errors.RegistryError`, so a
+later change of the layout can migrate explicitly.
 
 A layer is written into a temporary folder and renamed into place, so a reader never sees half a layer and
 an interrupted write leaves nothing behind. Layers are immutable once written; a new version for the
@@ -46,8 +47,10 @@ LAYER_FILE = "layer.safetensors"
 ROUTER_FILE = "router.safetensors"
 META_FILE = "meta.json"
 
-LAYER_FORMAT = "casam-layer/1"
-READABLE_FORMATS = (LAYER_FORMAT,)
+LAYER_FORMAT = "casam-layer/2"
+READABLE_FORMATS = ("casam-layer/1", LAYER_FORMAT)
+# The pseudo prompt type of requests with corrective clicks after the first prompt (LayerInfo.serves).
+CORRECTIONS = "corrections"
 
 
 @dataclass
@@ -104,7 +107,7 @@ class LayerInfo:
         Raises:
             RegistryError: the dict describes a layer of a format this casam cannot read.
         """
-        fmt = d.get("format", LAYER_FORMAT)
+        fmt = d.get("format", READABLE_FORMATS[0])
         if fmt not in READABLE_FORMATS:
             raise RegistryError(f"layer {d.get('name', '?')!r} is stored in format {fmt!r}; this casam reads "
                                 f"{', '.join(READABLE_FORMATS)} only (a newer casam wrote it: upgrade casam)")
@@ -128,12 +131,19 @@ class LayerInfo:
         that records no per-prompt validation) the box rule decides, for every prompt type: the layer serves iff
         ``val_iou is None or zero_shot_val_iou is None or val_iou > zero_shot_val_iou``.
 
+        ``prompt`` may also be :data:`CORRECTIONS`: whether requests with corrective clicks after the first prompt
+        go to the layer (``extra["use"]["corrections"]``; a layer that records none answers them as it answers the
+        first prompt).
+
         Args:
-            prompt: one of :data:`casam.prompts.masks.PROMPT_TYPES`.
+            prompt: one of :data:`casam.prompts.masks.PROMPT_TYPES`, or :data:`CORRECTIONS`.
 
         Returns:
             True when the layer decodes this prompt type, False when plain SAM does.
         """
+        if prompt == CORRECTIONS:  # recorded by layers trained since corrections are decided on their own
+            use = self.extra.get("use")
+            return bool(use.get(CORRECTIONS, True)) if isinstance(use, dict) else True
         if self._recorded(prompt) is not None:
             use = self.extra["use"]
             return bool(use.get(prompt, False)) if isinstance(use, dict) else False

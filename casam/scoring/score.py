@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 
 from casam.model.backbone import Backbone
-from casam.model.head import corrective_clicks, refine
-from casam.model.preprocess import Geometry, logits_to_image, points_to_model
+from casam.model.head import corrective_clicks, refine, split_interaction
+from casam.model.preprocess import Geometry, box_to_model, logits_to_image, points_to_model
 from casam.prompts.clicks import ClickConfig, decode_clicks
 from casam.prompts.masks import BOX, CLICK, PROMPT_TYPES, centroid_point, tight_box
 from casam.scoring.metrics import boundary_iou, dice, iou
@@ -34,7 +34,7 @@ if TYPE_CHECKING:  # training imports this module
 
 __all__ = ["METRICS", "ImageScores", "mask_prompts", "raw_click_logits", "raw_click", "click_logits",
            "head_of", "sample_logits", "predict_sample", "mask_metrics", "mask_scores", "mean_iou", "score_image",
-           "sequences", "aggregate"]
+           "sequences", "interaction_logits", "aggregate"]
 
 METRICS = ("iou", "dice", "biou")
 ImageScores = Dict[str, Dict[str, List[float]]]  # prompt -> metric -> one value per mask
@@ -226,33 +226,81 @@ def score_image(backbone: Backbone, layer: Optional[Callable], sample: "Sample",
 
 @torch.no_grad()
 def sequences(backbone: Backbone, layer: Optional[Callable], sample: "Sample", clicks: int, raw: bool = False,
-              config: Optional[ClickConfig] = None) -> List[Dict]:
-    """Click sequences (:func:`casam.scoring.protocol.click_sequence`) on every mask of one test image.
+              config: Optional[ClickConfig] = None, first: str = CLICK, corrections: bool = True) -> List[Dict]:
+    """Interaction sequences (:func:`casam.scoring.protocol.click_sequence`) on every mask of one test image, each
+    request answered as the product answers it (:func:`interaction_logits`).
 
     Args:
         backbone: frozen backbone.
-        layer: the layer that decodes clicks on this image (None: plain SAM).
+        layer: the layer that decodes this image (None: plain SAM).
         sample: the test image.
-        clicks: clicks per sequence.
-        raw: give the clicks to the decoder as raw point prompts (plain LiteMedSAM) instead of casam's answer.
+        clicks: answers per sequence (the first prompt's and ``clicks - 1`` corrective clicks').
+        raw: give the clicks (and box) to the decoder as raw prompts (plain LiteMedSAM) instead of casam's answer.
         config: how casam answers clicks (default :class:`casam.prompts.clicks.ClickConfig`).
+        first: the first prompt, ``click`` (at the mask's centre) or ``box`` (its tight box).
+        corrections: the layer also answers requests with corrective clicks (else plain SAM does: the gate's
+            ``corrections`` decision, :meth:`casam.registry.store.LayerInfo.serves`).
 
     Returns:
         One sequence result per mask (see :func:`casam.scoring.protocol.click_sequence`).
     """
     z = sample.embedding[None].to(backbone.device)
-    h = layer(z) if layer is not None else z
+    aligned = {None: z}
+    image = None if sample.image is None else sample.image.float()
 
-    def predict(pts: np.ndarray, labs: np.ndarray) -> np.ndarray:
+    def predict(pts: np.ndarray, labs: np.ndarray, box: Optional[np.ndarray]) -> np.ndarray:
+        has_box = box is not None
+        lay = layer if corrections or corrective_clicks(pts, labs, has_box)[0] is None else None
+        if lay not in aligned:
+            aligned[lay] = lay(z)
+        h = aligned[lay]
         if raw:
-            return raw_click(backbone, h, sample.geom, pts, labs)
-        logits = click_logits(backbone, h, sample.geom, points_to_model(pts, sample.geom), labs, config=config)
-        full = logits_to_image(logits[0, 0].cpu(), sample.geom)
-        if sample.image is not None:
-            full = refine(head_of(layer), sample.image.float(), full, *corrective_clicks(pts, labs, False))
+            mp = points_to_model(pts, sample.geom)[None] if len(pts) else None
+            logits, _ = backbone.decode(h, None if mp is None else torch.from_numpy(mp),
+                                        None if mp is None else torch.from_numpy(np.asarray(labs)[None]),
+                                        None if box is None else torch.from_numpy(box_to_model(box, sample.geom))[None])
+            return logits_to_image(logits[0, 0].cpu(), sample.geom).numpy() > 0
+        full = interaction_logits(backbone, h, sample.geom, head_of(lay), image, pts, labs, box, config)
         return full.numpy() > 0
 
-    return [click_sequence(predict, t.mask, clicks) for t in sample.targets]
+    return [click_sequence(predict, t.mask, clicks, first) for t in sample.targets]
+
+
+def interaction_logits(backbone: Backbone, h: torch.Tensor, geom: Geometry, head, image: Optional[torch.Tensor],
+                       points: Optional[np.ndarray], labels: Optional[np.ndarray], box: Optional[np.ndarray] = None,
+                       config: Optional[ClickConfig] = None) -> torch.Tensor:
+    """The product's answer to one request — clicks and/or a box — on an (aligned) embedding, through a refinement
+    head when the layer has one; the decision the predictor and every evaluator share.
+
+    A head that reads clicks (:func:`casam.model.head.reads_clicks`) gets SAM's answer to the first prompt alone
+    (the box, or the first foreground click answered as casam answers clicks) and every click; otherwise SAM answers
+    all prompts together (clicks through :func:`casam.prompts.clicks.decode_clicks`, which edits a box's answer)
+    and a head rewrites that answer (:func:`casam.model.head.refine`).
+
+    Args:
+        backbone: frozen backbone.
+        h: the (aligned) embedding, 1×C×h×w.
+        geom: the image's geometry.
+        head: the layer's refinement head, or None.
+        image: :func:`casam.model.head.image_tensor` of the image (float), or None (then no head applies).
+        points: N×2 (x, y) image pixels, or None / empty.
+        labels: N labels (1 foreground, 0 background).
+        box: (x0, y0, x1, y1) image pixels, or None.
+        config: how casam answers clicks.
+
+    Returns:
+        H×W logits at the original image size (CPU).
+    """
+    (pts, labs), edits = split_interaction(head, image, points, labels, box is not None)
+    tb = None if box is None else box_to_model(box, geom)
+    if pts is None:
+        logits, _ = backbone.decode(h, None, None, torch.from_numpy(tb)[None])
+    else:
+        logits = click_logits(backbone, h, geom, points_to_model(pts, geom), np.asarray(labs), tb, config)
+    full = logits_to_image(logits[0, 0].cpu(), geom)
+    if image is None or head is None:
+        return full
+    return refine(head, image, full, *edits)
 
 
 def aggregate(per_image: Sequence[ImageScores],

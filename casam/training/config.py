@@ -14,9 +14,15 @@ from casam.model.router import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS
 
 # Optimiser steps of an institution's refinement head (casam.model.head); 0 trains none. TrainConfig.head_steps.
 HEAD_STEPS = 400
-# Clicks of each validation sequence that decides whether corrective clicks' edits stand against a head
-# (casam.training.head.click_edit_evidence: the first click and CLICK_EDIT_CLICKS - 1 corrective ones).
+# Clicks of each validation sequence that decides whether corrective clicks' edits stand against a head that does
+# not read clicks (casam.training.head.click_edit_evidence: the first click and CLICK_EDIT_CLICKS - 1 corrective ones).
 CLICK_EDIT_CLICKS = 3
+# Answers of each validation sequence that decides how corrective clicks are answered after a layer whose head reads
+# them (casam.training.head.click_evidence: the first prompt's and CLICK_EVIDENCE_STEPS - 1 corrective clicks').
+CLICK_EVIDENCE_STEPS = 4
+# Most corrective clicks simulated on a training crop of a click-reading head (each at the centre of its current
+# answer's largest error, casam.training.head.train_head): the head learns to answer its own mistakes.
+HEAD_SIM_CLICKS = 3
 
 
 @dataclass
@@ -42,6 +48,9 @@ class TrainConfig:
         head_steps: optimiser steps of the institution's refinement head (casam.model.head), trained after the layer
             on the layer's answers (:data:`HEAD_STEPS`); 0 trains none.
         head_lr, head_crop, head_batch_size: its Adam learning rate, crop side and crops per step.
+        head_clicks: the head reads the interaction's clicks (:class:`casam.model.head.RefineHead`), trained on
+            simulated click sequences of up to :data:`HEAD_SIM_CLICKS` corrective clicks; False: a head that answers
+            the first prompt alone (corrective clicks edit SAM's answer, :func:`casam.model.head.keep_click_edits`).
     """
 
     epochs: int = 24
@@ -67,6 +76,7 @@ class TrainConfig:
     head_lr: float = 3e-3
     head_crop: int = 160
     head_batch_size: int = 8
+    head_clicks: bool = True
 
     def to_dict(self) -> dict:
         """Returns the settings as a plain dict (stored with every layer as its ``train_config``)."""

@@ -12,14 +12,23 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from casam.model.backbone import Backbone
-from casam.model.head import RefineHead
+from casam.model.head import RefineHead, click_maps, click_radius
 from casam.model.preprocess import logits_to_image
-from casam.prompts.masks import BOX, PROMPT_TYPES
-from casam.registry.evidence import decide
+from casam.prompts.masks import BOX, CLICK, PROMPT_TYPES, centroid_point
+from casam.registry.evidence import GATE_MIN_GAIN, decide
 from casam.scoring.metrics import iou as iou_metric
+from casam.scoring.protocol import next_click
 from casam.scoring.samples import Sample
 from casam.scoring.score import sample_logits, sequences
-from casam.training.config import CLICK_EDIT_CLICKS, TrainConfig
+from casam.training.config import CLICK_EDIT_CLICKS, CLICK_EVIDENCE_STEPS, HEAD_SIM_CLICKS, TrainConfig
+
+# Answers of the click sequence a click-reading head is scored by when its best training step is chosen: the first
+# prompt's and VAL_STEPS - 1 simulated corrective clicks' (at the head's resolution, no SAM call).
+VAL_STEPS = 3
+# The cross-entropy of pixels within CLICK_REACH pixels of a click weighs 1 + CLICK_LOSS_WEIGHT times as much while
+# a click-reading head trains: what a click points at is a few pixels of a crop, and the answer to it is what counts.
+CLICK_REACH = 12
+CLICK_LOSS_WEIGHT = 4.0
 
 
 def click_edit_evidence(backbone: Backbone, layer: nn.Module, val_s: Sequence[Sample],
@@ -51,19 +60,74 @@ def click_edit_evidence(backbone: Backbone, layer: nn.Module, val_s: Sequence[Sa
     return {**evidence, "clicks": clicks}
 
 
+def click_evidence(backbone: Backbone, layer: nn.Module, val_s: Sequence[Sample],
+                   steps: int = CLICK_EVIDENCE_STEPS) -> Dict[str, object]:
+    """How corrective clicks are answered after a layer, on evidence from its validation click sequences.
+
+    Every validation mask gets two interaction sequences as the product answers them
+    (:func:`casam.scoring.score.sequences`): its tight box, and one click at its centre, each followed by
+    ``steps - 1`` clicks at the centre of the largest error. Two decisions follow:
+
+    * ``reads_clicks`` (a head built to read clicks): the head answers the clicks when the paired mean IoU over
+      each sequence (its AUC) with the clicks read beats the head ignoring them, by the gate's rule
+      (:func:`casam.registry.evidence.decide`); sets ``layer.head.reads_clicks``.
+    * ``corrections``: the layer also answers requests with corrective clicks when, at every corrective step, its
+      mean IoU over both protocols is at least the fresh install's (plain SAM with casam's clicks) −
+      :data:`casam.registry.evidence.GATE_MIN_GAIN`; otherwise such requests go to plain SAM.
+
+    Args:
+        backbone: frozen backbone.
+        layer: the institution's layer (with or without a head).
+        val_s: validation samples (with :attr:`Sample.image`).
+        steps: answers per sequence.
+
+    Returns:
+        ``reads_clicks`` (the evidence, or None without a click-reading head), ``corrections`` (``use``,
+        ``gain_per_step``: the mean paired IoU gain over the fresh install after each corrective click, ``n``) and
+        ``steps``.
+    """
+    val_s = [s for s in val_s if s.image is not None and s.targets]
+
+    def curves(lay) -> List[List[float]]:
+        return [seq["iou"] for first in (BOX, CLICK) for s in val_s for seq in sequences(backbone, lay, s, steps,
+                                                                                           first=first)]
+
+    head = getattr(layer, "head", None)
+    reads = None
+    if head is not None and head.clicks:
+        head.reads_clicks.fill_(1.0)
+        on = curves(layer)
+        head.reads_clicks.fill_(0.0)
+        off = curves(layer)
+        reads = decide([float(np.mean(c)) for c in on], [float(np.mean(c)) for c in off])
+        head.reads_clicks.fill_(1.0 if reads["use"] else 0.0)
+        chosen = on if reads["use"] else off
+    else:
+        chosen = curves(layer)
+    fresh = curves(None)
+    gains = [round(float(np.mean([a[k] - b[k] for a, b in zip(chosen, fresh)])), 5) if chosen else None
+             for k in range(1, steps)]
+    use = bool(chosen) and all(g is not None and g >= -GATE_MIN_GAIN for g in gains)
+    return {"reads_clicks": reads, "corrections": {"use": use, "gain_per_step": gains, "n": len(chosen)},
+            "steps": steps}
+
+
 def fit_head(backbone: Backbone, layer: nn.Module, train_s: Sequence[Sample], val_s: Sequence[Sample],
              config: TrainConfig, report: Optional[Dict] = None, progress: bool = False):
     """Trains an institution's refinement head (:mod:`casam.model.head`) on its layer's answers.
 
     The head learns from the layer's answer to each training mask's tight box and to one click at its centroid
-    (answered as the product answers clicks), and keeps its best step by box IoU on the validation masks
-    (step 0: the layer alone).
+    (answered as the product answers clicks) and, when it reads clicks, from simulated corrective clicks
+    (:func:`train_head`). It keeps its best step by the mean IoU of the validation masks' box answers — for a head
+    that reads clicks, the mean over the box answer and :data:`VAL_STEPS` - 1 simulated corrective clicks
+    (:func:`sequence_ious`) — step 0 being the layer alone.
 
     Args:
         backbone: frozen backbone.
         layer: the institution's trained Alignment Layer (its answers are the head's input).
         train_s, val_s: training and validation samples (with :attr:`Sample.image`).
-        config: ``head_steps``, ``head_lr``, ``head_crop``, ``head_batch_size`` and ``seed`` are used.
+        config: ``head_steps``, ``head_lr``, ``head_crop``, ``head_batch_size``, ``head_clicks`` and ``seed`` are
+            used.
         report: filled as :func:`casam.training.head.train_head` fills it.
         progress: show a progress bar.
 
@@ -86,7 +150,11 @@ def fit_head(backbone: Backbone, layer: nn.Module, train_s: Sequence[Sample], va
                     b, truth = to_head_resolution(img, lg, t.mask)
                     ys, xs = np.nonzero(truth[0, 0].numpy())
                     region = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())) if len(xs) else (0, 0, 0, 0)
-                    out.append(HeadExample(img, b.half(), truth, region))
+                    pts = labs = None
+                    if prompt == CLICK:  # the first click, at the head's resolution
+                        scale = np.array([img.shape[-1] / t.mask.shape[1], img.shape[-2] / t.mask.shape[0]])
+                        pts, labs = centroid_point(t.mask) * scale, np.ones(1, np.int64)
+                    out.append(HeadExample(img, b.half(), truth, region, pts, labs))
         return out
 
     val_ex = examples(val_s, [BOX])
@@ -96,11 +164,10 @@ def fit_head(backbone: Backbone, layer: nn.Module, train_s: Sequence[Sample], va
 
     @torch.no_grad()
     def score(head) -> float:
-        return float(np.mean([iou_metric((head(e.image, e.logits.float())[0, 0] > 0).numpy(), e.truth[0, 0].numpy() > 0)
-                              for e in val_ex]))
+        return float(np.mean([np.mean(sequence_ious(head, e, VAL_STEPS if head.clicks else 1)) for e in val_ex]))
 
     cfg = HeadConfig(steps=config.head_steps, batch_size=config.head_batch_size, crop=config.head_crop,
-                     lr=config.head_lr, seed=config.seed)
+                     lr=config.head_lr, seed=config.seed, clicks=config.head_clicks)
     return train_head(train_ex, cfg, validate=score, report=report, progress=progress)
 
 
@@ -116,6 +183,8 @@ class HeadConfig:
         lr: Adam learning rate.
         val_every: validate (and keep the best) every this many steps.
         seed: seed of crops, flips and init.
+        clicks: train a head that reads clicks (:class:`casam.model.head.RefineHead`).
+        sim_clicks: most corrective clicks simulated per training step (0 to this many, drawn per step).
     """
 
     width: int = 16
@@ -125,23 +194,59 @@ class HeadConfig:
     lr: float = TrainConfig.head_lr
     val_every: int = 50
     seed: int = TrainConfig.seed
+    clicks: bool = TrainConfig.head_clicks
+    sim_clicks: int = HEAD_SIM_CLICKS
 
 
 @dataclass
 class HeadExample:
-    """One mask of one image for the head: its image, SAM's answer to a prompt, the truth, the prompt's box.
+    """One mask of one image for the head: its image, SAM's answer to a prompt, the truth, the prompt's box and
+    clicks.
 
     Attributes:
         image: 1×3×h×w (:func:`image_tensor`).
         logits: 1×1×h×w SAM logits (float16 to save memory) at the head's resolution.
         truth: 1×1×h×w float 0/1 at the head's resolution.
         region: (x0, y0, x1, y1) at the head's resolution where crops are centred (the prompt's box).
+        points: M×2 (x, y) clicks of the prompt at the head's resolution (None for a box).
+        labels: their M labels.
     """
 
     image: torch.Tensor
     logits: torch.Tensor
     truth: torch.Tensor
     region: Tuple[int, int, int, int]
+    points: Optional[np.ndarray] = None
+    labels: Optional[np.ndarray] = None
+
+    @property
+    def radius(self) -> float:
+        """The click disk radius at this image's head resolution (:func:`casam.model.head.click_radius`)."""
+        return click_radius(tuple(self.image.shape[-2:]))
+
+
+@torch.no_grad()
+def sequence_ious(head: RefineHead, ex: HeadExample, steps: int) -> List[float]:
+    """IoU of a head's answers to an example's prompt and then ``steps - 1`` simulated corrective clicks (each at
+    the centre of the largest error, :func:`casam.scoring.protocol.next_click`), at the head's resolution.
+
+    SAM is not asked again: a click-reading head answers SAM's first answer with the clicks. A head that does not
+    read clicks gives its one answer at every step.
+    """
+    truth = ex.truth[0, 0].numpy() > 0
+    hw = tuple(ex.image.shape[-2:])
+    pts = np.zeros((0, 2)) if ex.points is None else np.asarray(ex.points, np.float64).reshape(-1, 2)
+    labs = np.zeros(0, np.int64) if ex.labels is None else np.asarray(ex.labels).reshape(-1)
+    out: List[float] = []
+    for k in range(steps):
+        maps = click_maps(pts, labs, hw) if head.clicks else None
+        pred = (head(ex.image, ex.logits.float(), maps)[0, 0] > 0).numpy()
+        out.append(iou_metric(pred, truth))
+        nxt = next_click(pred, truth) if head.clicks and k < steps - 1 else None
+        if nxt is None:
+            return out + [out[-1]] * (steps - 1 - k)
+        pts, labs = np.concatenate([pts, nxt[0]]), np.concatenate([labs, [nxt[1]]])
+    return out
 
 
 def to_head_resolution(image: torch.Tensor, logits: torch.Tensor,
@@ -165,7 +270,8 @@ def to_head_resolution(image: torch.Tensor, logits: torch.Tensor,
     return b, t
 
 
-def _crop(ex: HeadExample, crop: int, rng: np.random.Generator) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _crop(ex: HeadExample, crop: int, rng: np.random.Generator) -> Tuple[torch.Tensor, ...]:
+    """A random crop around the prompt's box: (image, logits, truth, click maps, valid), flipped at random."""
     h, w = ex.image.shape[-2:]
     ch, cw = min(crop, h), min(crop, w)
     x0, y0, x1, y1 = ex.region
@@ -173,7 +279,8 @@ def _crop(ex: HeadExample, crop: int, rng: np.random.Generator) -> Tuple[torch.T
     cx = int(rng.integers(max(0, x0 - 16), min(w, x1 + 17)))
     top, left = int(np.clip(cy - ch // 2, 0, h - ch)), int(np.clip(cx - cw // 2, 0, w - cw))
     sl = (..., slice(top, top + ch), slice(left, left + cw))
-    parts = [ex.image[sl], ex.logits[sl].float(), ex.truth[sl]]
+    maps = click_maps(ex.points, ex.labels, (ch, cw), offset=(left, top), radius=ex.radius)
+    parts = [ex.image[sl], ex.logits[sl].float(), ex.truth[sl], maps]
     if ch < crop or cw < crop:  # a small image: pad to the crop size (the padding is ignored by the loss)
         pad = (0, crop - cw, 0, crop - ch)
         valid = F.pad(torch.ones_like(parts[2]), pad)
@@ -187,9 +294,51 @@ def _crop(ex: HeadExample, crop: int, rng: np.random.Generator) -> Tuple[torch.T
     return (*parts, valid)
 
 
-def head_loss(logits: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Binary cross-entropy + soft Dice over the valid pixels of each crop."""
-    bce = (F.binary_cross_entropy_with_logits(logits, truth, reduction="none") * valid).sum() / valid.sum().clamp(min=1)
+@torch.no_grad()
+def simulate_clicks(head: RefineHead, image: torch.Tensor, logits: torch.Tensor, truth: torch.Tensor,
+                    valid: torch.Tensor, maps: torch.Tensor, radii: Sequence[float], n: int) -> torch.Tensor:
+    """Adds ``n`` corrective clicks to each crop's click maps, each at the centre of the largest error of the head's
+    current answer (:func:`casam.scoring.protocol.next_click`), as a clinician correcting it would.
+
+    Args:
+        head: the head being trained (its current weights answer).
+        image, logits, truth, valid: the batch of crops (B×…×c×c).
+        maps: B×2×c×c click maps so far.
+        radii: click disk radius of each crop's image.
+        n: clicks to add.
+
+    Returns:
+        The new B×2×c×c maps.
+    """
+    maps = maps.clone()
+    for _ in range(n):
+        pred = (head.unet(image, logits, maps) > 0).numpy()
+        for b in range(len(pred)):
+            v = valid[b, 0].numpy() > 0
+            nxt = next_click(pred[b, 0] & v, (truth[b, 0].numpy() > 0) & v)
+            if nxt is not None:
+                add = click_maps(nxt[0], [nxt[1]], tuple(maps.shape[-2:]), radius=radii[b])[0]
+                maps[b] = torch.maximum(maps[b], add)
+    return maps
+
+
+def near_clicks(maps: torch.Tensor, reach: int = CLICK_REACH) -> torch.Tensor:
+    """B×1×c×c: 1 within ``reach`` pixels of a click's disk (either label), else 0."""
+    k = 2 * reach + 1
+    return F.max_pool2d(maps.amax(1, keepdim=True), k, stride=1, padding=reach)
+
+
+def head_loss(logits: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor,
+              weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Binary cross-entropy + soft Dice over the valid pixels of each crop.
+
+    Args:
+        logits, truth, valid: B×1×c×c.
+        weight: B×1×c×c weights of the cross-entropy's pixels (None: 1), e.g. more around the clicks so that the
+            few pixels a click is about weigh against the whole crop.
+    """
+    w = valid if weight is None else valid * weight
+    bce = (F.binary_cross_entropy_with_logits(logits, truth, reduction="none") * w).sum() / valid.sum().clamp(min=1)
     p = torch.sigmoid(logits) * valid
     inter, total = (p * truth).flatten(1).sum(1), (p + truth * valid).flatten(1).sum(1)
     return bce + (1 - (2 * inter + 1) / (total + 1)).mean()
@@ -199,6 +348,10 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
                validate: Optional[Callable[[RefineHead], float]] = None,
                report: Optional[Dict] = None, progress: bool = False) -> RefineHead:
     """Trains a fresh head on examples (random crops around each prompt's box, flips), keeping its best step.
+
+    A head that reads clicks (``config.clicks``) is trained as interactive segmenters are: each step draws 0 to
+    ``config.sim_clicks`` corrective clicks and places them one after another where the head's current answer
+    on the crop errs most (:func:`simulate_clicks`), then learns the answer to the crop with those clicks.
 
     Args:
         examples: the training masks with SAM's answers (:class:`HeadExample`).
@@ -221,7 +374,7 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
     t0 = time.time()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    head = RefineHead(config.width)
+    head = RefineHead(config.width, clicks=config.clicks)
     if config.lr <= 0 or config.steps <= 0:  # nothing can move: an untrained U-Net is noise, not an answer
         head.eval()
         if report is not None:
@@ -240,9 +393,17 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
         bar = tqdm(total=config.steps, desc="train head", unit="step")
     for step in range(1, config.steps + 1):
         head.train()
-        crops = [_crop(examples[int(rng.integers(len(examples)))], crop, rng) for _ in range(config.batch_size)]
-        image, logits, truth, valid = (torch.cat(c) for c in zip(*crops))
-        loss = head_loss(head.unet(image, logits), truth, valid)
+        picked, crops = [], []
+        for _ in range(config.batch_size):  # draw an example, then its crop (the seed's order)
+            picked.append(examples[int(rng.integers(len(examples)))])
+            crops.append(_crop(picked[-1], crop, rng))
+        image, logits, truth, maps, valid = (torch.cat(c) for c in zip(*crops))
+        if head.clicks:
+            n = int(rng.integers(0, config.sim_clicks + 1))
+            if n:
+                maps = simulate_clicks(head, image, logits, truth, valid, maps, [e.radius for e in picked], n)
+        weight = 1 + CLICK_LOSS_WEIGHT * near_clicks(maps) if head.clicks else None
+        loss = head_loss(head.unet(image, logits, maps if head.clicks else None), truth, valid, weight)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -253,6 +414,8 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
             head.eval()
             with torch.no_grad():
                 head.gate.fill_(1.0)
+                if head.clicks:
+                    head.reads_clicks.fill_(1.0)
                 v = validate(head)
                 head.gate.fill_(0.0)
             history.append((step, round(v, 4)))
@@ -266,6 +429,8 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
         head.gate.fill_(0.0 if best[1] == 0 else 1.0)
     else:
         head.gate.fill_(1.0)
+    if head.clicks:  # until the click evidence decides (casam.training.head.click_evidence)
+        head.reads_clicks.fill_(1.0)
     if report is not None:
         report.update(val_history=history, best_step=best[1] if validate else config.steps,
                       seconds=round(time.time() - t0, 1))

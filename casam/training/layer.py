@@ -22,7 +22,7 @@ from casam.scoring.samples import EmbeddingCache, Sample, make_samples
 from casam.scoring.score import mask_scores
 from casam.training.config import TrainConfig
 from casam.training.fit import fit
-from casam.training.head import click_edit_evidence, fit_head
+from casam.training.head import click_edit_evidence, click_evidence, fit_head
 
 
 def split_by_patient(patients: Sequence[str], val_fraction: float, seed: int) -> Tuple[List[int], List[int]]:
@@ -65,27 +65,42 @@ def fit_router(samples: Sequence[Sample], config: TrainConfig) -> Tuple[FeatureV
     return train_vae(feats, seed=config.seed, **kw), tau
 
 
-def split_samples(labelled: Sequence[Sample], config: TrainConfig) -> Tuple[List[Sample], List[Sample], str]:
-    """Training and validation samples: by patient (``config.val_fraction`` of them), by image when only one
-    patient has labels (e.g. the slices of one volume), capped at ``config.max_images`` training images.
+def plan_split(patients: Sequence[str], config: TrainConfig) -> Tuple[List[int], List[int], str]:
+    """Training and validation indices of labelled images: by patient (``config.val_fraction`` of them), by image
+    when only one patient has labels (e.g. the slices of one volume), capped at ``config.max_images`` training
+    images. Decided before any image is encoded, so that only the images used are.
 
     Args:
-        labelled: samples with at least one target.
+        patients: the patient id of each labelled image.
         config: ``val_fraction``, ``max_images`` and ``seed`` are used.
+
+    Returns:
+        (training indices, validation indices, "patient" | "image" | "none").
+    """
+    tr, va = split_by_patient(patients, config.val_fraction, config.seed)
+    split = "patient"
+    if not va and config.val_fraction > 0 and len(patients) >= 4:
+        tr, va = split_by_patient([str(i) for i in range(len(patients))], config.val_fraction, config.seed)
+        split = "image"
+    if config.max_images is not None and len(tr) > config.max_images:
+        pick = np.random.default_rng(config.seed).choice(len(tr), config.max_images, replace=False)
+        tr = [tr[i] for i in sorted(pick)]
+    return tr, va, split if va else "none"
+
+
+def split_samples(labelled: Sequence[Sample], config: TrainConfig) -> Tuple[List[Sample], List[Sample], str]:
+    """:func:`plan_split` of samples with at least one target.
 
     Returns:
         (train, validation, "patient" | "image" | "none").
     """
-    tr, va = split_by_patient([s.patient for s in labelled], config.val_fraction, config.seed)
-    split = "patient"
-    if not va and config.val_fraction > 0 and len(labelled) >= 4:
-        tr, va = split_by_patient([str(i) for i in range(len(labelled))], config.val_fraction, config.seed)
-        split = "image"
-    train_s, val_s = [labelled[i] for i in tr], [labelled[i] for i in va]
-    if config.max_images is not None and len(train_s) > config.max_images:
-        pick = np.random.default_rng(config.seed).choice(len(train_s), config.max_images, replace=False)
-        train_s = [train_s[i] for i in sorted(pick)]
-    return train_s, val_s, split if val_s else "none"
+    tr, va, split = plan_split([s.patient for s in labelled], config)
+    return [labelled[i] for i in tr], [labelled[i] for i in va], split
+
+
+def _need_two(institution: str, n: int) -> None:
+    if n < 2:
+        raise ValueError(f"institution {institution!r}: need at least 2 images with a non-empty label, got {n}")
 
 
 def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequence[np.ndarray],
@@ -99,7 +114,9 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     refinement head when one beats it (:func:`casam.training.head.fit_head`), and its router VAE and τ
     (:func:`fit_router`). Then the layer and plain SAM answer every validation mask with each prompt type, and
     the gate's rule (:func:`casam.registry.evidence.decide`) on those paired IoUs decides which prompt types the
-    layer may serve (``extra["use"]``, ``extra["evidence"]``).
+    layer may serve (``extra["use"]``, ``extra["evidence"]``). A layer that serves one decides on validation click
+    sequences whether its head answers the clicks and whether it answers corrective clicks at all
+    (``extra["use"]["corrections"]``, ``extra["clicks"]``; :func:`casam.training.head.click_evidence`).
 
     Args:
         backbone: frozen backbone.
@@ -116,7 +133,8 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     Returns:
         The stored LayerInfo. Its ``extra["timing"]`` has the seconds of each stage before the layer is served:
         ``encode``, ``train`` (with the box validation after every epoch), ``calibrate`` (router VAE and τ) and
-        ``validate`` (the click validation that decides whether the layer serves clicks).
+        ``validate`` (the click validation that decides whether the layer serves clicks) and ``clicks`` (the click
+        sequences that decide how corrective clicks are answered, :func:`casam.training.head.click_evidence`).
 
     Raises:
         ValueError: no non-empty mask, or fewer than 2 images.
@@ -124,15 +142,22 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     config = config or TrainConfig()
     t0 = time.time()
     torch.manual_seed(config.seed)
-    if samples is None:
-        samples = make_samples(backbone, images, masks, patients, EmbeddingCache(backbone, cache_dir), config.window,
-                               progress=progress, desc=f"encode {institution}")
+    if samples is None:  # split first, then encode only the images the split uses (a capped training set)
+        has = [i for i, m in enumerate(masks) if np.any(np.asarray(m) > 0)]
+        _need_two(institution, len(has))
+        tr, va, split = plan_split([patients[i] for i in has], config)
+        keep = [has[i] for i in tr + va]
+        made = make_samples(backbone, [images[i] for i in keep], [masks[i] for i in keep],
+                            [patients[i] for i in keep], EmbeddingCache(backbone, cache_dir), config.window,
+                            progress=progress, desc=f"encode {institution}")
+        train_s, val_s = [s for s in made[:len(tr)] if s.targets], [s for s in made[len(tr):] if s.targets]
+        labelled = train_s + val_s
+        _need_two(institution, len(labelled))
+    else:
+        labelled = [s for s in samples if s.targets]
+        _need_two(institution, len(labelled))
+        train_s, val_s, split = split_samples(labelled, config)
     t_encode = time.time() - t0
-    labelled = [s for s in samples if s.targets]
-    if len(labelled) < 2:
-        raise ValueError(f"institution {institution!r}: need at least 2 images with a non-empty label, "
-                         f"got {len(labelled)}")
-    train_s, val_s, split = split_samples(labelled, config)
     layer = fresh_layer(backbone).cpu()
     report: Dict = {}
     t1 = time.time()
@@ -144,7 +169,8 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
         head = fit_head(backbone, layer, train_s, val_s, config, head_report, progress)
         if head is not None and float(head.gate) > 0:
             layer.attach_head(head)
-            head_report["click_edits"] = click_edit_evidence(backbone, layer, val_s)
+            if not head.clicks:
+                head_report["click_edits"] = click_edit_evidence(backbone, layer, val_s)
     t_head = time.time()
     vae, tau = fit_router(train_s, config)
     t3 = time.time()
@@ -158,6 +184,10 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
     evidence = {p: decide(layer_s[p], plain_s[p]) for p in PROMPT_TYPES}
     t4 = time.time()
     use = {p: bool(val_s) and evidence[p]["use"] for p in PROMPT_TYPES}
+    # how corrective clicks are answered after the layer's first answer (the head reading them; or plain SAM)
+    clicks = click_evidence(backbone, layer, val_s) if any(use.values()) and not same else None
+    use["corrections"] = bool(clicks and clicks["corrections"]["use"])
+    t5 = time.time()
     info = LayerInfo(
         name="", institution=institution, version=0, modality=modality, backbone_id=backbone.id,
         backbone_hash=backbone.hash, n_images=len(labelled), n_patients=len(set(s.patient for s in labelled)),
@@ -169,13 +199,16 @@ def train_layer(backbone: Backbone, images: Sequence[np.ndarray], masks: Sequenc
                "evidence": evidence,
                "head": {"steps": config.head_steps, "kept": layer.head is not None,
                         "best_step": head_report.get("best_step"), "val_history": head_report.get("val_history"),
-                        "seconds": head_report.get("seconds"), "click_edits": head_report.get("click_edits")},
+                        "seconds": head_report.get("seconds"), "click_edits": head_report.get("click_edits"),
+                        "clicks": layer.head.clicks if layer.head is not None else None},
+               "clicks": clicks,
                "best_epoch": report.get("best_epoch"),
                "val_history": [{k: round(v, 4) for k, v in d.items()} for d in report.get("val_history", [])],
                "gate": round(layer.gate.item(), 4),
                "seconds": round(time.time() - t0, 1),
                "timing": {"encode": round(t_encode, 1), "train": round(t2 - t1, 1), "head": round(t_head - t2, 1),
-                          "calibrate": round(t3 - t_head, 1), "validate": round(t4 - t3, 1)},
+                          "calibrate": round(t3 - t_head, 1), "validate": round(t4 - t3, 1),
+                          "clicks": round(t5 - t4, 1)},
                **(extra or {})},
     )
     return registry.add(layer.cpu(), vae, info)
