@@ -19,7 +19,7 @@ from casam.prompts.clicks import (
     fuse_proposals,
     proposal_features,
 )
-from casam.scoring.protocol import click_sequence, next_click, summarise
+from casam.scoring.protocol import click_sequence, clicks_to, next_click, summarise
 
 L = 64
 
@@ -286,11 +286,44 @@ def test_click_sequence_records_each_click_and_stops_when_exact():
     truth[10:30, 10:30] = True
     seen = []
 
-    def predict(pts, labs):
-        seen.append(len(pts))
+    def predict(pts, labs, box):
+        seen.append((len(pts), box))
         return truth if len(pts) >= 2 else truth & (np.arange(40)[None] < 20)
 
     out = click_sequence(predict, truth, clicks=4)
-    assert seen == [1, 2] and out["iou"] == [0.5, 1.0, 1.0, 1.0]
+    assert seen == [(1, None), (2, None)] and out["iou"] == [0.5, 1.0, 1.0, 1.0]
+    assert len(out["seconds"]) == 4 and out["seconds"][2:] == [0.0, 0.0]  # an exact mask is not asked again
     s = summarise([out, out])
     assert s["auc_iou"] == pytest.approx(0.875) and s["monotone"] and s["n"] == 2
+    assert s["noc80"] == s["noc90"] == 2 and len(s["seconds"]) == 4
+
+
+def test_a_box_first_sequence_starts_with_the_tight_box_and_keeps_it():
+    truth = np.zeros((40, 40), bool)
+    truth[10:30, 12:28] = True
+    seen = []
+
+    def predict(pts, labs, box):  # the box's answer spills right; the background click cuts it back
+        seen.append((pts.copy(), labs.copy(), None if box is None else list(box)))
+        pred = truth.copy()
+        if not (labs == 0).any():
+            pred[10:30, 28:34] = True
+        return pred
+
+    out = click_sequence(predict, truth, clicks=3, first="box")
+    assert len(seen) == 2 and out["iou"][0] == pytest.approx(320 / 440) and out["iou"][1:] == [1.0, 1.0]
+    (p0, l0, b0), (p1, l1, b1) = seen
+    assert len(p0) == 0 and len(l0) == 0 and b0 == b1 and b0[:2] == [12, 10] and b0[2] in (27, 28)
+    assert l1.tolist() == [0] and 28 <= p1[0, 0] <= 33 and p1.dtype == np.float32 and l1.dtype == np.int64
+    with pytest.raises(ValueError):
+        click_sequence(predict, truth, first="scribble")
+
+
+def test_number_of_clicks_counts_the_first_prompt_and_caps_past_the_sequence():
+    assert clicks_to([0.5, 0.85, 0.95], 0.8) == 2 and clicks_to([0.5, 0.85, 0.95], 0.9) == 3
+    assert clicks_to([0.91], 0.9) == 1 and clicks_to([0.5, 0.6, 0.7], 0.8) == 4  # never: the steps + 1
+    a = {"iou": [0.5, 0.85, 0.95], "dice": [0.6, 0.9, 0.97], "seconds": [0.2, 0.1, 0.1]}
+    b = {"iou": [0.3, 0.4, 0.5], "dice": [0.4, 0.5, 0.6], "seconds": [0.4, 0.3, 0.1]}
+    s = summarise([a, b])
+    assert s["noc80"] == pytest.approx(3.0) and s["noc90"] == pytest.approx(3.5)  # (2 + 4) / 2, (3 + 4) / 2
+    assert s["seconds"] == pytest.approx([0.3, 0.2, 0.1]) and s["iou"] == pytest.approx([0.4, 0.625, 0.725])

@@ -15,13 +15,14 @@ once by the frozen backbone (disk cache) and the samples are shared by every met
 
 After each task every method is evaluated on the test split of every task (seen and not yet seen): R[k][j]
 is the mean IoU (per mask) on task j after learning task k, with the tight ground-truth box per class and with
-one click at the mask's centroid pixel. After the last task, click sequences (:mod:`casam.scoring.protocol`: up to 5
-clicks, each next one at the centre of the largest error) score the interactive use.
+one click at the mask's centroid pixel. After the last task, interaction sequences (:mod:`casam.scoring.protocol`:
+the tight box or a centre click, then ``--clicks`` corrective clicks, each at the centre of the largest error) score
+the interactive use.
 
 A run is a sequence of named stages over one state (:mod:`casam.evaluation.stages`: encode, plain scores, one
 step of each trained method per task, click sequences, joint); its results are read from that state
-(:mod:`casam.evaluation.results`) and go to ``<out>/continual.json``, ``continual.md`` and ``continual_R.png``
-(:mod:`casam.evaluation.report`); the JSON is rewritten after every task.
+(:mod:`casam.evaluation.results`) and go to ``<out>/continual.json``, ``continual.md``, ``continual_R.png`` and
+``continual_clicks.png`` (:mod:`casam.evaluation.report`); the JSON is rewritten after every task.
 
 Run ``casam benchmark --help``. Three recipes: the default :data:`REDUCED_CPU_RECIPE` (fewer epochs and images,
 so a CPU finishes), ``--quick`` (a tiny smoke run: random tiny backbone, a few images) and ``--full`` (CA-SAM's
@@ -85,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated methods to run (default {','.join(DEFAULT_METHODS)}; "
                         f"all: {','.join(METHODS)})")
-    p.add_argument("--clicks", type=int, default=5, help="clicks per sequence after the last task (0 = no sequences)")
+    p.add_argument("--clicks", type=int, default=5,
+                   help="corrective clicks after the first prompt (the tight box, or a click at the object's centre) "
+                        "of each interaction sequence after the last task (default 5; 0 = no sequences)")
     p.add_argument("--sequence-cases", type=int, default=None,
                    help="click sequences on at most this many test images per task (evenly spaced; default all)")
     p.add_argument("--out", default=None,
@@ -115,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=DEFAULT_DEVICE,
                    help=f"torch device; auto = cuda when available, else cpu (default {DEFAULT_DEVICE})")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-plot", action="store_true", help="do not draw the heatmaps")
+    p.add_argument("--no-plot", action="store_true", help="do not draw the heatmaps and sequence curves")
     p.add_argument("--progress", action="store_true", help="show progress bars")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true",

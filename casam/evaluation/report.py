@@ -1,12 +1,12 @@
 """Reports: the number format of casam's evaluation reports (:func:`fmt`, also ``casam evaluate``'s) and the
-continual benchmark's Markdown table, R heatmaps and atomic JSON write."""
+continual benchmark's Markdown tables, R heatmaps, interaction-sequence curves and atomic JSON write."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 
@@ -42,16 +42,7 @@ def markdown(res: Dict[str, Any]) -> str:
     for m, e in res["methods"].items():
         last = e["R_click"][-1] if e.get("R_click") else []
         L.append(f"| {m} | " + " | ".join(fmt(v) for v in last) + " |")
-    seqs = res.get("click_sequences") or {}
-    if seqs:
-        n = len(next(iter(seqs.values()))["mean"]["iou"])
-        L += ["", "Click sequences after the last task (mean over tasks; each next click at the centre of the largest "
-              "error region), IoU after each click:", "",
-              "| method | " + " | ".join(f"click {i + 1}" for i in range(n)) + " | AUC | never drops |",
-              "|---|" + "---|" * (n + 2)]
-        for m, v in seqs.items():
-            L.append(f"| {m} | " + " | ".join(fmt(x) for x in v["mean"]["iou"]) + f" | {fmt(v['mean']['auc_iou'])} | "
-                     f"{'yes' if v['mean']['monotone'] else 'no'} |")
+    L += sequence_markdown(res.get("click_sequences") or {})
     r = res.get("router") or {}
     if "accuracy" in r:
         L += ["", f"Router after the last task, on the test images of every task: accuracy **{fmt(r['accuracy'])}**, "
@@ -91,6 +82,10 @@ def markdown(res: Dict[str, Any]) -> str:
             v = fmt(v, 4) if isinstance(v, float) and not isinstance(v, bool) else v
             if t.get("all_tasks") is not None:  # a target stated for the tasks plain SAM does
                 v = f"{v} (all tasks {fmt(t['all_tasks'], 4)})"
+            if t.get("where"):
+                v = f"{v} ({t['where']})"
+            if t.get("tasks_falling") is not None:
+                v = f"{v} (tasks whose own curve falls: {t['tasks_falling']})"
             L.append(f"| {t['target']} | {v} | "
                      f"{'yes' if t['met'] else ('no' if t['met'] is False else '–')} |")
     mach = res["machine"]
@@ -105,6 +100,54 @@ def markdown(res: Dict[str, Any]) -> str:
           "Unseen Δ = mean over k < j of R[k][j] − zero-shot[j] (how a method treats tasks it has not learned yet). "
           "Full matrices (IoU, Dice, boundary IoU; box and click prompts) are in the JSON.", ""]
     return "\n".join(L)
+
+
+PROTOCOL_WORDS = {"box": "tight box first", "click": "centre click first"}
+
+
+def sequence_markdown(seqs: Dict[str, Any]) -> List[str]:
+    """The interaction sequences as Markdown lines: per protocol, a table method × step (mean over tasks: IoU after
+    the first prompt and each corrective click, AUC, NoC@80, NoC@90, seconds per answer) and a table task × method
+    (first answer → last step, AUC, NoC@90).
+
+    Args:
+        seqs: protocol → method → ``per_task`` and ``mean`` (the results' ``click_sequences``).
+
+    Returns:
+        The lines (none without sequences).
+    """
+    L: List[str] = []
+    for p, methods in seqs.items():
+        if not methods:
+            continue
+        n = max(len(v["mean"]["iou"]) for v in methods.values())
+        first = "box" if p == "box" else "click"
+        steps = [first] + [f"+{i} clicks" if i > 1 else "+1 click" for i in range(1, n)]
+        L += ["", f"Interaction sequences after the last task, {PROTOCOL_WORDS.get(p, p)}, then {n - 1} corrective "
+              "clicks (each at the centre of the largest error region); mean IoU over tasks after each step:", "",
+              "| method | " + " | ".join(steps) + " | AUC | NoC@80 | NoC@90 | s per answer |",
+              "|---|" + "---|" * (n + 4)]
+        for m, v in methods.items():
+            mean = v["mean"]
+            sec = mean.get("seconds") or []
+            L.append(f"| {m} | " + " | ".join(fmt(x) for x in mean["iou"]) + f" | {fmt(mean['auc_iou'])} | "
+                     f"{fmt(mean.get('noc80'), 2)} | {fmt(mean.get('noc90'), 2)} | "
+                     f"{fmt(float(np.mean(sec)) if sec else None)} |")
+        tasks = list(dict.fromkeys(t for v in methods.values() for t in v["per_task"]))
+        L += ["", f"Per task, {PROTOCOL_WORDS.get(p, p)}: IoU of the first answer → after the last click "
+              "(AUC, NoC@90):", "", "| task | " + " | ".join(methods) + " |", "|---|" + "---|" * len(methods)]
+        for task in tasks:
+            cells = []
+            for v in methods.values():
+                s = v["per_task"].get(task) or {}
+                cells.append(f"{fmt(s['iou'][0])} → {fmt(s['iou'][-1])} ({fmt(s.get('auc_iou'))}, "
+                             f"{fmt(s.get('noc90'), 2)})" if s.get("iou") else "–")
+            L.append(f"| {task} | " + " | ".join(cells) + " |")
+    if L:
+        L += ["", "NoC@80 / NoC@90: steps (the first prompt counts as one) until IoU reaches 0.8 / 0.9, the steps + 1 "
+              "when it never does; AUC: mean IoU over the steps; s per answer: mean seconds of one answer (0 once a "
+              "mask is exact)."]
+    return L
 
 
 def plot_figure(res: Dict[str, Any], path: Path) -> None:
@@ -154,8 +197,62 @@ def plot_figure(res: Dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def plot_sequences(res: Dict[str, Any], path: Path) -> bool:
+    """Draws the interaction sequences per task into a PNG: one panel per task, IoU after each step, a colour per
+    method, solid for the box-first protocol and dashed for the click-first one.
+
+    Args:
+        res: the results, with ``click_sequences`` (protocol → method → ``per_task``).
+        path: the PNG to write.
+
+    Returns:
+        Whether a figure was written (not without sequences).
+    """
+    seqs = res.get("click_sequences") or {}
+    tasks = list(dict.fromkeys(t for ms in seqs.values() for v in ms.values() for t in v["per_task"]))
+    if not tasks:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    methods = list(dict.fromkeys(m for ms in seqs.values() for m in ms))
+    colours = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    styles = {"box": "-", "click": "--"}
+    ncol = min(3, len(tasks))
+    nrow = (len(tasks) + ncol - 1) // ncol
+    fig, axes = plt.subplots(nrow, ncol, figsize=(4.2 * ncol, 3.2 * nrow), squeeze=False, layout="constrained")
+    n = max(len((v["per_task"].get(t) or {}).get("iou") or []) for ms in seqs.values() for v in ms.values()
+            for t in tasks)
+    for ax, task in zip(axes.flat, tasks):
+        for p, ms in seqs.items():
+            for m, v in ms.items():
+                iou = (v["per_task"].get(task) or {}).get("iou") or []
+                if iou:
+                    ax.plot(range(len(iou)), iou, styles.get(p, ":"), color=colours[m], marker=".", alpha=0.85)
+        ax.set_title(task, fontsize=9)
+        ax.set_ylim(0, 1)
+        ax.set_xticks(range(n), ["first"] + [f"+{i}" for i in range(1, n)], fontsize=7)
+        ax.set_xlabel("step (first prompt, then corrective clicks)", fontsize=7)
+        ax.set_ylabel("IoU", fontsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(tasks):]:
+        ax.axis("off")
+    handles = [Line2D([], [], color=colours[m], marker=".", label=m) for m in methods]
+    handles += [Line2D([], [], color="grey", linestyle=styles.get(p, ":"), label=f"{p} first") for p in seqs]
+    fig.legend(handles=handles, loc="outside lower center", ncol=len(handles), fontsize=7)
+    fig.suptitle(f"Interaction sequences after the last task ({res['backbone']['name']}): solid = box first, "
+                 "dashed = centre click first", fontsize=10)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return True
+
+
 def write_outputs(out_dir: Path, name: str, res: Dict[str, Any], figure: bool = True) -> None:
-    """Writes <name>.json (atomically), <name>.md and, with ``figure``, <name>_R.png."""
+    """Writes <name>.json (atomically), <name>.md and, with ``figure``, the R heatmaps <name>_R.png and, once the
+    results have interaction sequences, their per-task curves <name>_clicks.png."""
     js = out_dir / f"{name}.json"
     tmp = js.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(res, indent=2) + "\n")
@@ -163,3 +260,4 @@ def write_outputs(out_dir: Path, name: str, res: Dict[str, Any], figure: bool = 
     (out_dir / f"{name}.md").write_text(markdown(res))
     if figure:
         plot_figure(res, out_dir / f"{name}_R.png")
+        plot_sequences(res, out_dir / f"{name}_clicks.png")

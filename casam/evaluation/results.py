@@ -2,8 +2,8 @@
 
 :func:`assemble` builds the JSON-safe results (after every task with ``partial``, and at the end), with each
 method's R matrices and summaries (:func:`method_results`), the router's record (:func:`router_results`), the
-recipe (:func:`recipe`) and the project's targets (:func:`targets`); :func:`final_results` adds the click
-sequences.
+recipe (:func:`recipe`) and the project's targets (:func:`targets`); :func:`final_results` adds the interaction
+sequences (box or centre click first, then corrective clicks) and their targets (:func:`sequence_targets`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import numpy as np
 
 from casam.data.datasets import Task
 from casam.evaluation.provenance import json_safe, machine_info
-from casam.evaluation.stages import CASAM_METHODS, BenchmarkState
+from casam.evaluation.stages import CASAM_METHODS, SEQUENCE_PROTOCOLS, BenchmarkState
 from casam.model.alignment import describe
 from casam.prompts.masks import PROMPT_TYPES
 from casam.scoring.metrics import continual_summary
@@ -24,8 +24,9 @@ from casam.training.config import TrainConfig
 
 __all__ = ["LABELS", "FALLBACK", "TARGET_BWT", "TARGET_BOX_TASK_DROP", "TARGET_CLICK", "TARGET_FRESH_CLICK",
            "TARGET_FRESH_BOX_DROP", "TARGET_REGRET", "TARGET_UNSEEN_FALLBACK", "TARGET_SEQUENCE",
-           "TARGET_SERVE_SECONDS", "TARGET_HARD_ZERO_SHOT", "TARGET_HARD_BOX", "method_results", "router_results",
-           "modality_confusion", "assemble", "final_results", "recipe", "targets"]
+           "TARGET_SEQUENCE_MARGIN", "TARGET_HARD_CLICKS_GAIN", "TARGET_SERVE_SECONDS", "TARGET_HARD_ZERO_SHOT",
+           "TARGET_HARD_BOX", "method_results", "router_results", "modality_confusion", "assemble", "final_results",
+           "recipe", "targets", "sequence_targets"]
 
 LABELS = {
     "zero_shot": "1. frozen backbone (zero-shot)",
@@ -45,7 +46,9 @@ TARGET_FRESH_CLICK = 0.70
 TARGET_FRESH_BOX_DROP = 0.005
 TARGET_REGRET = 0.005
 TARGET_UNSEEN_FALLBACK = 0.90
-TARGET_SEQUENCE = 0.85
+TARGET_SEQUENCE = 0.90  # CA-SAM's IoU after the box and the corrective clicks, on the tasks plain SAM does
+TARGET_SEQUENCE_MARGIN = 0.005  # CA-SAM below a fresh install after any step of an interaction sequence, at most
+TARGET_HARD_CLICKS_GAIN = 0.05  # on a task plain SAM fails at, what the clicks after the box add, at least
 TARGET_SERVE_SECONDS = 300
 TARGET_HARD_ZERO_SHOT = 0.5  # a task plain SAM fails at (its zero-shot box IoU below this, e.g. retinal vessels) ...
 TARGET_HARD_BOX = 0.55  # ... which an institution's layer must teach it
@@ -192,7 +195,12 @@ def assemble(state: BenchmarkState, partial: bool) -> Dict[str, Any]:
         "prompts": {"box": "tight ground-truth box per class",
                     "click": "one click at the foreground pixel nearest the mask centroid, answered as each method "
                              "answers clicks (zero_shot: the decoder's raw point prompt; the others: "
-                             "casam.prompts.clicks box proposals)"},
+                             "casam.prompts.clicks box proposals)",
+                    "sequences": f"after the last task, per object: the tight box (protocol box) or the centre click "
+                                 f"(protocol click), then {args.clicks} corrective clicks, each at the centre of the "
+                                 "largest error region (CVPR 2025 interactive segmentation challenge); IoU, Dice and "
+                                 "seconds after each step, AUC = mean IoU over the steps, NoC@80/90 = steps to reach "
+                                 "IoU 0.8/0.9 (steps + 1 when never)"},
         "metrics": "IoU per mask averaged over the task's test masks; R[k][j] = after learning task k, on task j (rows "
                    "lower-triangular); R_all also has the not-yet-seen tasks; avg_iou = mean of the last row; "
                    "bwt = mean_j<T R[T][j] - R[j][j]; unseen_delta = mean over k<j of R_all[k][j] - zero-shot[j]",
@@ -211,7 +219,9 @@ def assemble(state: BenchmarkState, partial: bool) -> Dict[str, Any]:
 
 
 def final_results(state: BenchmarkState) -> Dict[str, Any]:
-    """The results after the last stage: :func:`assemble`, the click sequences and the targets they complete."""
+    """The results after the last stage: :func:`assemble`, the interaction sequences (``click_sequences``: protocol
+    → method → ``per_task`` and ``mean``, :func:`casam.evaluation.stages.sequences`) and the targets they
+    complete."""
     results = assemble(state, partial=False)
     results["click_sequences"] = json_safe(state.seq_res)
     results["targets"] = targets(results["methods"], results["router"], state.seq_res)
@@ -253,10 +263,13 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
     Args:
         methods: :func:`method_results`.
         router: :func:`router_results`.
-        seqs: the click sequences (:func:`casam.evaluation.stages.sequences`; empty before them).
+        seqs: the interaction sequences (:func:`casam.evaluation.stages.sequences`; empty before them), whose
+            targets :func:`sequence_targets` checks.
 
     Returns:
-        Target key → {``target`` (in words), ``value``, ``met`` (None without a value)}, some with ``all_tasks``.
+        Target key → {``target`` (in words), ``value``, ``met`` (None without a value)}, some with ``all_tasks``
+        (the value over every task, beside a target stated for the tasks plain SAM does), ``where`` (the worst task
+        and step) or ``tasks_falling``.
     """
     def get(m: str, key: str):
         return methods.get(m, {}).get(key)
@@ -326,15 +339,98 @@ def targets(methods: Dict[str, Any], router: Dict[str, Any], seqs: Dict[str, Any
                                   "slowest task: 80 x encode seconds per image + train the layer and its head + "
                                   "calibrate + validate clicks)", v,
                                   v is not None and v <= TARGET_SERVE_SECONDS)
-    cs = (seqs.get("casam") or {}).get("mean")
-    per = (seqs.get("casam") or {}).get("per_task") or {}
-    keep = [p for j, p in enumerate(per.values()) if j in sam_tasks] if len(per) == len(every) else []
-    n_img = sum(p.get("n", 0) for p in keep)
-    v = (round(sum(p["iou"][-1] * p.get("n", 0) for p in keep) / n_img, 4) if where and n_img
-         else (cs["iou"][-1] if cs else None))
-    t["casam_sequence"] = restricted(check(f"CA-SAM IoU after the last click >= {TARGET_SEQUENCE}{where}", v,
-                                           v is not None and v >= TARGET_SEQUENCE), cs["iou"][-1] if cs else None)
-    t["casam_sequence_monotone"] = check("CA-SAM mean IoU never drops from one click to the next",
-                                         None if not cs else cs["monotone"],
-                                         bool(cs and cs["monotone"]))
+    t.update(sequence_targets(seqs, hard, sam_tasks if where else None, where))
     return t
+
+
+def _step_name(protocol: str, step: int) -> str:
+    """A step of an interaction sequence in words: the first prompt's answer, or the n-th corrective click's."""
+    return ("the box" if protocol == "box" else "the centre click") if step == 0 else f"click {step}"
+
+
+def _curves(seqs: Dict[str, Any], protocol: str, method: str) -> List[tuple]:
+    """(task, summary) of one method's sequences under one protocol, in stream order; tasks without a sequence
+    left out."""
+    per = (((seqs.get(protocol) or {}).get(method) or {}).get("per_task") or {})
+    return [(task, s) for task, s in per.items() if s.get("iou")]
+
+
+def sequence_targets(seqs: Dict[str, Any], hard: Sequence[int], sam_tasks: Optional[Sequence[int]],
+                     where: str) -> Dict[str, Any]:
+    """The targets of the interaction sequences (:func:`casam.evaluation.stages.sequences`): what a user of CA-SAM
+    gets when it corrects an answer click by click, against a fresh install and against its own first answer.
+
+    Args:
+        seqs: protocol (``box``, ``click``) → method → ``per_task`` and ``mean`` (empty before the sequences).
+        hard: stream positions of the tasks plain SAM fails at (zero-shot box IoU below :data:`TARGET_HARD_ZERO_SHOT`).
+        sam_tasks: stream positions of the tasks plain SAM does, or None when that is every task.
+        where: the words that restrict a target to ``sam_tasks`` ("" for every task).
+
+    Returns:
+        Target key → {``target``, ``value``, ``met``}, some with ``where`` (the worst task and step),
+        ``tasks_falling`` or ``all_tasks``:
+
+        - ``casam_sequence_never_worse``: CA-SAM's IoU after every step, task and protocol at least a fresh
+          install's less :data:`TARGET_SEQUENCE_MARGIN` (value: the worst margin);
+        - ``casam_sequence_monotone_box`` / ``_click``: CA-SAM's mean IoU over tasks never falls from one step to
+          the next (value: its largest fall; ``tasks_falling``: tasks whose own curve falls somewhere);
+        - ``casam_clicks_hard_task``: on tasks plain SAM fails at, the box and every click gain at least
+          :data:`TARGET_HARD_CLICKS_GAIN` over the box answer (value: the smallest gain);
+        - ``casam_clicks_never_lose``: on every task and protocol, CA-SAM's last step is at least its first answer
+          (value: the smallest gain);
+        - ``casam_sequence``: on tasks plain SAM does, CA-SAM's mean IoU after the box and every click at least
+          :data:`TARGET_SEQUENCE` (value: mean over those tasks; ``all_tasks``: over every task).
+    """
+    def check(target: str, value, met, **extra) -> Dict[str, Any]:
+        return {"target": target, "value": value, "met": None if value is None else bool(met), **extra}
+
+    t: Dict[str, Any] = {}
+    worst = None  # (margin, where)
+    for p in SEQUENCE_PROTOCOLS:
+        fresh = dict(_curves(seqs, p, "fresh_install"))
+        for task, c in _curves(seqs, p, "casam"):
+            for s, (a, b) in enumerate(zip(c["iou"], (fresh.get(task) or {}).get("iou") or [])):
+                if worst is None or a - b < worst[0]:
+                    worst = (a - b, f"{task}, {p} first, {_step_name(p, s)}")
+    v = None if worst is None else round(worst[0], 4)
+    t["casam_sequence_never_worse"] = check(
+        f"with CA-SAM (router), every task's IoU after every step of both protocols (box or centre click first, "
+        f"then corrective clicks) >= fresh install's - {TARGET_SEQUENCE_MARGIN} (the worst margin)", v,
+        v is not None and v >= -TARGET_SEQUENCE_MARGIN, where=None if worst is None else worst[1])
+    for p in SEQUENCE_PROTOCOLS:
+        mean = (((seqs.get(p) or {}).get("casam") or {}).get("mean") or {}).get("iou") or []
+        v = round(max(0.0, -min(np.diff(mean))), 4) if len(mean) > 1 else None
+        falling = sum(bool(np.any(np.diff(c["iou"]) < -1e-9)) for _, c in _curves(seqs, p, "casam"))
+        t[f"casam_sequence_monotone_{p}"] = check(
+            f"CA-SAM mean IoU over tasks never falls from one step to the next, {p} first (its largest fall)", v,
+            v is not None and v <= 1e-9, tasks_falling=falling if mean else None)
+    box = _curves(seqs, "box", "casam")
+    clicks = len(box[0][1]["iou"]) - 1 if box else None
+    gains = [(c["iou"][-1] - c["iou"][0], task) for j, (task, c) in enumerate(box) if j in hard]
+    low = min(gains) if gains and len(box) == len(_all_tasks(seqs)) else None
+    v = None if low is None else round(low[0], 4)
+    t["casam_clicks_hard_task"] = check(
+        f"on a task the frozen backbone fails at (box IoU < {TARGET_HARD_ZERO_SHOT}), CA-SAM's IoU after the box and "
+        f"{clicks} clicks >= its box answer + {TARGET_HARD_CLICKS_GAIN} (the smallest gain)", v,
+        v is not None and v >= TARGET_HARD_CLICKS_GAIN, where=None if low is None else low[1])
+    lose = [(c["iou"][-1] - c["iou"][0], f"{task}, {p} first") for p in SEQUENCE_PROTOCOLS
+            for task, c in _curves(seqs, p, "casam")]
+    low = min(lose) if lose else None
+    v = None if low is None else round(low[0], 4)
+    t["casam_clicks_never_lose"] = check(
+        "on every task, CA-SAM's IoU after the last click >= its first answer, in both protocols (the smallest gain)",
+        v, v is not None and v >= -1e-9, where=None if low is None else low[1])
+    keep = [c["iou"][-1] for j, (_, c) in enumerate(box) if sam_tasks is None or j in sam_tasks]
+    if sam_tasks is not None and len(box) != len(_all_tasks(seqs)):
+        keep = []  # a task without its sequence: the stream positions no longer match
+    every = round(float(np.mean([c["iou"][-1] for _, c in box])), 4) if box else None
+    v = round(float(np.mean(keep)), 4) if keep else None
+    target = check(f"CA-SAM mean IoU over tasks after the box and {clicks} clicks >= {TARGET_SEQUENCE}{where}", v,
+                   v is not None and v >= TARGET_SEQUENCE)
+    t["casam_sequence"] = {**target, "all_tasks": every} if where else target
+    return t
+
+
+def _all_tasks(seqs: Dict[str, Any]) -> List[str]:
+    """Every task of the sequences (of CA-SAM, box first), in stream order."""
+    return list((((seqs.get("box") or {}).get("casam") or {}).get("per_task") or {}))

@@ -9,7 +9,7 @@ stages fill it in the order :func:`casam.evaluation.benchmark.run` calls them:
    ``seq_decoder``'s copy of the backbone, ``seq_layer``'s shared layer;
 4. for each task ``k`` of the stream: :func:`seq_decoder_step`, :func:`seq_layer_step`, :func:`casam_step`
    (``casam`` and ``casam_oracle``), then :func:`log_rows`;
-5. :func:`sequences`: click sequences after the last task;
+5. :func:`sequences`: interaction sequences (box or click first, then corrective clicks) after the last task;
 6. :func:`joint`: one layer on every task's training images at once.
 
 The results are read from the state by :mod:`casam.evaluation.results`.
@@ -38,7 +38,7 @@ from casam.model.router import Router
 from casam.paths import default_cache, default_data
 from casam.prompts.clicks import CHOOSER_WEIGHTS, FIRST_CLICK_FIELDS, ClickConfig
 from casam.prompts.masks import PROMPT_TYPES
-from casam.registry.store import LayerInfo, LayerRegistry
+from casam.registry.store import CORRECTIONS, LayerInfo, LayerRegistry
 from casam.scoring import score as scoring
 from casam.scoring.protocol import summarise
 from casam.scoring.samples import EmbeddingCache, Sample, make_samples
@@ -47,14 +47,15 @@ from casam.training.config import TrainConfig
 from casam.training.fit import fit
 from casam.training.layer import split_samples, train_layer
 
-__all__ = ["METHODS", "CASAM_METHODS", "SEQUENCE_METHODS", "RESULTS_DIR", "BenchmarkState", "Grid", "log",
-           "select_tasks", "train_subset", "encode_seconds", "serve_timing", "layer_scores", "router_step", "prepare",
-           "encode", "plain_scores", "start_arms", "seq_decoder_step", "seq_layer_step", "casam_step", "log_rows",
-           "sequences", "joint"]
+__all__ = ["METHODS", "CASAM_METHODS", "SEQUENCE_METHODS", "SEQUENCE_PROTOCOLS", "RESULTS_DIR", "BenchmarkState",
+           "Grid", "log", "select_tasks", "train_subset", "encode_seconds", "serve_timing", "layer_scores",
+           "router_step", "prepare", "encode", "plain_scores", "start_arms", "seq_decoder_step", "seq_layer_step",
+           "casam_step", "log_rows", "sequences", "joint"]
 
 METHODS = ("zero_shot", "fresh_install", "seq_decoder", "seq_layer", "casam", "casam_oracle", "joint")
 CASAM_METHODS = ("casam", "casam_oracle")  # the two arms over the same layers (router / true task id)
 SEQUENCE_METHODS = ("zero_shot", "fresh_install", "casam", "casam_oracle")
+SEQUENCE_PROTOCOLS = ("box", "click")  # the first prompt of an interaction sequence: a tight box or a centre click
 # Where results go without --out: relative to the current directory (the checkout's benchmarks/results when run
 # from its root, as documented); the library itself knows no checkout.
 RESULTS_DIR = Path("benchmarks") / "results"
@@ -117,7 +118,7 @@ class BenchmarkState:
         memo: (layer, task, image) → scores; layers never change once trained.
         route_steps: per task learned, how the router treated every task's test images (:func:`router_step`).
         final_routes: per task and test image, the layer index the router chose last (None = plain SAM).
-        seq_res: the click sequences, per method (:func:`sequences`).
+        seq_res: the interaction sequences, per protocol and method (:func:`sequences`).
     """
 
     args: argparse.Namespace
@@ -521,41 +522,85 @@ def log_rows(state: BenchmarkState, k: int) -> None:
         log(f"  {m:13s} R[{k}] = {' '.join('-' if v is None else f'{v:.3f}' for v in row)}")
 
 
+def _mean_summary(per_task: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+    """The mean over tasks of one method's sequence summaries, each task counting once whatever its objects.
+
+    Args:
+        per_task: task → :func:`casam.scoring.protocol.summarise` of its sequences (a task without any left out).
+
+    Returns:
+        IoU, Dice and seconds after each step, the AUC of the mean IoU curve, whether that curve never falls, NoC@80
+        and NoC@90 (means of the tasks'), and ``n``, the objects over all tasks.
+    """
+    done = [v for v in per_task.values() if v.get("n")]
+    if not done:
+        return {"iou": [], "dice": [], "auc_iou": None, "monotone": None, "noc80": None, "noc90": None,
+                "seconds": [], "n": 0}
+    mean_iou = np.mean([v["iou"] for v in done], 0)
+    out: Dict[str, Any] = {
+        "iou": [round(float(v), 4) for v in mean_iou],
+        "dice": [round(float(v), 4) for v in np.mean([v["dice"] for v in done], 0)],
+        "auc_iou": round(float(np.mean(mean_iou)), 4), "monotone": bool(np.all(np.diff(mean_iou) >= -1e-9))}
+    for key in ("noc80", "noc90"):
+        out[key] = round(float(np.mean([v[key] for v in done])), 3)
+    out["seconds"] = ([round(float(v), 4) for v in np.mean([v["seconds"] for v in done], 0)]
+                      if all("seconds" in v for v in done) else [])
+    out["n"] = sum(v["n"] for v in done)
+    return out
+
+
 def sequences(state: BenchmarkState) -> None:
-    """Click sequences after the last task, per method and task (mean IoU/Dice after each click, AUC), on at most
-    ``--sequence-cases`` test images per task; fills ``seq_res``."""
+    """Interaction sequences after the last task, as the CVPR 2025 interactive segmentation challenge scores them:
+    per method and task, on at most ``--sequence-cases`` test images, every object gets a first prompt — its tight
+    box (protocol ``box``) or a click at its centre (``click``) — then ``--clicks`` corrective clicks, each at the
+    centre of the largest error region (:func:`casam.scoring.score.sequences`).
+
+    A routed (``casam``) or oracle (``casam_oracle``) layer answers a protocol only where its gate lets it serve the
+    first prompt's type (else plain SAM answers the whole sequence, as the product does), and answers the requests
+    with corrective clicks only where it may serve those too (``corrections``). Each (layer, task, image, protocol)
+    sequence is computed once: layers never change and both CA-SAM arms share them.
+
+    Fills ``seq_res``: protocol (``box``, ``click``) → method → ``per_task`` (task → :func:`summarise`) and ``mean``
+    (over tasks: IoU, Dice and seconds after each step, AUC, monotone, NoC@80, NoC@90).
+    """
     args, test_s, layers, infos = state.args, state.test_s, state.layers, state.infos
+    steps = args.clicks + 1  # the first prompt's answer, then one per corrective click
     t1 = time.time()
     memo: Dict[tuple, List[Dict]] = {}
 
-    def run_one(li: Optional[int], j: int, i: int, raw: bool = False) -> List[Dict]:
-        if li is not None and not infos[li].serves("click"):
-            li = None  # the gate: this layer may not serve clicks
-        key = (li, j, i, raw)
+    def run_one(li: Optional[int], j: int, i: int, first: str, raw: bool = False) -> List[Dict]:
+        corrections = True
+        if li is not None:
+            if infos[li].serves(first):
+                corrections = infos[li].serves(CORRECTIONS)
+            else:
+                li = None  # the gate: this layer may not serve the first prompt's type
+        key = (li, j, i, first, raw, corrections)
         if key not in memo:
-            memo[key] = scoring.sequences(state.bb, None if li is None else layers[li], test_s[j][i], args.clicks, raw)
+            memo[key] = scoring.sequences(state.bb, None if li is None else layers[li], test_s[j][i], steps, raw,
+                                          first=first, corrections=corrections)
         return memo[key]
 
     out: Dict[str, Any] = {}
-    for m in SEQUENCE_METHODS:
-        if m not in state.methods:
-            continue
-        per_task = {}
-        for j, te in enumerate(test_s):
-            curves = []
-            for i in spread(range(len(te)), args.sequence_cases):
-                li = {"zero_shot": None, "fresh_install": None, "casam": state.final_routes[j][i],
-                      "casam_oracle": j if j < len(layers) else None}[m]
-                curves += run_one(li, j, i, raw=(m == "zero_shot"))
-            per_task[state.names[j]] = summarise(curves)
-        mean_iou = np.mean([v["iou"] for v in per_task.values()], 0)
-        mean_dice = np.mean([v["dice"] for v in per_task.values()], 0)
-        out[m] = {"per_task": per_task, "mean": {
-            "iou": [round(float(v), 4) for v in mean_iou], "dice": [round(float(v), 4) for v in mean_dice],
-            "auc_iou": round(float(np.mean(mean_iou)), 4), "monotone": bool(np.all(np.diff(mean_iou) >= -1e-9))}}
+    for first in SEQUENCE_PROTOCOLS:
+        by_method: Dict[str, Any] = {}
+        for m in SEQUENCE_METHODS:
+            if m not in state.methods:
+                continue
+            per_task = {}
+            for j, te in enumerate(test_s):
+                curves = []
+                for i in spread(range(len(te)), args.sequence_cases):
+                    li = {"zero_shot": None, "fresh_install": None, "casam": state.final_routes[j][i],
+                          "casam_oracle": j if j < len(layers) else None}[m]
+                    curves += run_one(li, j, i, first, raw=(m == "zero_shot"))
+                per_task[state.names[j]] = summarise(curves)
+            by_method[m] = {"per_task": per_task, "mean": _mean_summary(per_task)}
+        out[first] = by_method
     state.seq_res = out
-    log(f"click sequences ({args.clicks} clicks): " + ", ".join(f"{m} {v['mean']['iou']}" for m, v in out.items())
-        + f"  [{time.time() - t1:.0f}s]")
+    log(f"interaction sequences (first prompt + {args.clicks} clicks), mean IoU per step: "
+        + "; ".join(f"{p} first: " + ", ".join(f"{m} {v['mean']['iou']}" for m, v in ms.items())
+                    for p, ms in out.items()) + f"  [{time.time() - t1:.0f}s]")
 
 
 def joint(state: BenchmarkState) -> None:
