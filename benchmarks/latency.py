@@ -22,10 +22,26 @@ points ``[i, j, k]``, ``roi`` ``[i0, i1, j0, j1(, k0, k1)]``); a client opens an
   slice's mask (:func:`casam.scoring.protocol.next_click`); the clicked slice's IoU is recorded after each click.
 * ``roi_volume``: a 3D ROI over the whole 38-slice volume (its box jittered by a few pixels each time), on an
   open volume whose slices were encoded in the background; ``roi_volume_cold``: the same right after opening.
+* With ``--registry`` (a layer registry the server serves; copied into the temporary folder, so the benchmark never
+  writes to it) also the refinement-head group, on ``--head-pictures`` test images of ``--head-task`` (a task of
+  :func:`casam.data.datasets.discover_tasks`, copied as PNG), each opened as above: ``2d_head_box``: the drawn ROI
+  (the truth's tight box, Slicer's ``roi`` ``[i0, i1, j0, j1, 0, 0]``) alone; then ``2d_head_corrective_click``:
+  ``--head-clicks`` corrective clicks, each at the centre of the largest error of the previous answer
+  (:func:`casam.scoring.protocol.next_click`), every click of the session sent again with the ROI as Slicer does.
+  Each sample records the IoU with the truth and the layer that answered (``layer_used``: None for plain SAM); the
+  notes hold the mean IoU after each step, ``layers`` the layers the server served (``GET /info/``).
 
-Targets are reported (met / not met) in the result, never asserted. Run (2-core CPU: ~10 min)::
+Scenario groups (``--only``, a comma list; default all): ``2d`` (``2d_click``, ``2d_background_click``,
+``2d_second_click``), ``volume`` (every ``volume_*`` and ``roi_*`` scenario) and ``head`` (the ``2d_head_*``
+scenarios; needs ``--registry``). Targets are reported (met / not met) in
+the result, never asserted. Run (2-core CPU: ~10 min without ``--registry``)::
 
     .venv/bin/python benchmarks/latency.py --out benchmarks/results/latency.json
+
+With a registry whose layers carry refinement heads, the head group and the 2D first click only::
+
+    .venv/bin/python benchmarks/latency.py --registry ~/.casam/registry --only 2d,head \\
+        --out benchmarks/results/latency_head.json
 """
 
 from __future__ import annotations
@@ -39,6 +55,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -47,6 +64,7 @@ import psutil
 import requests
 
 from casam.data.clinical import read_clinical
+from casam.data.datasets import discover_tasks, load_cases, spread
 from casam.evaluation.server import MonaiLabelServer
 from casam.paths import default_data
 from casam.scoring.metrics import iou
@@ -63,7 +81,9 @@ TARGETS = {  # scenario → (statistic, limit ms): the latency targets, judged o
     "volume_first_click": ("p95", 1500),
     "roi_volume": ("p95", 10000),
     "roi_volume_cold": ("p95", 10000),
+    "2d_head_corrective_click": ("p95", 300),
 }
+GROUPS = ("2d", "volume", "head")  # --only
 
 
 class PeakRSS(threading.Thread):
@@ -124,9 +144,11 @@ def summary(samples: List[Dict[str, Any]]) -> Dict[str, Any]:
             "max": round(float(v.max()), 1),
         }
     out["embedding_cached"] = sum(bool(s.get("embedding_cached")) for s in samples)
-    for k in ("iou_3d", "iou_slice"):
+    for k in ("iou_3d", "iou_slice", "iou"):
         if any(s.get(k) is not None for s in samples):
             out[k] = round(float(np.mean([s[k] for s in samples if s.get(k) is not None])), 4)
+    if any("layer_used" in s for s in samples):  # which layer answered (None: plain SAM)
+        out["layer_used"] = dict(Counter(str(s.get("layer_used")) for s in samples))
     if any(s.get("pending") for s in samples):
         out["stopped_for_time"] = sum(bool(s.get("pending")) for s in samples)
     kinds = sorted({s["kind"] for s in samples if s.get("kind")})
@@ -167,8 +189,11 @@ class Bench:
         params: Dict[str, Any],
         kind: Optional[str] = None,
         truth: Optional[np.ndarray] = None,
+        extra: Optional[Dict[str, Any]] = None,
     ) -> Tuple[Dict[str, Any], Optional[np.ndarray]]:
-        """One request; with ``truth`` (the volume's), the 3D IoU and the prompted slice's IoU are recorded.
+        """One request; with ``truth`` (the volume's), the 3D IoU and the prompted slice's IoU are recorded, with a
+        picture's (H×W) its IoU; with ``extra`` (stored in the sample) also the routing's reason, fallback and the
+        predicted IoU.
 
         Returns:
             (result params, the mask read back when ``truth`` is given, else None).
@@ -186,8 +211,16 @@ class Bench:
             "slices": res.get("slices"),
             "pending": res.get("pending_slices"),
             "kind": kind,
+            "layer": res.get("layer"),  # the router's choice
+            "layer_used": res.get("layer_used"),  # the layer that decoded (None: plain SAM)
         }
-        if mask is not None:
+        if extra is not None:
+            sample.update(extra, reason=res.get("reason"), fallback=res.get("fallback"),
+                          predicted_iou=res.get("predicted_iou"))
+        if mask is not None and truth.ndim == 2:
+            mask = mask.reshape(truth.shape)
+            sample["iou"] = round(iou(mask, truth), 4)
+        elif mask is not None:
             k = res["slice"]
             sample.update(iou_3d=round(iou(mask, truth), 4), iou_slice=round(iou(mask[k], truth[k]), 4))
         self.samples.setdefault(scenario, []).append(sample)
@@ -205,20 +238,69 @@ def datastore(data: Path, work: Path, n_pictures: int, n_volumes: int) -> Tuple[
     """A temporary studies folder: brain-MRI slices with a tumour (test split first) and volume copies."""
     studies = work / "studies"
     studies.mkdir(parents=True)
+    if n_pictures <= 0 and n_volumes <= 0:
+        return studies, []
     task = data / "brain_mri_lgg"
     with open(task / "meta.csv") as f:
         rows = sorted(csv.DictReader(f), key=lambda r: (r["split"] != "test", r["case"]))
     pictures = []
     for r in rows:
+        if len(pictures) >= n_pictures:
+            break
         mask = read_clinical(task / "masks" / f"{r['case']}.png").array > 0
         if mask.sum() >= 200:
             shutil.copy(task / "images" / f"{r['case']}.png", studies)
             pictures.append((r["case"], mask))
-        if len(pictures) == n_pictures:
-            break
     for i in range(n_volumes):
         shutil.copy(task / "volumes" / f"{VOLUME}_image.nii.gz", studies / f"vol{i:02d}.nii.gz")
     return studies, pictures
+
+
+def head_pictures(data: Path, studies: Path, task_name: str, n: int) -> List[Tuple[str, np.ndarray]]:
+    """``n`` test images of a task (evenly spread over its test split) in the studies folder as PNG, named
+    ``head_<case>``, with their truth (foreground = any class).
+
+    Raises:
+        SystemExit: no such task, or it has no test image with an object.
+    """
+    from PIL import Image
+
+    tasks = {t.name: t for t in discover_tasks(data)}
+    if task_name not in tasks:
+        raise SystemExit(f"--head-task {task_name!r} is not a task of {data}: {', '.join(tasks)}")
+    cases = spread(tasks[task_name].split("test"), n)
+    images, masks, _ = load_cases(cases)
+    out = []
+    for case, image, mask in zip(cases, images, masks):
+        if not (mask > 0).any():
+            continue
+        image_id = f"head_{case.case}"
+        if case.image.suffix.lower() == ".png":
+            shutil.copy(case.image, studies / f"{image_id}.png")
+        else:
+            Image.fromarray(image).save(studies / f"{image_id}.png")
+        out.append((image_id, mask > 0))
+    if not out:
+        raise SystemExit(f"--head-task {task_name!r} has no test image with an object")
+    return out
+
+
+def registry_heads(root: Path) -> Dict[str, Any]:
+    """Per layer folder of a registry: whether its weights hold a refinement head (``head.*``) and the gate's decisions
+    stored with it (``extra["use"]``: box, click, corrections)."""
+    from safetensors import safe_open
+
+    out = {}
+    for d in sorted((root / "layers").glob("*/")):
+        try:
+            with safe_open(str(d / "layer.safetensors"), "pt") as f:
+                head = any(k.startswith("head.") for k in f.keys())
+            use = json.loads((d / "meta.json").read_text()).get("extra", {}).get("use")
+        except (OSError, ValueError) as e:
+            out[d.name] = {"error": str(e)}
+            continue
+        out[d.name] = {"head": head, "use": use}
+    return out
 
 
 def run_pictures(b: Bench, pictures: List[Tuple[str, np.ndarray]]) -> None:
@@ -232,6 +314,46 @@ def run_pictures(b: Bench, pictures: List[Tuple[str, np.ndarray]]) -> None:
         j = int(np.argmax(xs))  # a second foreground click towards the tumour's edge
         x2, y2 = (x + int(xs[j])) // 2, (y + int(ys[j])) // 2
         b.click("2d_second_click", case, {"foreground": [[x, y], [x2, y2]], "background": [[3, 3]]})
+
+
+def run_head(b: Bench, pictures: List[Tuple[str, np.ndarray]], n_clicks: int) -> Dict[str, Any]:
+    """On each picture, opened as Slicer does: the truth's tight box alone, then ``n_clicks`` corrective clicks at the
+    centre of the previous answer's largest error, each request sending the ROI and every click so far.
+
+    Returns:
+        Notes: the mean IoU after each step (box first; an exact mask keeps its IoU) and each picture's curve.
+    """
+    curves = {}
+    for case, truth in pictures:
+        b.open(case)
+        b.wait_encoded()  # the user looks at the picture
+        ys, xs = np.nonzero(truth)
+        roi = [int(xs.min()), int(xs.max()), int(ys.min()), int(ys.max()), 0, 0]  # Slicer's [i0, i1, j0, j1, k0, k1]
+        res, mask = b.click("2d_head_box", case, {"roi": roi}, truth=truth, extra={"case": case, "step": 0})
+        curve = [iou(mask, truth)]
+        fg: List[List[int]] = []
+        bg: List[List[int]] = []
+        for step in range(1, n_clicks + 1):
+            nxt = next_click(mask, truth)
+            if nxt is None:
+                break
+            (cx, cy), label = nxt[0][0].astype(int).tolist(), nxt[1]
+            kind = "foreground" if label == 1 else "background"
+            (fg if label == 1 else bg).append([cx, cy])
+            res, mask = b.click(
+                "2d_head_corrective_click",
+                case,
+                {"roi": roi, "foreground": fg, "background": bg},
+                kind,
+                truth=truth,
+                extra={"case": case, "step": step},
+            )
+            curve.append(iou(mask, truth))
+        curves[case] = [round(float(v), 4) for v in curve + [curve[-1]] * (n_clicks + 1 - len(curve))]
+    return {
+        "head_iou_per_step": [round(float(v), 4) for v in np.mean(list(curves.values()), 0)],
+        "head_iou_curves": curves,
+    }
 
 
 def run_corrective(b: Bench, truth: np.ndarray, k: int, n: int, rng: np.random.Generator, per: int = 4) -> List[float]:
@@ -346,6 +468,16 @@ def markdown(report: Dict[str, Any]) -> str:
             f"{s['client_ms']['p95']} | {'≤ %d ms (%s)' % (t['target_ms'], t['statistic']) if t else ''} | "
             f"{('yes' if t['met'] else 'no') if t else ''} |"
         )
+    used = {n: s["layer_used"] for n, s in report["scenarios"].items() if n.startswith("2d_head")}
+    if report.get("registry"):
+        heads = report["layers"].get("heads", {})
+        served = [
+            f"{x['name']} (active: {x['active']}, head: {heads.get(x['name'], {}).get('head')})"
+            for x in (report["layers"]["served"] or [])
+        ]
+        lines += ["", f"Registry {report['registry']}: layers {', '.join(served) or 'none'}."]
+    if used:
+        lines += ["", "Layer that answered (None: plain SAM): " + json.dumps(used)]
     lines += ["", "Notes: " + json.dumps(report["notes"])]
     return "\n".join(lines) + "\n"
 
@@ -363,12 +495,34 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     ap.add_argument(
         "--conf", nargs=2, action="append", default=[], metavar=("KEY", "VALUE"), help="extra --conf for the server"
     )
+    ap.add_argument("--registry", default=None, help="layer registry the server serves (a copy); adds the head group")
+    ap.add_argument("--head-task", default="retina_vessels_drive", help="task of the head group's test images")
+    ap.add_argument("--head-pictures", type=int, default=6, help="test images of --head-task (head group)")
+    ap.add_argument("--head-clicks", type=int, default=5, help="corrective clicks after the ROI on each (head group)")
+    ap.add_argument(
+        "--only", default=None, help=f"comma list of scenario groups to run: {', '.join(GROUPS)} (default: all; "
+        "head only with --registry)"
+    )
     ap.add_argument("--workdir", default=None, help="temporary folder (default: a new one, removed afterwards)")
     args = ap.parse_args(argv)
+    groups = [g.strip() for g in args.only.split(",") if g.strip()] if args.only else list(GROUPS)
+    if any(g not in GROUPS for g in groups):
+        ap.error(f"--only: groups are {', '.join(GROUPS)}")
+    if args.registry is None:
+        if args.only and "head" in groups:
+            ap.error("--only head needs --registry")
+        groups = [g for g in groups if g != "head"]
+    elif not Path(args.registry).is_dir():
+        ap.error(f"--registry {args.registry}: no such folder")
     data = Path(args.data)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="casam-latency-"))
-    studies, pictures = datastore(data, work, args.pictures, args.first_clicks + 2)
+    studies, pictures = datastore(
+        data, work, args.pictures if "2d" in groups else 0, args.first_clicks + 2 if "volume" in groups else 0
+    )
     truth = read_clinical(data / "brain_mri_lgg" / "volumes" / f"{VOLUME}_label.nii.gz").array > 0
+    heads = head_pictures(data, studies, args.head_task, args.head_pictures) if "head" in groups else []
+    if args.registry:  # the server writes to its registry (start-up clean-up): never to the user's
+        shutil.copytree(args.registry, work / "registry", ignore=shutil.ignore_patterns("*.lock"))
     conf = {
         "backbone": "litemedsam",
         "registry": str(work / "registry"),
@@ -385,11 +539,21 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     rss.start()
     try:
         b = Bench(srv, work / "client")
-        srv.info()
-        run_pictures(b, pictures)
-        notes = run_volumes(
-            b, truth, args.first_clicks, args.think, args.further_clicks, args.rois, args.corrective_clicks
-        )
+        info = srv.info()
+        layers = {"served": info.get("layers"), "refused": info.get("refused_layers")}
+        if args.registry:
+            layers["heads"] = registry_heads(work / "registry")
+        notes: Dict[str, Any] = {}
+        if "2d" in groups:
+            run_pictures(b, pictures)
+        if "volume" in groups:
+            notes.update(
+                run_volumes(
+                    b, truth, args.first_clicks, args.think, args.further_clicks, args.rois, args.corrective_clicks
+                )
+            )
+        if "head" in groups:
+            notes.update(run_head(b, heads, args.head_clicks))
         notes["caches"] = srv.info()["cache"]["caches"]
         hwm = vm_hwm(srv.proc.pid)
     finally:
@@ -412,7 +576,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             "pictures": [c for c, _ in pictures],
             "volume": f"brain_mri_lgg/volumes/{VOLUME}_image.nii.gz",
             "volume_shape": list(truth.shape),
+            "head_task": args.head_task if heads else None,
+            "head_pictures": [c for c, _ in heads],
         },
+        "groups": groups,
+        "registry": str(Path(args.registry).resolve()) if args.registry else None,
+        "layers": layers,
         "think_s": args.think,
         "scenarios": results,
         "targets": verdicts(results),
