@@ -246,6 +246,7 @@ def sequences(backbone: Backbone, layer: Optional[Callable], sample: "Sample", c
     """
     z = sample.embedding[None].to(backbone.device)
     aligned = {None: z}
+    memo: dict = {}
     image = None if sample.image is None else sample.image.float()
 
     def predict(pts: np.ndarray, labs: np.ndarray, box: Optional[np.ndarray]) -> np.ndarray:
@@ -260,7 +261,7 @@ def sequences(backbone: Backbone, layer: Optional[Callable], sample: "Sample", c
                                         None if mp is None else torch.from_numpy(np.asarray(labs)[None]),
                                         None if box is None else torch.from_numpy(box_to_model(box, sample.geom))[None])
             return logits_to_image(logits[0, 0].cpu(), sample.geom).numpy() > 0
-        full = interaction_logits(backbone, h, sample.geom, head_of(lay), image, pts, labs, box, config)
+        full = interaction_logits(backbone, h, sample.geom, head_of(lay), image, pts, labs, box, config, memo)
         return full.numpy() > 0
 
     return [click_sequence(predict, t.mask, clicks, first) for t in sample.targets]
@@ -268,7 +269,7 @@ def sequences(backbone: Backbone, layer: Optional[Callable], sample: "Sample", c
 
 def interaction_logits(backbone: Backbone, h: torch.Tensor, geom: Geometry, head, image: Optional[torch.Tensor],
                        points: Optional[np.ndarray], labels: Optional[np.ndarray], box: Optional[np.ndarray] = None,
-                       config: Optional[ClickConfig] = None) -> torch.Tensor:
+                       config: Optional[ClickConfig] = None, memo: Optional[dict] = None) -> torch.Tensor:
     """The product's answer to one request — clicks and/or a box — on an (aligned) embedding, through a refinement
     head when the layer has one; the decision the predictor and every evaluator share.
 
@@ -287,17 +288,26 @@ def interaction_logits(backbone: Backbone, h: torch.Tensor, geom: Geometry, head
         labels: N labels (1 foreground, 0 background).
         box: (x0, y0, x1, y1) image pixels, or None.
         config: how casam answers clicks.
+        memo: SAM's answers by prompt, kept between the requests of one interaction (a head that reads clicks asks
+            SAM for the same first prompt at every step); None: none kept.
 
     Returns:
         H×W logits at the original image size (CPU).
     """
     (pts, labs), edits = split_interaction(head, image, points, labels, box is not None)
     tb = None if box is None else box_to_model(box, geom)
-    if pts is None:
-        logits, _ = backbone.decode(h, None, None, torch.from_numpy(tb)[None])
+    key = (id(h), None if pts is None else np.asarray(pts).tobytes(), None if labs is None else
+           np.asarray(labs).tobytes(), None if tb is None else tb.tobytes())
+    if memo is not None and key in memo:
+        full = memo[key]
     else:
-        logits = click_logits(backbone, h, geom, points_to_model(pts, geom), np.asarray(labs), tb, config)
-    full = logits_to_image(logits[0, 0].cpu(), geom)
+        if pts is None:
+            logits, _ = backbone.decode(h, None, None, torch.from_numpy(tb)[None])
+        else:
+            logits = click_logits(backbone, h, geom, points_to_model(pts, geom), np.asarray(labs), tb, config)
+        full = logits_to_image(logits[0, 0].cpu(), geom)
+        if memo is not None:
+            memo[key] = full
     if image is None or head is None:
         return full
     return refine(head, image, full, *edits)

@@ -23,12 +23,14 @@ from casam.scoring.score import sample_logits, sequences
 from casam.training.config import CLICK_EDIT_CLICKS, CLICK_EVIDENCE_STEPS, HEAD_SIM_CLICKS, TrainConfig
 
 # Answers of the click sequence a click-reading head is scored by when its best training step is chosen: the first
-# prompt's and VAL_STEPS - 1 simulated corrective clicks' (at the head's resolution, no SAM call).
-VAL_STEPS = 3
+# prompt's and VAL_STEPS - 1 simulated corrective click's (at the head's resolution, no SAM call).
+VAL_STEPS = 2
 # The cross-entropy of pixels within CLICK_REACH pixels of a click weighs 1 + CLICK_LOSS_WEIGHT times as much while
 # a click-reading head trains: what a click points at is a few pixels of a crop, and the answer to it is what counts.
 CLICK_REACH = 12
 CLICK_LOSS_WEIGHT = 4.0
+# Most validation images whose click sequences decide how corrective clicks are answered (click_evidence).
+CLICK_EVIDENCE_IMAGES = 12
 
 
 def click_edit_evidence(backbone: Backbone, layer: nn.Module, val_s: Sequence[Sample],
@@ -64,7 +66,8 @@ def click_evidence(backbone: Backbone, layer: nn.Module, val_s: Sequence[Sample]
                    steps: int = CLICK_EVIDENCE_STEPS) -> Dict[str, object]:
     """How corrective clicks are answered after a layer, on evidence from its validation click sequences.
 
-    Every validation mask gets two interaction sequences as the product answers them
+    Every validation mask (of at most :data:`CLICK_EVIDENCE_IMAGES` images) gets two interaction sequences as the
+    product answers them
     (:func:`casam.scoring.score.sequences`): its tight box, and one click at its centre, each followed by
     ``steps - 1`` clicks at the centre of the largest error. Two decisions follow:
 
@@ -87,6 +90,8 @@ def click_evidence(backbone: Backbone, layer: nn.Module, val_s: Sequence[Sample]
         ``steps``.
     """
     val_s = [s for s in val_s if s.image is not None and s.targets]
+    if len(val_s) > CLICK_EVIDENCE_IMAGES:  # bounded work per layer: images spread over the validation split
+        val_s = [val_s[int(i)] for i in np.unique(np.linspace(0, len(val_s) - 1, CLICK_EVIDENCE_IMAGES).round())]
 
     def curves(lay) -> List[List[float]]:
         return [seq["iou"] for first in (BOX, CLICK) for s in val_s for seq in sequences(backbone, lay, s, steps,
