@@ -87,8 +87,9 @@ def test_a_layer_that_never_beats_plain_sam_is_plain_sam(tmp_path, tiny, disks):
     assert info.extra["best_epoch"] == 0 and info.extra["gate"] == 0.0
     assert info.extra["head"]["best_step"] == 0 and not info.extra["head"]["kept"]  # an unmoved head stays out
     assert info.extra["val"]["click"]["layer"] == info.extra["val"]["click"]["plain"]
-    assert info.extra["use"] == {"box": False, "click": False}
-    assert set(info.extra["timing"]) == {"encode", "train", "head", "calibrate", "validate"}
+    assert info.extra["use"] == {"box": False, "click": False, "corrections": False}
+    assert info.extra["clicks"] is None  # a layer that serves nothing: no click sequences run
+    assert set(info.extra["timing"]) == {"encode", "train", "head", "calibrate", "validate", "clicks"}
 
 
 def test_needs_labels(tmp_path, tiny, disks):
