@@ -412,8 +412,7 @@ class CASAMPredictor:
         """
         if route.used is None or route.forced:
             return route
-        with self._lock:
-            info = next((i for i in self._infos if i.name == route.used), None)
+        info = self._info(route.used)
         if info is None or info.serves(CORRECTIONS):
             return route
         why = f"{route.used} did not answer corrective clicks as well as plain SAM in validation: plain SAM"
@@ -430,9 +429,12 @@ class CASAMPredictor:
         Returns:
             The routing with ``prompt``, ``used`` (the layer that decodes, or None for plain SAM) and ``reason``.
         """
+        return route.gated(prompt, self._info(route.layer))
+
+    def _info(self, name: Optional[str]) -> Optional[LayerInfo]:
+        """The served LayerInfo of a layer name, or None when it is not served."""
         with self._lock:
-            info = next((i for i in self._infos if i.name == route.layer), None)
-        return route.gated(prompt, info)
+            return next((i for i in self._infos if i.name == name), None)
 
     def novelty(self, image: Union[np.ndarray, Embedding], key: Optional[str] = None) -> Dict[str, Any]:
         """How unlike every known institution an image is (for active learning).
