@@ -12,6 +12,7 @@ from casam.prompts.clicks import (
     ClickConfig,
     Proposals,
     click_depth,
+    confine,
     cut_background,
     decode_clicks,
     edit_boxes,
@@ -260,6 +261,25 @@ def test_clicks_after_a_drawn_box_edit_its_answer_as_they_edit_a_clicks():
     inside, _, info = decode_clicks(decode, np.array([[30.0, 30.0]]), np.array([1]), (L, L), L, L, box=box)
     no_clicks = decode_clicks(decode, np.zeros((0, 2)), np.zeros(0), (L, L), L, L, box=box)[0]
     assert info["edits"] == 0 and torch.equal(inside > 0, no_clicks > 0)
+
+
+def test_a_corrective_click_changes_the_answer_only_around_where_it_was_placed():
+    """Of what a corrective click's new answer changes, only the connected change holding the click stands, and
+    with a reach only within that many times the click's distance to the previous mask (a box grown to hold a
+    click must not also move the mask's far side, or add an unrelated region)."""
+    prev = torch.full((L, L), -5.0)
+    prev[20:41, 20:41] = 5.0
+    new = prev.clone()
+    new[28:33, 41:47] = 5.0  # the missed part the click at (44, 30) asked for
+    new[41:60, 20:41] = 5.0  # the far side moved too, touching the asked-for change only through the mask
+    new[2:6, 2:6] = 5.0  # an unrelated region
+    new[30, 41:64] = 5.0  # a thin spill along the row, connected to the click
+    out = confine(prev, new, torch.tensor([44.0, 30.0]))
+    assert bool((out[28:33, 41:47] > 0).all()) and not bool((out[41:60, 20:41] > 0).any())
+    assert not bool((out[2:6, 2:6] > 0).any()) and bool(out[30, 60] > 0)
+    near = confine(prev, new, torch.tensor([44.0, 30.0]), reach=3.0)  # 4 px from the mask: 12 px around the click
+    assert bool((near[28:33, 41:47] > 0).all()) and bool(near[30, 55] > 0) and not bool(near[30, 60] > 0)
+    assert torch.equal(confine(prev, new, torch.tensor([10.0, 50.0])), prev)  # the click's pixel did not change
 
 
 def test_needs_a_foreground_click_or_a_box():
