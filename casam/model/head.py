@@ -233,7 +233,7 @@ def honour_clicks(logits: torch.Tensor, points: np.ndarray, labels: np.ndarray,
     r = click_radius((h, w))
     reach = HONOUR_REACH * r
     out = lg.copy()
-    yy, xx = np.ogrid[:h, :w]
+    span = int(np.ceil(max(reach, r))) + 1  # everything a click may flip lies within this many pixels of it
     for (x, y), lab in zip(np.asarray(points, np.float64).reshape(-1, 2), np.asarray(labels).reshape(-1)):
         yi, xi = int(round(y)), int(round(x))
         if not (0 <= yi < h and 0 <= xi < w):
@@ -241,15 +241,18 @@ def honour_clicks(logits: torch.Tensor, points: np.ndarray, labels: np.ndarray,
         fg = int(lab) == 1
         if (out[yi, xi] > 0) == fg:
             continue
+        y0, y1, x0, x1 = max(0, yi - span), min(h, yi + span + 1), max(0, xi - span), min(w, xi + span + 1)
+        win = lg[y0:y1, x0:x1]  # the click's neighbourhood: the same region as on the whole image, found faster
+        yy, xx = np.ogrid[y0:y1, x0:x1]
         dist2 = (yy - y) ** 2 + (xx - x) ** 2
-        near = (lg > -margin) if fg else (lg < margin)
+        near = (win > -margin) if fg else (win < margin)
         near &= dist2 <= reach * reach
-        if near[yi, xi]:
+        if near[yi - y0, xi - x0]:
             comp, _ = ndimage.label(near)
-            region = comp == comp[yi, xi]
+            region = comp == comp[yi - y0, xi - x0]
         else:
             region = dist2 <= r * r
-        out[region] = margin if fg else -margin
+        out[y0:y1, x0:x1][region] = margin if fg else -margin
     return torch.from_numpy(out).to(logits)
 
 
