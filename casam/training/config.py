@@ -23,6 +23,20 @@ CLICK_EVIDENCE_STEPS = 4
 # Most corrective clicks simulated on a training crop of a click-reading head (each at the centre of its current
 # answer's largest error, casam.training.head.train_head): the head learns to answer its own mistakes.
 HEAD_SIM_CLICKS = 3
+# Most labelled images whose layer is validated by cross-validation instead of a hold-out
+# (casam.training.layer.train_layer; the rule: casam.registry.evidence). Up to 9 images a 20 % hold-out validates
+# one of them (up to 7) or two, so the gate sees one or two masks while 78 % or more of the labels give no evidence;
+# from 10 images on it validates at least two images and trains on 80 %, and larger sets (the continual
+# benchmark's tasks) keep the hold-out path unchanged. Cross-validation's extra training is spent where evidence is
+# scarcest and a training is cheapest.
+# Off (0) by default for now: the cross-validated path costs about one more training per layer, and what that does
+# to the app's first-layer latency and to the test suite's time on a 2-core CI box is not measured yet; set to 9 to
+# validate 5-9 labels this way (benchmarks/few_labels.py --cv-max-images 9 measures it).
+CV_MAX_IMAGES = 0
+# Folds of that cross-validation. Each fold model trains on the other folds' images, so K folds cost about K - 1
+# trainings on all the images: 2 folds (each model on about half) add about one training to the time from labels to
+# a served layer; more folds would validate models closer to the served one at K - 1 times the cost.
+CV_FOLDS = 2
 
 
 @dataclass
