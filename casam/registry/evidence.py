@@ -8,11 +8,11 @@ served even on few masks; one mask is no evidence (its standard error cannot be 
 on one mask serves neither prompt type.
 
 Where the validation masks come from: an institution with many labels holds out a share of its patients, and the
-layer it serves is validated on them. With few labels (at most :data:`casam.training.config.CV_MAX_IMAGES` images;
-0 by default, which keeps the hold-out for every institution)
-a hold-out would leave one or two masks and throw the rest of the evidence away, so every label is validated by a
-model that did not see it instead: :data:`casam.training.config.CV_FOLDS`-fold cross-validation over patients (over
-images when there is one patient), each fold's model trained with the served layer's recipe on the other folds. The
+layer it serves is validated on them. With few labels a hold-out would leave one or two masks and throw the rest of
+the evidence away, so up to :data:`casam.training.config.CV_MAX_IMAGES` images (0 by default: the hold-out for
+every institution) every label is validated by a model that did not see it instead:
+:data:`casam.training.config.CV_FOLDS`-fold cross-validation over patients (over images when there is one
+patient), each fold's model trained with the served layer's recipe on the other folds. The
 paired gains of all folds are pooled (:func:`decide_pooled`) and the same rule decides; the layer then served is
 trained on every label, so the evidence is that of the same recipe on about half the labels.
 
