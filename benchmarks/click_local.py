@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -128,7 +129,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
                 results["bound"]["box"][method][t.name] = summarise(curves)
                 print(f"bound    box   {method:14s} {t.name:24s} "
                       + " ".join(f"{v:.3f}" for v in results["bound"]["box"][method][t.name]["iou"]), flush=True)
-    out = {"command": "python " + " ".join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
+    out = {"command": "python " + shlex.join([sys.argv[0]] + (argv if argv is not None else sys.argv[1:])),
            "machine": machine(), "wall_s": round(time.time() - t0, 1), "variants": variants,
            "clicks": args.clicks, "sequence_cases": args.sequence_cases, "results": results}
     for vname, by_first in results.items():

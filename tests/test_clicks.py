@@ -282,6 +282,28 @@ def test_a_corrective_click_changes_the_answer_only_around_where_it_was_placed()
     assert torch.equal(confine(prev, new, torch.tensor([10.0, 50.0])), prev)  # the click's pixel did not change
 
 
+def test_a_click_beside_the_mask_flips_only_its_own_side_near_the_border():
+    """With a band, a foreground click only adds and a background click only removes, no deeper than that many
+    times the click's distance to the previous mask's border: a click just outside an almost right mask asks for a
+    sliver along its border, not a bulge around the click or a bite out of the mask."""
+    prev = torch.full((L, L), -5.0)
+    prev[20:41, 20:41] = 5.0
+    new = prev.clone()
+    new[26:35, 41:56] = 5.0  # a bulge 15 px deep for a click 2 px outside the mask
+    new[28:33, 37:41] = -5.0  # and a bite out of the mask beside it
+    click = torch.tensor([42.0, 30.0])
+    whole = confine(prev, new, click)
+    assert bool(whole[30, 54] > 0) and not bool(whole[30, 38] > 0)
+    banded = confine(prev, new, click, band=2.0)  # 2 px from the mask: at most 4 px deep
+    assert bool((banded[26:35, 41:45] > 0).all()) and not bool((banded[:, 45:] > 0).any())
+    assert bool((banded[20:41, 20:41] > 0).all())  # the mask keeps what it had
+    bg = prev.clone()
+    bg[20:41, 37:41] = -5.0  # a background click 2 px inside the border: a 4 px sliver off the side
+    bg[30, 41:50] = 5.0  # grown outside at the same time
+    cut = confine(prev, bg, torch.tensor([38.5, 30.0]), band=2.0)
+    assert not bool((cut[20:41, 37:41] > 0).any()) and not bool((cut[30, 41:50] > 0).any())
+
+
 def test_needs_a_foreground_click_or_a_box():
     decode, _ = square_decoder()
     with pytest.raises(ValueError):
