@@ -115,9 +115,9 @@ class ClickConfig:
             background click removes), no farther from that border than this many times the click's own distance
             to it (at least one pixel of the frame, and 1.5 pixels past the click): a click just outside an almost
             right mask marks a sliver along its border, not a bulge around the click. None: either side, any depth.
-            Measured on the same sequences
-            (benchmarks/results/click_band.md): at 2 every task's box-then-clicks curve ends at or above the box
-            answer (polyps 0.959 → 0.957 without, → 0.965 with it) and the mean over tasks ends 0.714 (0.708).
+            Measured on the same sequences (benchmarks/results/click_band.md): at 2 every task's box-then-clicks
+            curve ends at or above the box answer (polyps 0.959 → 0.957 without, → 0.965 with it) and the mean over
+            tasks ends 0.714 (0.708).
     """
 
     half_sizes: Sequence[float] = HALF_SIZES
@@ -288,13 +288,13 @@ def confine(prev: torch.Tensor, new: torch.Tensor, click: torch.Tensor, reach: O
         L×L logits: ``new`` inside the connected region of changed pixels that holds the click, ``prev`` elsewhere
         (``prev`` itself when the click's pixel did not change).
     """
-    changed = ((new > 0) != (prev > 0)).cpu().numpy()
+    pm = (prev > 0).cpu().numpy()
+    changed = (new > 0).cpu().numpy() != pm
     L = changed.shape[-1]
     x, y = (int(v) for v in click.round().long().clamp(0, L - 1))
     if not changed[y, x]:
         return prev
     if reach is not None or band is not None:
-        pm = (prev > 0).cpu().numpy()
         same = pm == pm[y, x]
         depth = ndimage.distance_transform_edt(same) if not same.all() else np.full(same.shape, float(L))
         d = float(depth[y, x])
