@@ -76,7 +76,7 @@ def test_defaults_are_the_lists(tmp_path):
                  "max_propagation_slices", "max_concurrent_infers", "max_sessions", "default_institution"):
         assert getattr(cfg, name) == BY_NAME[name].default, name
     assert cfg.backbone_name == "litemedsam" and cfg.cache_size is None and cfg.labels == {"object": 1}
-    assert (cfg.train_config.epochs, cfg.train_config.head_steps, cfg.train_config.max_images) == (24, 400, None)
+    assert (cfg.train_config.epochs, cfg.train_config.head_steps, cfg.train_config.max_images) == (24, 150, None)
     assert cfg.registry_dir == tmp_path / "registry" and cfg.cache_dir == tmp_path / "model" / "cache"
     assert cfg.device in ("cpu", "cuda")  # auto, resolved
 

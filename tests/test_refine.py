@@ -255,15 +255,28 @@ def test_a_head_that_reads_clicks_learns_to_add_what_a_click_points_at():
 
 def test_a_click_reading_head_round_trips_through_the_registry(tmp_path, tiny):
     layer = AlignmentLayer(256)
-    head = RefineHead(4, clicks=True)
+    torch.manual_seed(0)
+    head = RefineHead(4, clicks=True, norm=True)
     head.gate.fill_(1.0)
     head.reads_clicks.fill_(1.0)
     reg = LayerRegistry(tmp_path)
     info = reg.add(layer.attach_head(head), FeatureVAE(), LayerInfo("", "A", 0, backbone_id=tiny.id,
                                                                     backbone_hash=tiny.hash))
     loaded = reg.load(info.name, tiny)[0].head
-    assert loaded.clicks and loaded.uses_clicks()
-    assert not split_head_state({f"{HEAD_PREFIX}{k}": v for k, v in RefineHead(4).state_dict().items()})[1].clicks
+    assert loaded.clicks and loaded.uses_clicks() and loaded.norm
+    x, lg, maps = torch.randn(1, 3, 20, 24), torch.randn(1, 1, 20, 24), torch.zeros(1, 2, 20, 24)
+    assert torch.equal(loaded(x, lg, maps), head(x, lg, maps))
+
+
+def test_a_head_stored_by_an_earlier_recipe_loads_as_it_was_trained():
+    """Heads without normalisation (before GroupNorm was the recipe) keep their architecture and their answers."""
+    torch.manual_seed(0)
+    old = RefineHead(4)
+    old.gate.fill_(1.0)
+    loaded = split_head_state({f"{HEAD_PREFIX}{k}": v for k, v in old.state_dict().items()})[1]
+    assert not loaded.clicks and not loaded.norm
+    x, lg = torch.randn(1, 3, 20, 24), torch.randn(1, 1, 20, 24)
+    assert torch.equal(loaded(x, lg), old(x, lg))
 
 
 def test_every_click_holds_where_it_was_placed():

@@ -22,7 +22,7 @@ from typing import Dict, Optional, Union
 import requests
 
 # A harness server trains only when its caller asks (by request or conf), and its layers' refinement heads take
-# 20 steps rather than the app's 400: the runs measure serving, not the head's training. ``conf`` overrides both.
+# 20 steps rather than the app's 150: the runs measure serving, not the head's training. ``conf`` overrides both.
 HARNESS_CONF = {"train_after_labels": "0", "head_steps": "20"}
 
 

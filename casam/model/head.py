@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Dict, Optional, Tuple
 
 import numpy as np
@@ -24,11 +25,19 @@ CLICK_MIN_RADIUS = 3
 # flipping, no farther than HONOUR_REACH click radii away.
 HONOUR_MARGIN = 2.0
 HONOUR_REACH = 4.0
+# Groups of a normalised head's GroupNorm layers (fewer where a level has fewer channels).
+NORM_GROUPS = 4
 
 
-def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.ReLU(inplace=True),
-                         nn.Conv2d(cout, cout, 3, padding=1), nn.ReLU(inplace=True))
+def _block(cin: int, cout: int, norm: bool = False) -> nn.Sequential:
+    """Two 3×3 convolutions with ReLUs, each normalised (GroupNorm) when ``norm``."""
+    layers: list = []
+    for c in (cin, cout):
+        layers.append(nn.Conv2d(c, cout, 3, padding=1))
+        if norm:
+            layers.append(nn.GroupNorm(math.gcd(NORM_GROUPS, cout), cout))
+        layers.append(nn.ReLU(inplace=True))
+    return nn.Sequential(*layers)
 
 
 class RefineHead(nn.Module):
@@ -42,18 +51,22 @@ class RefineHead(nn.Module):
     Args:
         width: channels of the first level (the others have twice as many).
         clicks: read click maps (two more input channels).
+        norm: GroupNorm after every convolution (the default recipe's heads; a layer file's head without it
+            loads as it was trained).
 
     Shapes:
         image B×3×H×W (standardised, see :func:`image_tensor`), logits B×1×H×W, maps B×2×H×W → B×1×H×W.
     """
 
-    def __init__(self, width: int = 16, clicks: bool = False):
+    def __init__(self, width: int = 16, clicks: bool = False, norm: bool = False):
         super().__init__()
         w1, w2 = width, 2 * width
         self.width = width
         self.clicks = clicks
-        self.enc1, self.enc2, self.enc3 = _block(6 if clicks else 4, w1), _block(w1, w2), _block(w2, w2)
-        self.dec2, self.dec1 = _block(2 * w2, w2), _block(w2 + w1, w1)
+        self.norm = norm
+        self.enc1, self.enc2 = _block(6 if clicks else 4, w1, norm), _block(w1, w2, norm)
+        self.enc3 = _block(w2, w2, norm)
+        self.dec2, self.dec1 = _block(2 * w2, w2, norm), _block(w2 + w1, w1, norm)
         self.out = nn.Conv2d(w1, 1, 1)
         self.gate = nn.Parameter(torch.zeros(1), requires_grad=False)
         # 1 once validation showed that corrective clicks' edits should stand against the head (see refine)
@@ -362,6 +375,7 @@ def split_head_state(state: Dict[str, torch.Tensor]) -> Tuple[Dict[str, torch.Te
     sub = {k[len(HEAD_PREFIX):]: v for k, v in state.items() if k.startswith(HEAD_PREFIX)}
     if not sub:
         return rest, None
-    head = RefineHead(int(sub["enc1.0.weight"].shape[0]), clicks=int(sub["enc1.0.weight"].shape[1]) == 6)
+    head = RefineHead(int(sub["enc1.0.weight"].shape[0]), clicks=int(sub["enc1.0.weight"].shape[1]) == 6,
+                      norm="enc1.1.weight" in sub)
     head.load_state_dict(sub)
     return rest, head.eval()

@@ -13,7 +13,9 @@ from casam.model.preprocess import Window
 from casam.model.router import TAU_FOLDS, TAU_PERCENTILE, VAE_BETA, VAE_EPOCHS
 
 # Optimiser steps of an institution's refinement head (casam.model.head); 0 trains none. TrainConfig.head_steps.
-HEAD_STEPS = 400
+# A normalised head on a warm-up + cosine schedule reaches in 150 steps what the plain one reached in 300-400
+# (benchmarks/results/head_recipe.md: vessels, membranes, fetal head from 5 labels).
+HEAD_STEPS = 150
 # Clicks of each validation sequence that decides whether corrective clicks' edits stand against a head that does
 # not read clicks (casam.training.head.click_edit_evidence: the first click and CLICK_EDIT_CLICKS - 1 corrective ones).
 CLICK_EDIT_CLICKS = 3
@@ -61,7 +63,10 @@ class TrainConfig:
         window: intensity window for the images (see casam.model.preprocess.apply_window).
         head_steps: optimiser steps of the institution's refinement head (casam.model.head), trained after the layer
             on the layer's answers (:data:`HEAD_STEPS`); 0 trains none.
-        head_lr, head_crop, head_batch_size: its Adam learning rate, crop side and crops per step.
+        head_lr, head_crop, head_batch_size: its Adam learning rate (peak, after a short warm-up, decaying on a
+            cosine), crop side and crops per step.
+        head_norm: the head's U-Net normalises its features (GroupNorm; :class:`casam.model.head.RefineHead`): it
+            learns in fewer steps and does not stall on an all-background answer early in training.
         head_clicks: the head reads the interaction's clicks (:class:`casam.model.head.RefineHead`), trained on
             simulated click sequences of up to :data:`HEAD_SIM_CLICKS` corrective clicks; False: a head that answers
             the first prompt alone (corrective clicks edit SAM's answer, :func:`casam.model.head.keep_click_edits`).
@@ -87,10 +92,11 @@ class TrainConfig:
     tau_percentile: float = TAU_PERCENTILE
     window: Window = "auto"
     head_steps: int = HEAD_STEPS
-    head_lr: float = 3e-3
+    head_lr: float = 1.5e-3
     head_crop: int = 160
     head_batch_size: int = 8
     head_clicks: bool = True
+    head_norm: bool = True
 
     def to_dict(self) -> dict:
         """Returns the settings as a plain dict (stored with every layer as its ``train_config``)."""

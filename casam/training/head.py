@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -117,6 +118,44 @@ def click_evidence(backbone: Backbone, layer: nn.Module, val_s: Sequence[Sample]
             "steps": steps}
 
 
+@torch.no_grad()
+def head_examples(backbone: Backbone, layer: Optional[nn.Module], samples: Sequence[Sample],
+                  prompts: Sequence[str]) -> List["HeadExample"]:
+    """What a head learns from (or is scored on): the layer's answer to every mask of ``samples`` for each prompt
+    type (the tight box; one click at the centroid, answered as the product answers clicks), at the head's
+    resolution.
+
+    Args:
+        backbone: frozen backbone.
+        layer: the institution's Alignment Layer (None: plain SAM).
+        samples: samples with :attr:`Sample.image`; those without it or without a target are skipped.
+        prompts: prompt types (:data:`casam.prompts.masks.PROMPT_TYPES`).
+
+    Returns:
+        One :class:`HeadExample` per mask and prompt type.
+    """
+    dev = backbone.device
+    out = []
+    for s in samples:
+        if s.image is None or not s.targets:
+            continue
+        img = s.image.float()
+        emb = s.embedding[None].to(dev)
+        h = layer(emb) if layer is not None else emb
+        for prompt in prompts:
+            full = logits_to_image(sample_logits(backbone, h, s, prompt).cpu(), s.geom)
+            for t, lg in zip(s.targets, full):
+                b, truth = to_head_resolution(img, lg, t.mask)
+                ys, xs = np.nonzero(truth[0, 0].numpy())
+                region = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())) if len(xs) else (0, 0, 0, 0)
+                pts = labs = None
+                if prompt == CLICK:  # the first click, at the head's resolution
+                    scale = np.array([img.shape[-1] / t.mask.shape[1], img.shape[-2] / t.mask.shape[0]])
+                    pts, labs = centroid_point(t.mask) * scale, np.ones(1, np.int64)
+                out.append(HeadExample(img, b.half(), truth, region, pts, labs))
+    return out
+
+
 def fit_head(backbone: Backbone, layer: nn.Module, train_s: Sequence[Sample], val_s: Sequence[Sample],
              config: TrainConfig, report: Optional[Dict] = None, progress: bool = False):
     """Trains an institution's refinement head (:mod:`casam.model.head`) on its layer's answers.
@@ -139,40 +178,17 @@ def fit_head(backbone: Backbone, layer: nn.Module, train_s: Sequence[Sample], va
     Returns:
         The head (gate 0, i.e. the layer alone, when no step beat it), or None without validation images.
     """
-    dev = backbone.device
-
-    @torch.no_grad()
-    def examples(samples: Sequence[Sample], prompts: Sequence[str]) -> List[HeadExample]:
-        out = []
-        for s in samples:
-            if s.image is None or not s.targets:
-                continue
-            img = s.image.float()
-            h = layer(s.embedding[None].to(dev))
-            for prompt in prompts:
-                full = logits_to_image(sample_logits(backbone, h, s, prompt).cpu(), s.geom)
-                for t, lg in zip(s.targets, full):
-                    b, truth = to_head_resolution(img, lg, t.mask)
-                    ys, xs = np.nonzero(truth[0, 0].numpy())
-                    region = (int(xs.min()), int(ys.min()), int(xs.max()), int(ys.max())) if len(xs) else (0, 0, 0, 0)
-                    pts = labs = None
-                    if prompt == CLICK:  # the first click, at the head's resolution
-                        scale = np.array([img.shape[-1] / t.mask.shape[1], img.shape[-2] / t.mask.shape[0]])
-                        pts, labs = centroid_point(t.mask) * scale, np.ones(1, np.int64)
-                    out.append(HeadExample(img, b.half(), truth, region, pts, labs))
-        return out
-
-    val_ex = examples(val_s, [BOX])
+    val_ex = head_examples(backbone, layer, val_s, [BOX])
     if not val_ex:
         return None
-    train_ex = examples(train_s, list(PROMPT_TYPES))
+    train_ex = head_examples(backbone, layer, train_s, list(PROMPT_TYPES))
 
     @torch.no_grad()
     def score(head) -> float:
         return float(np.mean([np.mean(sequence_ious(head, e, VAL_STEPS if head.clicks else 1)) for e in val_ex]))
 
     cfg = HeadConfig(steps=config.head_steps, batch_size=config.head_batch_size, crop=config.head_crop,
-                     lr=config.head_lr, seed=config.seed, clicks=config.head_clicks)
+                     lr=config.head_lr, seed=config.seed, clicks=config.head_clicks, norm=config.head_norm)
     return train_head(train_ex, cfg, validate=score, report=report, progress=progress)
 
 
@@ -185,11 +201,14 @@ class HeadConfig:
         steps: optimiser steps.
         batch_size: crops per step.
         crop: side of the training crops (pixels at the head's resolution).
-        lr: Adam learning rate.
+        lr: Adam's peak learning rate.
         val_every: validate (and keep the best) every this many steps.
         seed: seed of crops, flips and init.
         clicks: train a head that reads clicks (:class:`casam.model.head.RefineHead`).
         sim_clicks: most corrective clicks simulated per training step (0 to this many, drawn per step).
+        norm: a U-Net with GroupNorm (:class:`casam.model.head.RefineHead`).
+        schedule: "cosine" (the learning rate decays to 0 over the steps) or "constant".
+        warmup: steps of linear warm-up to ``lr``.
     """
 
     width: int = 16
@@ -197,10 +216,13 @@ class HeadConfig:
     batch_size: int = TrainConfig.head_batch_size
     crop: int = TrainConfig.head_crop
     lr: float = TrainConfig.head_lr
-    val_every: int = 50
+    val_every: int = 25
     seed: int = TrainConfig.seed
     clicks: bool = TrainConfig.head_clicks
     sim_clicks: int = HEAD_SIM_CLICKS
+    norm: bool = TrainConfig.head_norm
+    schedule: str = "cosine"
+    warmup: int = 5
 
 
 @dataclass
@@ -330,7 +352,8 @@ def simulate_clicks(head: RefineHead, image: torch.Tensor, logits: torch.Tensor,
 def near_clicks(maps: torch.Tensor, reach: int = CLICK_REACH) -> torch.Tensor:
     """B×1×c×c: 1 within ``reach`` pixels of a click's disk (either label), else 0."""
     k = 2 * reach + 1
-    return F.max_pool2d(maps.amax(1, keepdim=True), k, stride=1, padding=reach)
+    rows = F.max_pool2d(maps.amax(1, keepdim=True), (1, k), stride=1, padding=(0, reach))
+    return F.max_pool2d(rows, (k, 1), stride=1, padding=(reach, 0))  # a square's max, one side at a time
 
 
 def head_loss(logits: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor,
@@ -347,6 +370,16 @@ def head_loss(logits: torch.Tensor, truth: torch.Tensor, valid: torch.Tensor,
     p = torch.sigmoid(logits) * valid
     inter, total = (p * truth).flatten(1).sum(1), (p + truth * valid).flatten(1).sum(1)
     return bce + (1 - (2 * inter + 1) / (total + 1)).mean()
+
+
+def _lr_factor(step: int, config: HeadConfig) -> float:
+    """Learning-rate multiplier after ``step`` optimiser steps: linear warm-up, then constant or cosine decay."""
+    if config.warmup and step < config.warmup:
+        return (step + 1) / config.warmup
+    if config.schedule == "cosine":
+        t = (step - config.warmup) / max(1, config.steps - config.warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return 1.0
 
 
 def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = None,
@@ -379,14 +412,16 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
     t0 = time.time()
     torch.manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
-    head = RefineHead(config.width, clicks=config.clicks)
+    head = RefineHead(config.width, clicks=config.clicks, norm=config.norm)
     if config.lr <= 0 or config.steps <= 0:  # nothing can move: an untrained U-Net is noise, not an answer
         head.eval()
         if report is not None:
             report.update(val_history=[], best_step=0, seconds=round(time.time() - t0, 1))
         return head
     fresh = {k: v.clone() for k, v in head.state_dict().items()}
+    head.to(memory_format=torch.channels_last)  # trains ~1.4x faster on a CPU; handed back in the default layout
     opt = torch.optim.Adam([p for p in head.parameters() if p.requires_grad], lr=config.lr)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, config))
     history: List[Tuple[int, float]] = []
     best = (validate(head) if validate else -1.0, 0, fresh)
     history.append((0, round(best[0], 4)))
@@ -402,7 +437,8 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
         for _ in range(config.batch_size):  # draw an example, then its crop (the seed's order)
             picked.append(examples[int(rng.integers(len(examples)))])
             crops.append(_crop(picked[-1], crop, rng))
-        image, logits, truth, maps, valid = (torch.cat(c) for c in zip(*crops))
+        image, logits, truth, maps, valid = (torch.cat(c).contiguous(memory_format=torch.channels_last)
+                                             for c in zip(*crops))
         if head.clicks:
             n = int(rng.integers(0, config.sim_clicks + 1))
             if n:
@@ -412,6 +448,7 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
         opt.zero_grad()
         loss.backward()
         opt.step()
+        sched.step()
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -428,7 +465,7 @@ def train_head(examples: Sequence[HeadExample], config: Optional[HeadConfig] = N
                 best = (v, step, {k: t.detach().clone() for k, t in head.state_dict().items()})
     if bar is not None:
         bar.close()
-    head.eval()
+    head.to(memory_format=torch.contiguous_format).eval()
     if validate is not None:
         head.load_state_dict(best[2])
         head.gate.fill_(0.0 if best[1] == 0 else 1.0)
