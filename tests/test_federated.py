@@ -246,7 +246,7 @@ def run_three_hospitals(tmp_path, backbone_name, recipe, min_labels, train_patie
 
     # what left each site: the site's own outbox log and what the coordinator received agree, and hold the layer only
     # the layer, with its head if it has one
-    layer_keys = set(AlignmentLayer(256).attach_head(RefineHead(clicks=True)).state_dict())  # a head may read clicks
+    layer_keys = set(AlignmentLayer(256).attach_head(RefineHead(clicks=True, norm=True)).state_dict())  # the recipe's
     vae_keys = set(FeatureVAE().state_dict())
     for v in r0["verdicts"]:
         rec = v["received"]

@@ -127,7 +127,10 @@ def test_plan_first_layer_and_retraining(tmp_path, tiny, disks):
     assert {p.institution for p in plan(more, reg, 4, 3, only=["B"])} == {"B"}
 
 
-def test_monitor_follows_a_training_and_stops_it_with_nothing_stored(tmp_path, tiny, disks):
+def test_monitor_follows_a_training_and_stops_it_with_nothing_stored(tmp_path, tiny, disks, monkeypatch):
+    import casam.training.layer as layer_mod
+
+    monkeypatch.setattr(layer_mod, "CV_MAX_IMAGES", 0)  # the hold-out path's stages (6 images would cross-validate)
     reg = LayerRegistry(tmp_path / "reg")
     (p,) = plan(_labelled(tmp_path, disks["A"]), reg, min_images=4)
     seen = []

@@ -9,8 +9,8 @@ on one mask serves neither prompt type.
 
 Where the validation masks come from: an institution with many labels holds out a share of its patients, and the
 layer it serves is validated on them. With few labels a hold-out would leave one or two masks and throw the rest of
-the evidence away, so up to :data:`casam.training.config.CV_MAX_IMAGES` images (0 by default: the hold-out for
-every institution) every label is validated by a model that did not see it instead:
+the evidence away, so up to :data:`casam.training.config.CV_MAX_IMAGES` images (9) every label is validated by a
+model that did not see it instead:
 :data:`casam.training.config.CV_FOLDS`-fold cross-validation over patients (over images when there is one
 patient), each fold's model trained with the served layer's recipe on the other folds. The
 paired gains of all folds are pooled (:func:`decide_pooled`) and the same rule decides; the layer then served is
